@@ -32,7 +32,7 @@ pub struct Config {
     pub log: LogConfig,
 }
 
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ServerConfig {
     /// The name in the greeting and the EHLO reply. Default: the machine's host name.
@@ -41,15 +41,6 @@ pub struct ServerConfig {
     /// Event-loop threads; 0 means one per core.
     #[serde(default)]
     pub threads: usize,
-}
-
-impl Default for ServerConfig {
-    fn default() -> Self {
-        Self {
-            hostname: None,
-            threads: 0,
-        }
-    }
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]

@@ -1,1 +1,206 @@
-//! Server.
+//! tsubame's SMTP server: listeners, mio event loops, connections and sessions.
+//!
+//! Shape: one or more event-loop threads, each with its own `mio::Poll`, its own
+//! connection slab and its own copy (dup) of every listening socket; whichever loop
+//! accepts a connection owns it for its whole life. Messages are appended to the shared
+//! [`Spool`]; its committer thread syncs them in groups and publishes commit notices,
+//! which reach each loop through a channel and its `mio::Waker`. A loop sends 250 only
+//! for messages a successful notice covers.
+#![forbid(unsafe_code)]
+
+mod event_loop;
+pub mod session;
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use tsubame_config::Config;
+use tsubame_spool::Spool;
+
+pub use event_loop::LISTEN_BACKLOG;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("cannot listen on {address}: {source}")]
+    Bind {
+        address: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot start event loop: {source}")]
+    EventLoop {
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// State every loop shares.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    pub config: Arc<Config>,
+    pub spool: Spool,
+    pub hostname: String,
+    pub shutdown: AtomicBool,
+    /// Connections open over all loops. Invariant: equals the sum of `per_ip`.
+    pub connections: AtomicUsize,
+    pub per_ip: Mutex<HashMap<IpAddr, usize>>,
+}
+
+impl Shared {
+    /// Counts a new connection, or says which limit refuses it.
+    pub fn admit(&self, ip: IpAddr) -> Result<(), session::Admission> {
+        let limits = &self.config.limits;
+        if self.connections.fetch_add(1, Ordering::AcqRel) >= limits.max_connections {
+            self.connections.fetch_sub(1, Ordering::AcqRel);
+            return Err(session::Admission::TooManyConnections);
+        }
+        let mut per_ip = self
+            .per_ip
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let count = per_ip.entry(ip).or_insert(0);
+        if *count >= limits.max_connections_per_ip {
+            drop(per_ip);
+            self.connections.fetch_sub(1, Ordering::AcqRel);
+            return Err(session::Admission::TooManyFromAddress);
+        }
+        *count += 1;
+        Ok(())
+    }
+
+    /// Uncounts a closed connection.
+    pub fn release(&self, ip: IpAddr) {
+        let mut per_ip = self
+            .per_ip
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(count) = per_ip.get_mut(&ip) {
+            *count -= 1;
+            if *count == 0 {
+                per_ip.remove(&ip);
+            }
+        }
+        drop(per_ip);
+        self.connections.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// A running server. Dropping it does not stop it; call [`RunningServer::shutdown`] and
+/// then [`RunningServer::wait`].
+#[derive(Debug)]
+pub struct RunningServer {
+    shared: Arc<Shared>,
+    wakers: Vec<Arc<mio::Waker>>,
+    threads: Vec<JoinHandle<()>>,
+    /// The addresses actually bound (a configured port 0 becomes the real port).
+    pub local_addresses: Vec<SocketAddr>,
+}
+
+impl RunningServer {
+    /// Asks every loop to stop: listeners close, idle sessions get `421 4.3.2`, messages
+    /// waiting for their commit still get their answer.
+    pub fn shutdown(&self) {
+        self.shared.shutdown.store(true, Ordering::Release);
+        for waker in &self.wakers {
+            if let Err(error) = waker.wake() {
+                tracing::warn!(%error, "cannot wake an event loop for shutdown");
+            }
+        }
+    }
+
+    /// A handle that can ask for shutdown from another thread (a signal handler thread).
+    pub fn shutdown_handle(&self) -> ShutdownHandle {
+        ShutdownHandle {
+            shared: Arc::clone(&self.shared),
+            wakers: self.wakers.clone(),
+        }
+    }
+
+    /// Waits until every loop has stopped.
+    pub fn wait(self) {
+        for thread in self.threads {
+            if thread.join().is_err() {
+                tracing::error!("an event loop thread panicked");
+            }
+        }
+    }
+}
+
+/// Asks a running server to stop; cheap to clone and send to other threads.
+#[derive(Debug, Clone)]
+pub struct ShutdownHandle {
+    shared: Arc<Shared>,
+    wakers: Vec<Arc<mio::Waker>>,
+}
+
+impl ShutdownHandle {
+    pub fn shutdown(&self) {
+        self.shared.shutdown.store(true, Ordering::Release);
+        for waker in &self.wakers {
+            let _ = waker.wake();
+        }
+    }
+}
+
+/// The machine's host name, for the greeting when the config names none.
+pub fn system_hostname() -> String {
+    let name = rustix::system::uname()
+        .nodename()
+        .to_string_lossy()
+        .into_owned();
+    if name.is_empty() {
+        "localhost".to_string()
+    } else {
+        name
+    }
+}
+
+/// Binds every listener and starts the event loops.
+pub fn start(config: Arc<Config>, spool: Spool) -> Result<RunningServer, ServerError> {
+    let listeners = event_loop::bind_listeners(&config)?;
+    let local_addresses: Vec<SocketAddr> = listeners
+        .iter()
+        .filter_map(|(listener, _)| listener.local_addr().ok())
+        .collect();
+    let hostname = config
+        .server
+        .hostname
+        .clone()
+        .unwrap_or_else(system_hostname);
+    let thread_count = match config.server.threads {
+        0 => std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get),
+        threads => threads,
+    };
+    let shared = Arc::new(Shared {
+        config,
+        spool,
+        hostname,
+        shutdown: AtomicBool::new(false),
+        connections: AtomicUsize::new(0),
+        per_ip: Mutex::new(HashMap::new()),
+    });
+    let mut wakers = Vec::new();
+    let mut threads = Vec::new();
+    for index in 0..thread_count {
+        let event_loop = event_loop::EventLoop::new(Arc::clone(&shared), &listeners)
+            .map_err(|source| ServerError::EventLoop { source })?;
+        wakers.push(event_loop.waker());
+        let thread = std::thread::Builder::new()
+            .name(format!("smtp-loop-{index}"))
+            .spawn(move || event_loop.run())
+            .map_err(|source| ServerError::EventLoop { source })?;
+        threads.push(thread);
+    }
+    for address in &local_addresses {
+        tracing::info!(%address, threads = thread_count, "listening");
+    }
+    Ok(RunningServer {
+        shared,
+        wakers,
+        threads,
+        local_addresses,
+    })
+}

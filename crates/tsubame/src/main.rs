@@ -1,1 +1,75 @@
-fn main() {}
+//! The `tsubame` command: parses the command line, runs a subcommand, maps its result to
+//! an exit code. The work lives in the library crates.
+#![forbid(unsafe_code)]
+
+mod inspect;
+mod serve;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// tsubame: a high-throughput SMTP relay with a durable spool.
+///
+/// Every message is written to a crash-safe spool and synced to disk before the client
+/// hears 250.
+#[derive(Debug, Parser)]
+#[command(name = "tsubame", version, about, long_about = None, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the relay. Without --config it starts on the embedded default: listen on
+    /// 127.0.0.1:2525, spool in ./spool, relay for loopback clients only.
+    Serve(serve::ServeArgs),
+    /// Check a configuration file and print what it sets up. Exits 1 on an error, which
+    /// names the line and column.
+    CheckConfig {
+        /// The TOML configuration file.
+        file: PathBuf,
+    },
+    /// Look at a spool offline.
+    Spool {
+        #[command(subcommand)]
+        command: SpoolCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum SpoolCommand {
+    /// List what the spool holds (id, received time, sender, recipients, size, state)
+    /// and the records recovery had to quarantine. Exits 3 when it found corruption.
+    Inspect(inspect::InspectArgs),
+}
+
+/// Exit codes: 0 success, 1 error, 2 usage (clap), 3 corruption found by `spool inspect`.
+const EXIT_ERROR: u8 = 1;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Serve(args) => serve::run(args),
+        Command::CheckConfig { file } => check_config(&file),
+        Command::Spool {
+            command: SpoolCommand::Inspect(args),
+        } => inspect::run(args),
+    };
+    match result {
+        Ok(code) => code,
+        Err(error) => {
+            eprintln!("tsubame: {error:#}");
+            ExitCode::from(EXIT_ERROR)
+        }
+    }
+}
+
+fn check_config(file: &std::path::Path) -> anyhow::Result<ExitCode> {
+    let config = tsubame_config::Config::load(file)?;
+    println!("{}: ok", file.display());
+    print!("{}", config.summary());
+    Ok(ExitCode::SUCCESS)
+}

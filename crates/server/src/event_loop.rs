@@ -1,0 +1,628 @@
+//! One event loop: a `mio::Poll`, its listeners, its connections and their sessions.
+
+use std::collections::VecDeque;
+use std::io::{self, Read, Write};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use crossbeam_channel::Receiver;
+use mio::net::{TcpListener, TcpStream};
+use mio::{Events, Interest, Poll, Token, Waker};
+use slab::Slab;
+use tsubame_config::Config;
+use tsubame_spool::{CommitNotice, Envelope, MessageId, SpoolError};
+
+use crate::session::{Event, Session, SessionContext, Waiting, replies};
+use crate::{ServerError, Shared};
+
+/// Pending connections the kernel queues per listener. Bursts of hundreds of clients
+/// connecting at once (load tests, notification systems) must not see refused SYNs.
+pub const LISTEN_BACKLOG: i32 = 4096;
+
+/// Bytes read from a socket per `read` call. Large enough that a 10 KiB message arrives in
+/// one read, small enough to stay in L2.
+const READ_CHUNK_BYTES: usize = 64 * 1024;
+
+/// Pending replies to one client beyond which we stop reading its commands until it
+/// reads ours (a client that pipelines without reading cannot grow our memory).
+const OUTPUT_BUFFER_HIGH_BYTES: usize = 64 * 1024;
+
+/// How often idle and slow connections are checked against their timeouts.
+const TIMEOUT_SWEEP_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Events taken from the poll at once.
+const EVENTS_CAPACITY: usize = 1024;
+
+/// After shutdown is asked, how long a loop waits for messages still being committed.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+/// Reserved tokens: connections use their slab keys, which stay far below these.
+const WAKER_TOKEN: Token = Token(usize::MAX - 1);
+const LISTENER_TOKEN_BASE: usize = usize::MAX - 1024;
+
+pub(crate) fn bind_listeners(
+    config: &Config,
+) -> Result<Vec<(std::net::TcpListener, usize)>, ServerError> {
+    let mut listeners = Vec::new();
+    for (index, listener_config) in config.listeners.iter().enumerate() {
+        let address = listener_config.address;
+        let bind = || -> io::Result<std::net::TcpListener> {
+            let domain = socket2::Domain::for_address(address);
+            let socket =
+                socket2::Socket::new(domain, socket2::Type::STREAM, Some(socket2::Protocol::TCP))?;
+            socket.set_reuse_address(true)?;
+            if address.is_ipv6() {
+                socket.set_only_v6(true)?;
+            }
+            socket.bind(&address.into())?;
+            socket.listen(LISTEN_BACKLOG)?;
+            socket.set_nonblocking(true)?;
+            Ok(socket.into())
+        };
+        let listener = bind().map_err(|source| ServerError::Bind { address, source })?;
+        listeners.push((listener, index));
+    }
+    Ok(listeners)
+}
+
+/// A message appended to the spool whose commit the loop is waiting for.
+#[derive(Debug)]
+struct Pending {
+    sequence: u64,
+    token: Token,
+    /// Guards against the slab key being reused by a later connection.
+    connection_id: u64,
+    message_id: MessageId,
+    /// For the "message accepted" log line, written once the message is durable.
+    mail_from: String,
+    recipients: usize,
+    size_bytes: usize,
+}
+
+#[derive(Debug)]
+struct Connection {
+    id: u64,
+    stream: TcpStream,
+    peer: SocketAddr,
+    may_relay: bool,
+    session: Session,
+    /// Received bytes not yet consumed by the session (an incomplete command line, or
+    /// input that arrived while a message waited for its commit).
+    input: Vec<u8>,
+    /// Replies not yet written. Invariant: `output_written <= output.len()`.
+    output: Vec<u8>,
+    output_written: usize,
+    writable_registered: bool,
+    last_activity: Instant,
+    /// When the current DATA/BDAT transfer began.
+    content_started: Option<Instant>,
+    /// The session ended; close once the output is flushed.
+    closing: bool,
+}
+
+pub(crate) struct EventLoop {
+    poll: Poll,
+    waker: Arc<Waker>,
+    shared: Arc<Shared>,
+    listeners: Vec<(TcpListener, usize)>,
+    connections: Slab<Connection>,
+    notices: Receiver<CommitNotice>,
+    /// In sequence order (appends from one loop are sequential).
+    pending: VecDeque<Pending>,
+    scratch: Vec<u8>,
+    next_connection_id: u64,
+    listening: bool,
+}
+
+impl EventLoop {
+    pub fn new(
+        shared: Arc<Shared>,
+        listeners: &[(std::net::TcpListener, usize)],
+    ) -> io::Result<Self> {
+        let poll = Poll::new()?;
+        let waker = Arc::new(Waker::new(poll.registry(), WAKER_TOKEN)?);
+        let mut own_listeners = Vec::new();
+        for (position, (listener, index)) in listeners.iter().enumerate() {
+            let mut listener = TcpListener::from_std(listener.try_clone()?);
+            poll.registry().register(
+                &mut listener,
+                Token(LISTENER_TOKEN_BASE + position),
+                Interest::READABLE,
+            )?;
+            own_listeners.push((listener, *index));
+        }
+        let (notices_sender, notices) = crossbeam_channel::unbounded();
+        let subscriber_sender = notices_sender.clone();
+        let subscriber_waker = Arc::clone(&waker);
+        shared
+            .spool
+            .subscribe(Box::new(move |notice: &CommitNotice| {
+                if subscriber_sender.send(notice.clone()).is_ok() {
+                    let _ = subscriber_waker.wake();
+                }
+            }));
+        Ok(Self {
+            poll,
+            waker,
+            shared,
+            listeners: own_listeners,
+            connections: Slab::new(),
+            notices,
+            pending: VecDeque::new(),
+            scratch: vec![0; READ_CHUNK_BYTES],
+            next_connection_id: 0,
+            listening: true,
+        })
+    }
+
+    pub fn waker(&self) -> Arc<Waker> {
+        Arc::clone(&self.waker)
+    }
+
+    pub fn run(mut self) {
+        let mut events = Events::with_capacity(EVENTS_CAPACITY);
+        let mut next_sweep = Instant::now() + TIMEOUT_SWEEP_INTERVAL;
+        let mut shutdown_deadline: Option<Instant> = None;
+        loop {
+            let now = Instant::now();
+            let timeout = next_sweep.saturating_duration_since(now);
+            if let Err(error) = self.poll.poll(&mut events, Some(timeout)) {
+                if error.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                tracing::error!(%error, "event loop poll failed; stopping this loop");
+                break;
+            }
+            for event in events.iter() {
+                match event.token() {
+                    WAKER_TOKEN => self.drain_notices(),
+                    Token(value) if value >= LISTENER_TOKEN_BASE => {
+                        self.accept(value - LISTENER_TOKEN_BASE)
+                    }
+                    token => {
+                        if event.is_writable() {
+                            self.flush(token);
+                        }
+                        if event.is_readable() || event.is_read_closed() || event.is_error() {
+                            self.drive(token);
+                        }
+                    }
+                }
+            }
+            let now = Instant::now();
+            if now >= next_sweep {
+                self.sweep_timeouts(now);
+                next_sweep = now + TIMEOUT_SWEEP_INTERVAL;
+            }
+            if self.shared.shutdown.load(Ordering::Acquire) {
+                let deadline = *shutdown_deadline.get_or_insert_with(|| {
+                    self.begin_shutdown();
+                    now + SHUTDOWN_GRACE
+                });
+                self.drain_notices();
+                if self.pending.is_empty() || now >= deadline {
+                    break;
+                }
+            }
+        }
+        let keys: Vec<usize> = self.connections.iter().map(|(key, _)| key).collect();
+        for key in keys {
+            self.close(Token(key));
+        }
+    }
+
+    fn begin_shutdown(&mut self) {
+        if self.listening {
+            for (listener, _) in &mut self.listeners {
+                let _ = self.poll.registry().deregister(listener);
+            }
+            self.listening = false;
+        }
+        let idle: Vec<usize> = self
+            .connections
+            .iter()
+            .filter(|(_, connection)| connection.session.waiting() != Waiting::Commit)
+            .map(|(key, _)| key)
+            .collect();
+        for key in idle {
+            if let Some(connection) = self.connections.get_mut(key) {
+                connection
+                    .session
+                    .close_with(replies::SHUTTING_DOWN, &mut connection.output);
+                connection.closing = true;
+            }
+            self.flush(Token(key));
+        }
+    }
+
+    fn accept(&mut self, position: usize) {
+        loop {
+            let Some((listener, listener_index)) = self.listeners.get(position) else {
+                return;
+            };
+            let listener_index = *listener_index;
+            let (mut stream, peer) = match listener.accept() {
+                Ok(accepted) => accepted,
+                Err(error) if error.kind() == io::ErrorKind::WouldBlock => return,
+                Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
+                Err(error) => {
+                    // EMFILE and friends: leave the connection in the backlog and retry
+                    // at the next event rather than spinning.
+                    tracing::warn!(%error, "accept failed");
+                    return;
+                }
+            };
+            if self.shared.shutdown.load(Ordering::Acquire) {
+                let mut refusal = Vec::new();
+                replies::SHUTTING_DOWN.write_to(&mut refusal);
+                let _ = stream.write(&refusal);
+                continue;
+            }
+            if let Err(admission) = self.shared.admit(peer.ip()) {
+                tracing::warn!(client = %peer, ?admission, "connection refused by limit");
+                let mut refusal = Vec::new();
+                admission.reply().write_to(&mut refusal);
+                let _ = stream.write(&refusal);
+                continue;
+            }
+            let _ = stream.set_nodelay(true);
+            let listener_config = self.shared.config.listeners.get(listener_index);
+            let may_relay = listener_config.is_some_and(|config| {
+                config
+                    .relay_networks
+                    .iter()
+                    .any(|network| network.contains(&peer.ip()))
+            });
+            let entry = self.connections.vacant_entry();
+            let token = Token(entry.key());
+            if let Err(error) =
+                self.poll
+                    .registry()
+                    .register(&mut stream, token, Interest::READABLE)
+            {
+                tracing::warn!(%error, client = %peer, "cannot register connection");
+                self.shared.release(peer.ip());
+                continue;
+            }
+            self.next_connection_id += 1;
+            let mut output = Vec::new();
+            Session::greeting(&self.shared.hostname, &mut output);
+            entry.insert(Connection {
+                id: self.next_connection_id,
+                stream,
+                peer,
+                may_relay,
+                session: Session::new(),
+                input: Vec::new(),
+                output,
+                output_written: 0,
+                writable_registered: false,
+                last_activity: Instant::now(),
+                content_started: None,
+                closing: false,
+            });
+            tracing::debug!(client = %peer, "connected");
+            self.flush(token);
+        }
+    }
+
+    /// Reads, processes and writes for one connection until it would block, waits for a
+    /// commit, or has too many replies unread.
+    fn drive(&mut self, token: Token) {
+        let Self {
+            connections,
+            scratch,
+            shared,
+            pending,
+            ..
+        } = self;
+        let Some(connection) = connections.get_mut(token.0) else {
+            return;
+        };
+        let context = SessionContext {
+            hostname: &shared.hostname,
+            limits: &shared.config.limits,
+            may_relay: connection.may_relay,
+        };
+        // Input left over from before (a commit just returned, or the output drained).
+        let mut event = process_input(connection, &context, shared, pending, token);
+        while !connection.closing && event == Event::NeedInput {
+            if connection.output.len() - connection.output_written >= OUTPUT_BUFFER_HIGH_BYTES {
+                break;
+            }
+            let read = match connection.stream.read(scratch) {
+                Ok(0) => {
+                    connection.closing = true;
+                    break;
+                }
+                Ok(read) => read,
+                Err(error) if error.kind() == io::ErrorKind::WouldBlock => break,
+                Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
+                Err(error) => {
+                    tracing::debug!(client = %connection.peer, %error, "read failed");
+                    connection.closing = true;
+                    break;
+                }
+            };
+            connection.last_activity = Instant::now();
+            let received = scratch.get(..read).unwrap_or_default();
+            if connection.input.is_empty() {
+                // Common case: process straight from the scratch buffer, keep leftovers.
+                let (used, next) =
+                    connection
+                        .session
+                        .process(received, &mut connection.output, &context);
+                connection
+                    .input
+                    .extend_from_slice(received.get(used..).unwrap_or_default());
+                event = after_process(connection, next, &context, shared, pending, token);
+            } else {
+                connection.input.extend_from_slice(received);
+                event = process_input(connection, &context, shared, pending, token);
+            }
+        }
+        if event == Event::Close {
+            connection.closing = true;
+        }
+        self.flush(token);
+    }
+
+    /// Writes pending output; closes the connection when it is done and closing.
+    fn flush(&mut self, token: Token) {
+        let Some(connection) = self.connections.get_mut(token.0) else {
+            return;
+        };
+        let mut failed = false;
+        while connection.output_written < connection.output.len() {
+            let unwritten = connection
+                .output
+                .get(connection.output_written..)
+                .unwrap_or_default();
+            match connection.stream.write(unwritten) {
+                Ok(0) => {
+                    failed = true;
+                    break;
+                }
+                Ok(written) => connection.output_written += written,
+                Err(error) if error.kind() == io::ErrorKind::WouldBlock => break,
+                Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
+                Err(_) => {
+                    failed = true;
+                    break;
+                }
+            }
+        }
+        let drained = connection.output_written == connection.output.len();
+        if drained {
+            connection.output.clear();
+            connection.output_written = 0;
+            if connection.output.capacity() > OUTPUT_BUFFER_HIGH_BYTES {
+                connection.output = Vec::new();
+            }
+        }
+        if failed || (drained && connection.closing) {
+            self.close(token);
+            return;
+        }
+        let want_writable = !drained;
+        if want_writable != connection.writable_registered {
+            let interest = if want_writable {
+                Interest::READABLE | Interest::WRITABLE
+            } else {
+                Interest::READABLE
+            };
+            if self
+                .poll
+                .registry()
+                .reregister(&mut connection.stream, token, interest)
+                .is_err()
+            {
+                self.close(token);
+                return;
+            }
+            connection.writable_registered = want_writable;
+            if !want_writable && !connection.closing {
+                // The client read our replies; resume its input if we had paused it.
+                self.drive(token);
+            }
+        }
+    }
+
+    fn close(&mut self, token: Token) {
+        if let Some(mut connection) = self.connections.try_remove(token.0) {
+            let _ = self.poll.registry().deregister(&mut connection.stream);
+            self.shared.release(connection.peer.ip());
+            tracing::debug!(client = %connection.peer, "disconnected");
+        }
+    }
+
+    fn drain_notices(&mut self) {
+        while let Ok(notice) = self.notices.try_recv() {
+            while let Some(front) = self.pending.front() {
+                if front.sequence > notice.through_sequence {
+                    break;
+                }
+                let Some(done) = self.pending.pop_front() else {
+                    break;
+                };
+                self.resolve(done, &notice);
+            }
+        }
+    }
+
+    fn resolve(&mut self, done: Pending, notice: &CommitNotice) {
+        let Some(connection) = self.connections.get_mut(done.token.0) else {
+            return;
+        };
+        if connection.id != done.connection_id {
+            return;
+        }
+        let context = SessionContext {
+            hostname: &self.shared.hostname,
+            limits: &self.shared.config.limits,
+            may_relay: connection.may_relay,
+        };
+        match &notice.result {
+            Ok(()) => {
+                tracing::info!(
+                    id = %done.message_id,
+                    client = %connection.peer,
+                    from = done.mail_from,
+                    recipients = done.recipients,
+                    size_bytes = done.size_bytes,
+                    "message accepted"
+                );
+                connection
+                    .session
+                    .committed(&done.message_id.to_string(), &mut connection.output);
+            }
+            Err(reason) => {
+                tracing::error!(id = %done.message_id, client = %connection.peer, %reason, "spool sync failed; message refused with 451");
+                connection.session.refuse_message(
+                    replies::LOCAL_ERROR,
+                    &mut connection.output,
+                    &context,
+                );
+            }
+        }
+        connection.content_started = None;
+        self.drive(done.token);
+    }
+
+    fn sweep_timeouts(&mut self, now: Instant) {
+        let limits = &self.shared.config.limits;
+        let command_timeout = Duration::from_secs(limits.command_timeout_secs);
+        let block_timeout = Duration::from_secs(limits.data_block_timeout_secs);
+        let total_timeout = Duration::from_secs(limits.data_total_timeout_secs);
+        let mut expired = Vec::new();
+        for (key, connection) in &self.connections {
+            let idle = now.saturating_duration_since(connection.last_activity);
+            let reply = match connection.session.waiting() {
+                Waiting::Command if idle >= command_timeout => Some(replies::TIMEOUT),
+                Waiting::Content if idle >= block_timeout => Some(replies::TIMEOUT),
+                Waiting::Content
+                    if connection.content_started.is_some_and(|started| {
+                        now.saturating_duration_since(started) >= total_timeout
+                    }) =>
+                {
+                    Some(replies::DATA_TIMEOUT)
+                }
+                _ => None,
+            };
+            if let Some(reply) = reply {
+                expired.push((key, reply));
+            }
+        }
+        for (key, reply) in expired {
+            if let Some(connection) = self.connections.get_mut(key) {
+                tracing::info!(client = %connection.peer, reply = %reply.text, "session timed out");
+                connection.session.close_with(reply, &mut connection.output);
+                connection.closing = true;
+            }
+            self.flush(Token(key));
+        }
+    }
+}
+
+impl std::fmt::Debug for EventLoop {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EventLoop")
+            .field("connections", &self.connections.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Feeds the connection's buffered input to its session.
+fn process_input(
+    connection: &mut Connection,
+    context: &SessionContext<'_>,
+    shared: &Shared,
+    pending: &mut VecDeque<Pending>,
+    token: Token,
+) -> Event {
+    let input = std::mem::take(&mut connection.input);
+    let (used, event) = connection
+        .session
+        .process(&input, &mut connection.output, context);
+    connection.input = input;
+    connection.input.drain(..used.min(connection.input.len()));
+    after_process(connection, event, context, shared, pending, token)
+}
+
+/// Acts on what the session asked for; returns the event the read loop should see.
+fn after_process(
+    connection: &mut Connection,
+    event: Event,
+    context: &SessionContext<'_>,
+    shared: &Shared,
+    pending: &mut VecDeque<Pending>,
+    token: Token,
+) -> Event {
+    match connection.session.waiting() {
+        Waiting::Content if connection.content_started.is_none() => {
+            connection.content_started = Some(Instant::now())
+        }
+        Waiting::Command => connection.content_started = None,
+        _ => {}
+    }
+    if event != Event::MessageReady {
+        return event;
+    }
+    let Some(parts) = connection.session.message() else {
+        return Event::NeedInput;
+    };
+    let received_at_unix_ms = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |elapsed| elapsed.as_millis() as u64);
+    let envelope = Envelope {
+        received_at_unix_ms,
+        client_address: connection.peer,
+        helo: parts.helo,
+        authenticated_user: None,
+        mail_from: parts.mail_from,
+        mail_parameters: parts.mail_parameters,
+        recipients: parts.recipients,
+    };
+    match shared.spool.append_message(&envelope, parts.body) {
+        Ok(receipt) => {
+            pending.push_back(Pending {
+                sequence: receipt.sequence,
+                token,
+                connection_id: connection.id,
+                message_id: receipt.id,
+                mail_from: parts.mail_from.to_string(),
+                recipients: parts.recipients.len(),
+                size_bytes: parts.body.len(),
+            });
+            connection.session.spooled();
+            Event::AwaitingCommit
+        }
+        Err(error) => {
+            let reply = match error {
+                SpoolError::DiskFull => replies::DISK_FULL,
+                _ => replies::LOCAL_ERROR,
+            };
+            tracing::error!(client = %connection.peer, %error, code = reply.code, "cannot spool message");
+            connection
+                .session
+                .refuse_message(reply, &mut connection.output, context);
+            // The session is back in command state: keep processing buffered input.
+            let (used, next) = {
+                let input = std::mem::take(&mut connection.input);
+                let result = connection
+                    .session
+                    .process(&input, &mut connection.output, context);
+                connection.input = input;
+                result
+            };
+            connection.input.drain(..used.min(connection.input.len()));
+            if next == Event::MessageReady {
+                after_process(connection, next, context, shared, pending, token)
+            } else {
+                next
+            }
+        }
+    }
+}

@@ -1,0 +1,248 @@
+//! `tsubame spool inspect`: what the spool holds, read offline without taking its lock.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use tsubame_config::Config;
+use tsubame_spool::{MessageId, MessageState, ScanReport, SpooledMessage};
+
+#[derive(Debug, clap::Args)]
+pub struct InspectArgs {
+    /// The spool directory. Default: the one in --config, else ./spool.
+    #[arg(long, value_name = "DIR")]
+    spool: Option<PathBuf>,
+    /// Take the spool directory from this configuration file.
+    #[arg(short, long, value_name = "FILE", conflicts_with = "spool")]
+    config: Option<PathBuf>,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+    /// Print one message: its envelope, a blank line, then its content exactly as spooled.
+    #[arg(long, value_name = "ID")]
+    show: Option<String>,
+}
+
+/// `spool inspect` found quarantined records.
+const EXIT_CORRUPTION: u8 = 3;
+
+pub fn run(args: InspectArgs) -> anyhow::Result<ExitCode> {
+    let directory = match (&args.spool, &args.config) {
+        (Some(directory), _) => directory.clone(),
+        (None, Some(config)) => Config::load(config)?.spool.directory,
+        (None, None) => PathBuf::from("./spool"),
+    };
+    if !directory.is_dir() {
+        anyhow::bail!("{} is not a spool directory", directory.display());
+    }
+    let report = tsubame_spool::scan(&directory)
+        .with_context(|| format!("cannot read spool {}", directory.display()))?;
+
+    if let Some(id) = &args.show {
+        let id: MessageId = id
+            .parse()
+            .map_err(|_| anyhow::anyhow!("{id:?} is not a message id (16 hex digits)"))?;
+        let message = report
+            .messages
+            .iter()
+            .find(|message| message.id == id)
+            .with_context(|| format!("message {id} is not in {}", directory.display()))?;
+        let body = tsubame_spool::read_body(&directory, message)?;
+        let mut out = std::io::stdout().lock();
+        if args.json {
+            let mut value = message_json(message);
+            value["body"] = serde_json::Value::String(String::from_utf8_lossy(&body).into_owned());
+            writeln!(out, "{}", serde_json::to_string_pretty(&value)?)?;
+        } else {
+            write_envelope(&mut out, message)?;
+            writeln!(out)?;
+            out.write_all(&body)?;
+        }
+        return Ok(exit_code(&report));
+    }
+
+    let mut out = std::io::stdout().lock();
+    if args.json {
+        writeln!(
+            out,
+            "{}",
+            serde_json::to_string_pretty(&report_json(&report))?
+        )?;
+    } else {
+        write_table(&mut out, &report)?;
+    }
+    Ok(exit_code(&report))
+}
+
+fn exit_code(report: &ScanReport) -> ExitCode {
+    if report.quarantined.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(EXIT_CORRUPTION)
+    }
+}
+
+fn state_name(state: MessageState) -> &'static str {
+    match state {
+        MessageState::Queued => "queued",
+        MessageState::Done => "done",
+    }
+}
+
+fn message_json(message: &SpooledMessage) -> serde_json::Value {
+    serde_json::json!({
+        "id": message.id.to_string(),
+        "received": format_unix_ms(message.received_at_unix_ms),
+        "received_at_unix_ms": message.received_at_unix_ms,
+        "client": message.client_address,
+        "helo": message.helo,
+        "authenticated_user": message.authenticated_user,
+        "from": message.mail_from,
+        "parameters": message.mail_parameters,
+        "recipients": message.recipients,
+        "size_bytes": message.body_size_bytes,
+        "state": state_name(message.state),
+        "segment": message.location.segment,
+        "offset": message.location.offset_bytes,
+    })
+}
+
+fn report_json(report: &ScanReport) -> serde_json::Value {
+    serde_json::json!({
+        "messages": report.messages.iter().map(message_json).collect::<Vec<_>>(),
+        "quarantined": report.quarantined.iter().map(|record| serde_json::json!({
+            "segment": record.segment_path.display().to_string(),
+            "offset": record.offset_bytes,
+            "reason": record.reason,
+        })).collect::<Vec<_>>(),
+        "torn_tails": report.torn_tails.iter().map(|tail| serde_json::json!({
+            "segment": tail.segment_path.display().to_string(),
+            "offset": tail.offset_bytes,
+        })).collect::<Vec<_>>(),
+        "segments": report.segment_count,
+    })
+}
+
+fn write_envelope(out: &mut impl Write, message: &SpooledMessage) -> std::io::Result<()> {
+    writeln!(out, "id: {}", message.id)?;
+    writeln!(
+        out,
+        "received: {}",
+        format_unix_ms(message.received_at_unix_ms)
+    )?;
+    writeln!(out, "client: {}", message.client_address)?;
+    writeln!(out, "helo: {}", message.helo)?;
+    if let Some(user) = &message.authenticated_user {
+        writeln!(out, "user: {user}")?;
+    }
+    writeln!(out, "from: <{}>", message.mail_from)?;
+    if !message.mail_parameters.is_empty() {
+        writeln!(out, "parameters: {}", message.mail_parameters)?;
+    }
+    for recipient in &message.recipients {
+        writeln!(out, "to: <{recipient}>")?;
+    }
+    writeln!(out, "size: {}", message.body_size_bytes)?;
+    writeln!(out, "state: {}", state_name(message.state))
+}
+
+fn write_table(out: &mut impl Write, report: &ScanReport) -> std::io::Result<()> {
+    writeln!(
+        out,
+        "{:<16}  {:<24}  {:<7}  {:>9}  {:<30}  RECIPIENTS",
+        "ID", "RECEIVED (UTC)", "STATE", "SIZE", "FROM"
+    )?;
+    for message in &report.messages {
+        let first = message.recipients.first().map_or("", String::as_str);
+        let more = message.recipients.len().saturating_sub(1);
+        let recipients = if more > 0 {
+            format!("{first} (+{more})")
+        } else {
+            first.to_string()
+        };
+        let from = if message.mail_from.is_empty() {
+            "<>"
+        } else {
+            &message.mail_from
+        };
+        writeln!(
+            out,
+            "{:<16}  {:<24}  {:<7}  {:>9}  {:<30}  {}",
+            message.id.to_string(),
+            format_unix_ms(message.received_at_unix_ms),
+            state_name(message.state),
+            message.body_size_bytes,
+            from,
+            recipients
+        )?;
+    }
+    writeln!(
+        out,
+        "{} message(s) in {} segment(s)",
+        report.messages.len(),
+        report.segment_count
+    )?;
+    for tail in &report.torn_tails {
+        writeln!(
+            out,
+            "torn tail (an unacknowledged write cut by a crash): {} at offset {}",
+            tail.segment_path.display(),
+            tail.offset_bytes
+        )?;
+    }
+    for record in &report.quarantined {
+        writeln!(
+            out,
+            "CORRUPT record quarantined: {} at offset {}: {}",
+            record.segment_path.display(),
+            record.offset_bytes,
+            record.reason
+        )?;
+    }
+    Ok(())
+}
+
+/// `2026-11-26T06:30:37.123Z`, computed without a date library (proleptic Gregorian,
+/// the days-to-civil algorithm).
+fn format_unix_ms(unix_ms: u64) -> String {
+    let seconds = unix_ms / 1000;
+    let days = (seconds / 86_400) as i64;
+    let second_of_day = seconds % 86_400;
+    let shifted = days + 719_468;
+    let era = shifted.div_euclid(146_097);
+    let day_of_era = shifted.rem_euclid(146_097);
+    let year_of_era =
+        (day_of_era - day_of_era / 1460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
+    let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
+    let month_index = (5 * day_of_year + 2) / 153;
+    let day = day_of_year - (153 * month_index + 2) / 5 + 1;
+    let month = if month_index < 10 {
+        month_index + 3
+    } else {
+        month_index - 9
+    };
+    let year = year_of_era + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
+        second_of_day / 3600,
+        second_of_day / 60 % 60,
+        second_of_day % 60,
+        unix_ms % 1000
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::format_unix_ms;
+
+    #[test]
+    fn formats_known_instants() {
+        assert_eq!(format_unix_ms(0), "1970-01-01T00:00:00.000Z");
+        assert_eq!(format_unix_ms(951_782_400_000), "2000-02-29T00:00:00.000Z");
+        assert_eq!(
+            format_unix_ms(1_795_674_637_123),
+            "2026-11-26T06:30:37.123Z"
+        );
+    }
+}

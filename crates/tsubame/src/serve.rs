@@ -1,0 +1,161 @@
+//! `tsubame serve`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::Context;
+use ipnet::IpNet;
+use tsubame_config::{Config, ListenerConfig, LogFormat};
+use tsubame_spool::{Spool, SpoolOptions};
+
+#[derive(Debug, clap::Args)]
+pub struct ServeArgs {
+    /// The TOML configuration file. Without it, the embedded default is used.
+    #[arg(short, long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Listen on ADDR (host:port) instead of the configured listeners. Repeatable. Port 0
+    /// picks a free port; the log says which.
+    #[arg(long, value_name = "ADDR")]
+    listen: Vec<SocketAddr>,
+    /// Spool directory, instead of the configured one.
+    #[arg(long, value_name = "DIR")]
+    spool: Option<PathBuf>,
+    /// Clients in this network may relay (CIDR, e.g. 192.168.1.0/24). Repeatable; replaces
+    /// the relay networks of every listener.
+    #[arg(long, value_name = "CIDR")]
+    relay_network: Vec<IpNet>,
+    /// Event-loop threads (0: one per core), instead of the configured number.
+    #[arg(long, value_name = "N")]
+    threads: Option<usize>,
+    /// Log filter (info, debug, ...), instead of the configured one. RUST_LOG also works.
+    #[arg(long, value_name = "FILTER")]
+    log_level: Option<String>,
+}
+
+pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
+    let (mut config, origin) = match &args.config {
+        Some(path) => (Config::load(path)?, path.display().to_string()),
+        None => (Config::embedded_default()?, "embedded default".to_string()),
+    };
+    apply_overrides(&mut config, &args);
+    init_logging(&config, args.log_level.as_deref())?;
+    if args.config.is_none() {
+        tracing::info!(
+            "no --config given: running on the embedded default configuration (loopback only); \
+             see `tsubame serve --help`"
+        );
+    }
+    raise_open_file_limit(config.limits.max_connections);
+
+    let options = SpoolOptions {
+        segment_size_bytes: config.spool.segment_size_bytes,
+    };
+    let directory = config.spool.directory.clone();
+    let (spool, report) = Spool::open(&directory, options)
+        .with_context(|| format!("cannot open spool {}", directory.display()))?;
+    tracing::info!(
+        spool = %directory.display(),
+        queued = report.messages.len(),
+        segments = report.segment_count,
+        quarantined = report.quarantined.len(),
+        torn_tails = report.torn_tails.len(),
+        config = origin,
+        "spool recovered"
+    );
+
+    let config = Arc::new(config);
+    let server = tsubame_server::start(Arc::clone(&config), spool.clone())?;
+    let shutdown = server.shutdown_handle();
+    let mut signals = signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGTERM,
+        signal_hook::consts::SIGINT,
+    ])
+    .context("cannot install signal handlers")?;
+    std::thread::Builder::new()
+        .name("signals".to_string())
+        .spawn(move || {
+            if let Some(signal) = signals.forever().next() {
+                tracing::info!(signal, "shutting down");
+                shutdown.shutdown();
+            }
+        })
+        .context("cannot start the signal thread")?;
+    server.wait();
+    spool.shutdown();
+    tracing::info!("stopped");
+    Ok(ExitCode::SUCCESS)
+}
+
+fn apply_overrides(config: &mut Config, args: &ServeArgs) {
+    if !args.listen.is_empty() {
+        let relay_networks = config
+            .listeners
+            .first()
+            .map_or_else(tsubame_config::default_relay_networks, |listener| {
+                listener.relay_networks.clone()
+            });
+        config.listeners = args
+            .listen
+            .iter()
+            .map(|address| ListenerConfig {
+                address: *address,
+                relay_networks: relay_networks.clone(),
+            })
+            .collect();
+    }
+    if !args.relay_network.is_empty() {
+        for listener in &mut config.listeners {
+            listener.relay_networks = args.relay_network.clone();
+        }
+    }
+    if let Some(spool) = &args.spool {
+        config.spool.directory = spool.clone();
+    }
+    if let Some(threads) = args.threads {
+        config.server.threads = threads;
+    }
+}
+
+fn init_logging(config: &Config, override_filter: Option<&str>) -> anyhow::Result<()> {
+    let filter = match (override_filter, std::env::var("RUST_LOG").ok()) {
+        (Some(filter), _) => filter.to_string(),
+        (None, Some(filter)) if !filter.is_empty() => filter,
+        _ => config.log.level.clone(),
+    };
+    let filter = tracing_subscriber::EnvFilter::try_new(&filter)
+        .with_context(|| format!("invalid log filter {filter:?}"))?;
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match config.log.format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+    Ok(())
+}
+
+/// Each connection is a file descriptor; the common soft limit of 1024 would cap us far
+/// below `max_connections`. Raise the soft limit toward the hard limit.
+fn raise_open_file_limit(max_connections: usize) {
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    // Spool segments, listeners, the poll and wakers need a few beyond the connections.
+    const RESERVED_DESCRIPTORS: u64 = 256;
+    let mut limit = getrlimit(Resource::Nofile);
+    let wanted = max_connections as u64 + RESERVED_DESCRIPTORS;
+    let current = limit.current.unwrap_or(u64::MAX);
+    if current >= wanted {
+        return;
+    }
+    let target = limit.maximum.map_or(wanted, |maximum| maximum.min(wanted));
+    limit.current = Some(target);
+    match setrlimit(Resource::Nofile, limit) {
+        Ok(()) if target >= wanted => {}
+        Ok(()) | Err(_) => tracing::warn!(
+            wanted,
+            got = target.max(current),
+            "cannot raise the open-file limit enough for max_connections; connections beyond it will be refused"
+        ),
+    }
+}
