@@ -648,3 +648,302 @@ impl Admission {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// (sender, recipients, content) of a spooled message.
+    type Spooled = (String, Vec<String>, Vec<u8>);
+
+    struct Harness {
+        session: Session,
+        limits: Limits,
+        may_relay: bool,
+        output: Vec<u8>,
+    }
+
+    impl Harness {
+        fn new() -> Self {
+            Self::with_limits(Limits::default())
+        }
+
+        fn with_limits(limits: Limits) -> Self {
+            Self {
+                session: Session::new(),
+                limits,
+                may_relay: true,
+                output: Vec::new(),
+            }
+        }
+
+        /// Feeds `input`; when a message is ready, "spools" it and commits it at once.
+        /// Returns the replies written and the messages that were spooled.
+        fn feed(&mut self, input: &[u8]) -> (String, Vec<Spooled>) {
+            let mut spooled = Vec::new();
+            let mut offset = 0;
+            loop {
+                let context = SessionContext {
+                    hostname: "relay.test",
+                    limits: &self.limits,
+                    may_relay: self.may_relay,
+                };
+                let (used, event) =
+                    self.session
+                        .process(&input[offset..], &mut self.output, &context);
+                offset += used;
+                match event {
+                    Event::MessageReady => {
+                        let parts = self.session.message().expect("message ready");
+                        spooled.push((
+                            parts.mail_from.to_string(),
+                            parts.recipients.to_vec(),
+                            parts.body.to_vec(),
+                        ));
+                        self.session.spooled();
+                        self.session.committed("0000000000000001", &mut self.output);
+                    }
+                    Event::AwaitingCommit => panic!("commit was resolved synchronously"),
+                    Event::NeedInput | Event::Close => break,
+                }
+            }
+            let replies = String::from_utf8(std::mem::take(&mut self.output)).unwrap();
+            (replies, spooled)
+        }
+    }
+
+    fn codes(replies: &str) -> Vec<&str> {
+        replies
+            .lines()
+            .filter(|line| line.as_bytes().get(3) == Some(&b' '))
+            .map(|line| &line[..3])
+            .collect()
+    }
+
+    #[test]
+    fn pipelined_transaction_replies_in_order() {
+        let mut harness = Harness::new();
+        let (replies, spooled) = harness.feed(
+            b"EHLO client.test\r\nMAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.org>\r\nRCPT TO:<c@example.org>\r\nDATA\r\nSubject: hi\r\n\r\nbody\r\n.\r\nQUIT\r\n",
+        );
+        assert_eq!(
+            codes(&replies),
+            ["250", "250", "250", "250", "354", "250", "221"],
+            "{replies}"
+        );
+        assert!(
+            replies.contains("250-PIPELINING\r\n") && replies.contains("250-CHUNKING\r\n"),
+            "{replies}"
+        );
+        assert_eq!(spooled.len(), 1);
+        assert_eq!(spooled[0].0, "a@example.com");
+        assert_eq!(spooled[0].1, ["b@example.org", "c@example.org"]);
+        assert_eq!(spooled[0].2, b"Subject: hi\r\n\r\nbody\r\n");
+    }
+
+    #[test]
+    fn sequence_errors() {
+        let cases: &[(&[u8], &[&str])] = &[
+            (b"MAIL FROM:<a@b.c>\r\n", &["503"]),
+            (b"HELO x\r\nRCPT TO:<a@b.c>\r\n", &["250", "503"]),
+            (b"HELO x\r\nDATA\r\n", &["250", "503"]),
+            (
+                b"HELO x\r\nMAIL FROM:<a@b.c>\r\nDATA\r\n",
+                &["250", "250", "554"],
+            ),
+            (
+                b"HELO x\r\nMAIL FROM:<a@b.c>\r\nMAIL FROM:<a@b.c>\r\n",
+                &["250", "250", "503"],
+            ),
+            (
+                b"HELO x\r\nMAIL FROM:<a@b.c> BODY=8BITMIME\r\n",
+                &["250", "555"],
+            ),
+            (
+                b"EHLO x\r\nMAIL FROM:<a@b.c>\r\nRSET\r\nRCPT TO:<d@e.f>\r\n",
+                &["250", "250", "250", "503"],
+            ),
+            (
+                b"EHLO x\r\nVRFY root\r\nEXPN list\r\nHELP\r\nNOOP\r\n",
+                &["250", "252", "502", "214", "250"],
+            ),
+            (
+                b"EHLO x\r\nAUTH PLAIN\r\nSTARTTLS\r\n",
+                &["250", "502", "502"],
+            ),
+            (
+                b"EHLO x\r\nMAIL FROM:<j\xc3\xbcrgen@b.c>\r\n",
+                &["250", "553"],
+            ),
+            (
+                b"EHLO x\r\nMAIL FROM:<j\xc3\xbcrgen@b.c> SMTPUTF8\r\nRCPT TO:<\xc3\xbc@d.e>\r\n",
+                &["250", "250", "250"],
+            ),
+        ];
+        for (input, want) in cases {
+            let (replies, spooled) = Harness::new().feed(input);
+            assert_eq!(
+                codes(&replies),
+                *want,
+                "{:?}\n{replies}",
+                String::from_utf8_lossy(input)
+            );
+            assert!(spooled.is_empty());
+        }
+    }
+
+    #[test]
+    fn relay_denied_outside_relay_networks() {
+        let mut harness = Harness::new();
+        harness.may_relay = false;
+        let (replies, _) = harness.feed(b"EHLO x\r\nMAIL FROM:<a@b.c>\r\nRCPT TO:<d@e.f>\r\n");
+        assert_eq!(codes(&replies), ["250", "250", "550"]);
+        assert!(replies.contains("550 5.7.1"), "{replies}");
+    }
+
+    #[test]
+    fn size_limits() {
+        let limits = Limits {
+            max_message_size_bytes: 100,
+            ..Limits::default()
+        };
+        let (replies, _) =
+            Harness::with_limits(limits.clone()).feed(b"EHLO x\r\nMAIL FROM:<a@b.c> SIZE=101\r\n");
+        assert!(
+            replies.ends_with("552 5.3.4 Message exceeds fixed maximum message size\r\n"),
+            "{replies}"
+        );
+        assert!(replies.contains("250-SIZE 100\r\n"));
+
+        let mut input = b"EHLO x\r\nMAIL FROM:<a@b.c>\r\nRCPT TO:<d@e.f>\r\nDATA\r\n".to_vec();
+        input.extend(std::iter::repeat_n(b'x', 200));
+        input.extend_from_slice(b"\r\n.\r\nNOOP\r\n");
+        let (replies, spooled) = Harness::with_limits(limits).feed(&input);
+        assert_eq!(
+            codes(&replies),
+            ["250", "250", "250", "354", "552", "250"],
+            "{replies}"
+        );
+        assert!(spooled.is_empty());
+    }
+
+    #[test]
+    fn recipient_limit_gives_452() {
+        let limits = Limits {
+            max_recipients: 2,
+            ..Limits::default()
+        };
+        let (replies, _) = Harness::with_limits(limits)
+            .feed(b"EHLO x\r\nMAIL FROM:<a@b.c>\r\nRCPT TO:<1@e.f>\r\nRCPT TO:<2@e.f>\r\nRCPT TO:<3@e.f>\r\n");
+        assert_eq!(codes(&replies), ["250", "250", "250", "250", "452"]);
+        assert!(replies.contains("452 4.5.3"));
+    }
+
+    #[test]
+    fn error_and_command_limits_close_the_session() {
+        let limits = Limits {
+            max_errors_per_session: 3,
+            ..Limits::default()
+        };
+        let (replies, _) =
+            Harness::with_limits(limits).feed(b"BOGUS\r\nBOGUS\r\nBOGUS\r\nNOOP\r\n");
+        assert_eq!(codes(&replies), ["500", "500", "500", "421"], "{replies}");
+
+        let limits = Limits {
+            max_commands_per_session: 2,
+            ..Limits::default()
+        };
+        let (replies, _) = Harness::with_limits(limits).feed(b"NOOP\r\nNOOP\r\nNOOP\r\nNOOP\r\n");
+        assert_eq!(codes(&replies), ["250", "250", "421"], "{replies}");
+    }
+
+    #[test]
+    fn long_command_line_is_skipped_with_500() {
+        let limits = Limits {
+            max_command_line_bytes: 512,
+            ..Limits::default()
+        };
+        let mut input = b"NOOP ".to_vec();
+        input.extend(std::iter::repeat_n(b'a', 2000));
+        input.extend_from_slice(b"\r\nNOOP\r\n");
+        let (replies, _) = Harness::with_limits(limits).feed(&input);
+        assert_eq!(codes(&replies), ["500", "250"], "{replies}");
+        assert!(replies.contains("500 5.5.6"));
+    }
+
+    #[test]
+    fn bdat_chunks_and_refusals() {
+        let (replies, spooled) = Harness::new().feed(
+            b"EHLO x\r\nMAIL FROM:<a@b.c>\r\nRCPT TO:<d@e.f>\r\nBDAT 6\r\nab\r\ncdBDAT 4 LAST\r\nef\r\nQUIT\r\n",
+        );
+        assert_eq!(
+            codes(&replies),
+            ["250", "250", "250", "250", "250", "221"],
+            "{replies}"
+        );
+        assert_eq!(spooled.len(), 1);
+        assert_eq!(spooled[0].2, b"ab\r\ncdef\r\n");
+
+        // Without a transaction the chunk is read and discarded, then refused.
+        let (replies, spooled) = Harness::new().feed(b"EHLO x\r\nBDAT 5 LAST\r\nhelloNOOP\r\n");
+        assert_eq!(codes(&replies), ["250", "503", "250"], "{replies}");
+        assert!(spooled.is_empty());
+    }
+
+    #[test]
+    fn split_input_gives_same_result() {
+        let input: &[u8] =
+            b"EHLO x\r\nMAIL FROM:<a@b.c>\r\nRCPT TO:<d@e.f>\r\nDATA\r\nline\r\n..dot\r\n.\r\nMAIL FROM:<>\r\nRCPT TO:<g@h.i>\r\nBDAT 3 LAST\r\nxyzQUIT\r\n";
+        let (whole_replies, whole_spooled) = Harness::new().feed(input);
+        for split in 1..input.len() {
+            let mut harness = Harness::new();
+            // The harness leaves unconsumed bytes to the caller, like the event loop does.
+            let mut buffered = Vec::new();
+            let mut replies = String::new();
+            let mut spooled = Vec::new();
+            for piece in [&input[..split], &input[split..]] {
+                buffered.extend_from_slice(piece);
+                let mut offset = 0;
+                loop {
+                    let context = SessionContext {
+                        hostname: "relay.test",
+                        limits: &harness.limits,
+                        may_relay: true,
+                    };
+                    let (used, event) =
+                        harness
+                            .session
+                            .process(&buffered[offset..], &mut harness.output, &context);
+                    offset += used;
+                    if event == Event::MessageReady {
+                        let parts = harness.session.message().unwrap();
+                        spooled.push((
+                            parts.mail_from.to_string(),
+                            parts.recipients.to_vec(),
+                            parts.body.to_vec(),
+                        ));
+                        harness.session.spooled();
+                        harness
+                            .session
+                            .committed("0000000000000001", &mut harness.output);
+                        continue;
+                    }
+                    break;
+                }
+                buffered.drain(..offset);
+                replies.push_str(&String::from_utf8(std::mem::take(&mut harness.output)).unwrap());
+            }
+            assert_eq!(replies, whole_replies, "split at {split}");
+            assert_eq!(spooled, whole_spooled, "split at {split}");
+        }
+        assert_eq!(whole_spooled.len(), 2);
+        assert_eq!(whole_spooled[0].2, b"line\r\n.dot\r\n");
+        assert_eq!(whole_spooled[1].0, "");
+        assert_eq!(whole_spooled[1].2, b"xyz\r\n");
+    }
+
+    #[test]
+    fn ehlo_name_cannot_inject_reply_lines() {
+        assert_eq!(sanitize_for_reply("a\rb\nc"), "a?b?c");
+    }
+}
