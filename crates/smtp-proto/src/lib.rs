@@ -13,6 +13,7 @@
 
 pub mod bdat;
 pub mod command;
+mod content;
 pub mod data;
 pub mod line;
 pub mod reply;
