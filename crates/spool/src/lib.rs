@@ -13,6 +13,17 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+pub mod format;
+mod mmap;
+mod reader;
+mod writer;
+
+#[cfg(test)]
+mod tests;
+
+pub use format::scan_segment_bytes;
+pub use writer::{MAX_SEGMENT_SIZE_BYTES, MIN_SEGMENT_SIZE_BYTES};
+
 /// A message id: unique within a spool, increasing with time. Shown as 16 hex digits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct MessageId(pub u64);
@@ -132,7 +143,7 @@ pub enum SpoolError {
 /// The writer of one spool directory. Cheap to clone; all clones share one writer.
 #[derive(Clone)]
 pub struct Spool {
-    _inner: Arc<()>,
+    inner: Arc<writer::Handle>,
 }
 
 impl std::fmt::Debug for Spool {
@@ -149,8 +160,13 @@ impl Spool {
         directory: &Path,
         options: SpoolOptions,
     ) -> Result<(Spool, ScanReport), SpoolError> {
-        let _ = (directory, options);
-        todo!()
+        let (handle, report) = writer::open(directory, &options)?;
+        Ok((
+            Spool {
+                inner: Arc::new(handle),
+            },
+            report,
+        ))
     }
 
     /// Copies one message record into the active segment. Never blocks on disk I/O in
@@ -162,19 +178,20 @@ impl Spool {
         envelope: &Envelope<'_>,
         body: &[u8],
     ) -> Result<AppendReceipt, SpoolError> {
-        let _ = (envelope, body);
-        todo!()
+        self.inner.shared.append_message(envelope, body)
     }
 
-    /// Registers a callback for commit notices.
+    /// Registers a callback for commit notices. The callback runs on the committer thread
+    /// and must neither block nor call back into this `Spool`'s `subscribe` or `shutdown`.
     pub fn subscribe(&self, subscriber: CommitSubscriber) {
-        let _ = subscriber;
-        todo!()
+        self.inner.subscribe(subscriber);
     }
 
-    /// Stops the committer after a final sync. Appends after this fail.
+    /// Stops the committer after a final sync (its notice is published before this
+    /// returns) and removes the unused spare segment. Appends after this fail with
+    /// [`SpoolError::Io`] of kind `BrokenPipe`. Also happens when the last clone is dropped.
     pub fn shutdown(&self) {
-        todo!()
+        self.inner.shutdown();
     }
 }
 
@@ -232,12 +249,15 @@ pub struct ScanReport {
 /// Scans a spool directory read-only (no lock taken): every segment, every record,
 /// checksums verified. Unknown major versions are an error.
 pub fn scan(directory: &Path) -> Result<ScanReport, SpoolError> {
-    let _ = directory;
-    todo!()
+    reader::scan_directory(directory).map(|scan| scan.report)
 }
 
 /// Reads one message's body (verifying its checksum).
 pub fn read_body(directory: &Path, message: &SpooledMessage) -> Result<Vec<u8>, SpoolError> {
-    let _ = (directory, message);
-    todo!()
+    reader::read_body(directory, message)
+}
+
+/// Wraps an I/O error with what was being done, for `map_err`.
+fn io_error(context: String) -> impl FnOnce(std::io::Error) -> SpoolError {
+    move |source| SpoolError::Io { context, source }
 }
