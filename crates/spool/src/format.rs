@@ -920,6 +920,12 @@ mod tests {
     }
 
     #[test]
+    fn crc32c_is_the_castagnoli_crc() {
+        // The check value the format document quotes.
+        assert_eq!(crc32c::crc32c(b"123456789"), 0xE306_9283);
+    }
+
+    #[test]
     fn checksum_of_parts_equals_checksum_of_the_concatenation() {
         let whole = SALT.checksum(&[b"hello, world"]);
         assert_eq!(SALT.checksum(&[b"hello", b", ", b"world"]), whole);

@@ -329,8 +329,11 @@ pub(crate) fn copy_to_quarantine(
         return Ok(false);
     }
     let quarantine = directory.join(QUARANTINE_DIRECTORY_NAME);
-    std::fs::create_dir_all(&quarantine)
-        .map_err(io_error(format!("creating {}", quarantine.display())))?;
+    if !quarantine.is_dir() {
+        std::fs::create_dir_all(&quarantine)
+            .map_err(io_error(format!("creating {}", quarantine.display())))?;
+        crate::writer::sync_directory(directory)?;
+    }
     let source = File::open(&extent.segment_path).map_err(io_error(format!(
         "opening {}",
         extent.segment_path.display()
