@@ -683,10 +683,11 @@ pub fn scan_segment_bytes(bytes: &[u8]) -> Result<SegmentScan, SegmentHeaderErro
             Ok(framed) => {
                 match decode_payload(&framed, location) {
                     Ok(record) => records.push(record),
-                    // The framing is intact, so the next record is right behind it.
+                    // The framing is intact, so the next record is right behind it. The
+                    // padding may run past the end of a file cut short after the payload.
                     Err(reason) => damage.push(SegmentDamage {
                         offset_bytes: offset as u64,
-                        length_bytes: framed.size_on_disk as u64,
+                        length_bytes: framed.size_on_disk.min(bytes.len() - offset) as u64,
                         kind: DamageKind::Quarantined,
                         reason,
                     }),
@@ -1058,6 +1059,33 @@ mod tests {
         bytes.resize(4096, 0);
         let scan = scan_segment_bytes(&bytes).unwrap();
         assert!(scan.records.is_empty() && scan.damage.is_empty());
+    }
+
+    /// Found by the fuzzer: a checksum-valid record whose payload does not decode, in a
+    /// file that ends inside the record's padding, was reported as damage reaching past
+    /// the end of the file.
+    #[test]
+    fn undecodable_record_cut_in_its_padding_stays_inside_the_file() {
+        let payload = b"short";
+        let header = encode_record_header(
+            SALT,
+            RecordType::Message,
+            payload.len() as u32,
+            SALT.checksum(&[payload]),
+        );
+        let mut bytes = SegmentHeader::new(1, 1, SALT, 4096).encode().to_vec();
+        bytes.extend_from_slice(&header);
+        bytes.extend_from_slice(payload);
+        let scan = scan_segment_bytes(&bytes).unwrap();
+        assert_eq!(
+            scan.damage,
+            vec![SegmentDamage {
+                offset_bytes: 64,
+                length_bytes: (RECORD_HEADER_SIZE_BYTES + payload.len()) as u64,
+                kind: DamageKind::Quarantined,
+                reason: "record payload is truncated",
+            }]
+        );
     }
 
     #[test]
