@@ -1028,3 +1028,83 @@ fn disk_full_on_a_real_small_filesystem() {
     spool.shutdown();
     assert_messages(&directory, &scan(&directory).unwrap(), &accepted, 10_000);
 }
+
+/// Regenerates the fuzz seed corpus from segments this crate writes. From the repository
+/// root: `TSUBAME_SPOOL_SEED_DIR=$PWD/fuzz/corpus/spool_reader cargo test -p tsubame-spool
+/// -- --ignored write_fuzz_seed_corpus`. The zero tail after the last record is cut to
+/// keep the seeds small (a shorter file is still a valid segment to the reader).
+#[test]
+#[ignore = "writes the fuzz seed corpus; run by hand"]
+fn write_fuzz_seed_corpus() {
+    let Some(target) = std::env::var_os("TSUBAME_SPOOL_SEED_DIR").map(PathBuf::from) else {
+        return;
+    };
+    std::fs::create_dir_all(&target).unwrap();
+    let directory = tempfile::tempdir().unwrap();
+    let (spool, _) = Spool::open(directory.path(), options(SMALL_SEGMENT_BYTES)).unwrap();
+    let waiter = CommitWaiter::subscribe(&spool);
+    let messages = append_durably(&spool, &waiter, 0, 3, 40);
+    // Journal records go to the next segment, which starts out empty.
+    spool
+        .inner
+        .shared
+        .fail_next_sync
+        .store(true, Ordering::Release);
+    let sealing = append_durably_unchecked(&spool, &waiter, 3);
+    let shared = &spool.inner.shared;
+    let outcome = format::encode_recipient_outcome(
+        messages[0].id,
+        0,
+        OutcomeKind::Delivered,
+        1_700_000_000_500,
+        "250 2.0.0 OK",
+    );
+    shared
+        .append_journal_record(RecordType::RecipientOutcome, &outcome)
+        .unwrap();
+    let failed = format::encode_recipient_outcome(
+        messages[1].id,
+        1,
+        OutcomeKind::Failed,
+        1_700_000_000_600,
+        "550 5.1.1 no such user",
+    );
+    shared
+        .append_journal_record(RecordType::RecipientOutcome, &failed)
+        .unwrap();
+    let done = format::encode_message_done(
+        messages[0].id,
+        1_700_000_000_700,
+        DoneReason::AllRecipientsFinal,
+    );
+    let (journal, sequence) = shared
+        .append_journal_record(RecordType::MessageDone, &done)
+        .unwrap();
+    waiter.wait(sequence).unwrap();
+    spool.shutdown();
+    assert_ne!(journal.segment, sealing.location.segment);
+
+    let trimmed = |number: u64| {
+        let mut bytes = std::fs::read(segment_path(directory.path(), number)).unwrap();
+        let end = bytes.iter().rposition(|&byte| byte != 0).unwrap_or(0) + 1;
+        bytes.truncate(format::align_record_size(end).unwrap() + 64);
+        bytes
+    };
+    let messages_segment = trimmed(messages[0].location.segment);
+    std::fs::write(target.join("messages.segment"), &messages_segment).unwrap();
+    std::fs::write(target.join("journal.segment"), trimmed(journal.segment)).unwrap();
+    // Damage in the middle and a torn tail.
+    let mut damaged = messages_segment.clone();
+    damaged[messages[1].location.offset_bytes as usize + 100] ^= 0x40;
+    damaged.truncate(messages[2].location.offset_bytes as usize + 50);
+    std::fs::write(target.join("damaged.segment"), damaged).unwrap();
+}
+
+/// Appends message `n` and waits for its notice, whatever the result.
+fn append_durably_unchecked(spool: &Spool, waiter: &CommitWaiter, n: usize) -> AppendReceipt {
+    let receipt = spool
+        .append_message(&TestEnvelope::numbered(n).envelope(), &body(n, 40))
+        .unwrap();
+    let _ = waiter.wait(receipt.sequence);
+    receipt
+}
