@@ -289,16 +289,20 @@ mod tests {
         use proptest::prelude::*;
 
         fn content_bytes() -> impl Strategy<Value = Vec<u8>> {
+            // Mostly single bytes; sometimes a run long enough to cross the
+            // receiver's scan blocks.
             proptest::collection::vec(
                 prop_oneof![
-                    3 => Just(b'\r'),
-                    3 => Just(b'\n'),
-                    2 => Just(b'.'),
-                    2 => Just(b'a'),
-                    1 => any::<u8>(),
+                    3 => Just(vec![b'\r']),
+                    3 => Just(vec![b'\n']),
+                    2 => Just(vec![b'.']),
+                    2 => Just(vec![b'a']),
+                    1 => any::<u8>().prop_map(|byte| vec![byte]),
+                    1 => (1usize..48).prop_map(|length| vec![b'x'; length]),
                 ],
-                0..200,
+                0..120,
             )
+            .prop_map(|pieces| pieces.concat())
         }
 
         /// Cut points in `0..=length`, sorted, with both ends included.

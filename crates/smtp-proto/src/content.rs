@@ -107,13 +107,38 @@ impl LimitedAppender {
 /// Splits `bytes` before its first CR or LF: the run of plain line content, and the rest
 /// (empty, or starting with CR or LF).
 pub(crate) fn split_at_line_break(bytes: &[u8]) -> (&[u8], &[u8]) {
-    match bytes
-        .iter()
-        .position(|&byte| byte == b'\r' || byte == b'\n')
-    {
+    match find_line_break(bytes) {
         Some(index) => bytes.split_at_checked(index).unwrap_or((bytes, &[])),
         None => (bytes, &[]),
     }
+}
+
+/// Bytes tested per step by [`find_line_break`]: one SSE2/NEON register.
+const SCAN_BLOCK_BYTES: usize = 16;
+
+fn is_line_break(byte: u8) -> bool {
+    byte == b'\r' || byte == b'\n'
+}
+
+/// The index of the first CR or LF. Whole blocks are tested without an early exit, which
+/// the compiler turns into a few vector instructions; only the block that holds the
+/// break (and the tail) is searched byte by byte.
+fn find_line_break(bytes: &[u8]) -> Option<usize> {
+    let mut blocks = bytes.chunks_exact(SCAN_BLOCK_BYTES);
+    let mut offset = 0;
+    for block in blocks.by_ref() {
+        if block
+            .iter()
+            .fold(false, |found, &byte| found | is_line_break(byte))
+        {
+            break;
+        }
+        offset += SCAN_BLOCK_BYTES;
+    }
+    let rest = bytes.get(offset..)?;
+    rest.iter()
+        .position(|&byte| is_line_break(byte))
+        .map(|index| offset + index)
 }
 
 #[cfg(test)]
@@ -131,6 +156,22 @@ mod tests {
         ];
         for (input, run, rest) in cases {
             assert_eq!(split_at_line_break(input), (*run, *rest));
+        }
+    }
+
+    #[test]
+    fn find_line_break_agrees_with_a_plain_search_around_block_edges() {
+        for length in 0..3 * SCAN_BLOCK_BYTES + 3 {
+            for break_at in 0..=length {
+                for line_break in [b'\r', b'\n'] {
+                    let mut bytes = vec![b'x'; length];
+                    if let Some(byte) = bytes.get_mut(break_at) {
+                        *byte = line_break;
+                    }
+                    let expected = bytes.iter().position(|&byte| is_line_break(byte));
+                    assert_eq!(find_line_break(&bytes), expected, "{length} {break_at}");
+                }
+            }
         }
     }
 
