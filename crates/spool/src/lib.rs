@@ -7,7 +7,15 @@
 //! * [`Spool`]: the one writer of a spool directory (holds its lock), with a committer
 //!   thread that syncs everything appended since the last sync in one go and tells
 //!   subscribers which sequence numbers are now durable.
-//! * [`scan`]: read-only recovery scan, used by `Spool::open` and by offline tools.
+//! * [`scan`]: read-only recovery scan, used by `Spool::open` and by offline tools;
+//!   [`read_body`] reads one message's body back, checksum verified.
+//! * [`format`]: the byte layout as code (constants, encoders, decoders) and
+//!   [`scan_segment_bytes`], the pure scanner over one segment's bytes that the fuzzer
+//!   drives and that tools can use to read journal records.
+//!
+//! Module map: `format` (bytes only, no I/O), `reader` (scan, bodies, quarantine copies;
+//! plain reads), `writer` (segment creation, appends, the committer), `mmap` (the only
+//! `unsafe` code: the writable mapping of a segment).
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -145,6 +153,12 @@ pub enum SpoolError {
 pub struct Spool {
     inner: Arc<writer::Handle>,
 }
+
+// The server shares one `Spool` between its event-loop threads.
+const _: () = {
+    const fn assert_send_sync<T: Send + Sync>() {}
+    assert_send_sync::<Spool>();
+};
 
 impl std::fmt::Debug for Spool {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
