@@ -9,7 +9,7 @@
 //!   subscribers which sequence numbers are now durable.
 //! * [`scan`]: read-only recovery scan, used by `Spool::open` and by offline tools;
 //!   [`read_body`] reads one message's body back, checksum verified.
-//! * [`format`]: the byte layout as code (constants, encoders, decoders) and
+//! * [`format`](mod@format): the byte layout as code (constants, encoders, decoders) and
 //!   [`scan_segment_bytes`], the pure scanner over one segment's bytes that the fuzzer
 //!   drives and that tools can use to read journal records.
 //!
