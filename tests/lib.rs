@@ -1,1 +1,1539 @@
-//! Helpers for the end-to-end tests.
+//! Shared helpers for tsubame's end-to-end tests.
+//!
+//! Every test drives the real `tsubame` binary over loopback. The SMTP peers are programs
+//! nobody here wrote: Python's `smtplib` (through the scripts in `tests/peers/`) and
+//! `swaks`. The raw socket client ([`smtp::RawClient`]) is only for byte sequences no
+//! real client produces: smuggling inputs, a whole transaction in one write, BDAT.
+//!
+//! Nothing here may hang or leave a process behind:
+//! * every child process is a [`process::ChildGuard`], killed and reaped when dropped and
+//!   recorded so that the watchdog can kill it;
+//! * every wait has a deadline and every socket a read timeout;
+//! * every test starts with [`process::hard_limit`], a watchdog that, should the test
+//!   overrun anyway, kills all children and ends the test binary with a clear message.
+//!
+//! A missing peer (python3, swaks) or a missing binary is a test failure with a message
+//! that says what to install or build; no test skips itself.
+#![forbid(unsafe_code)]
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// How long a server gets to print its `listening` line.
+pub const STARTUP_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long a server gets to stop after SIGTERM. The server's own grace period for
+/// sessions waiting on a commit is 10 s (`SHUTDOWN_GRACE` in crates/server).
+pub const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(20);
+/// Read timeout of raw SMTP connections: far above any reply delay of a healthy server.
+pub const REPLY_TIMEOUT: Duration = Duration::from_secs(15);
+/// Timeout of one CLI run (`check-config`, `spool inspect`, a swaks or smtplib session).
+pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The directory of this package (`tests/`).
+pub fn tests_directory() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The workspace root.
+pub fn workspace_directory() -> PathBuf {
+    tests_directory()
+        .parent()
+        .map_or_else(|| PathBuf::from("."), Path::to_path_buf)
+}
+
+/// `\r`, `\n`, non-ASCII and control bytes made visible, for assertion messages.
+pub fn escape(bytes: &[u8]) -> String {
+    bytes.escape_ascii().to_string()
+}
+
+/// Asserts two byte strings are equal, showing both escaped when they are not.
+#[track_caller]
+pub fn assert_bytes_eq(actual: &[u8], expected: &[u8], what: &str) {
+    if actual != expected {
+        let first_difference = actual
+            .iter()
+            .zip(expected)
+            .position(|(a, b)| a != b)
+            .unwrap_or(actual.len().min(expected.len()));
+        panic!(
+            "{what}: bytes differ (first difference at byte {first_difference}; {} vs {} bytes)\n  \
+             actual:   \"{}\"\n  expected: \"{}\"",
+            actual.len(),
+            expected.len(),
+            escape(actual),
+            escape(expected)
+        );
+    }
+}
+
+/// Text with every `\n` turned into `\r\n` (test messages are written with `\n`).
+pub fn crlf(text: &str) -> Vec<u8> {
+    text.replace('\n', "\r\n").into_bytes()
+}
+
+/// Child processes, command runs with deadlines, signals and the per-test watchdog.
+pub mod process {
+    use std::collections::BTreeSet;
+    use std::io::{Read, Write};
+    use std::process::{Child, ChildStderr, ChildStdin, ChildStdout, Command, ExitStatus, Stdio};
+    use std::sync::mpsc::{self, RecvTimeoutError};
+    use std::sync::{Mutex, MutexGuard, PoisonError};
+    use std::thread::{self, JoinHandle};
+    use std::time::{Duration, Instant};
+
+    pub use rustix::process::Signal;
+
+    /// Pids of children spawned and not yet reaped, for the watchdog.
+    static LIVE_CHILDREN: Mutex<BTreeSet<u32>> = Mutex::new(BTreeSet::new());
+
+    fn live_children() -> MutexGuard<'static, BTreeSet<u32>> {
+        LIVE_CHILDREN.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Sends `signal` to a process.
+    pub fn send_signal(pid: u32, signal: Signal) -> std::io::Result<()> {
+        let pid = i32::try_from(pid)
+            .ok()
+            .and_then(rustix::process::Pid::from_raw)
+            .ok_or_else(|| std::io::Error::other(format!("{pid} is not a valid pid")))?;
+        rustix::process::kill_process(pid, signal).map_err(std::io::Error::from)
+    }
+
+    /// A child process that is killed (SIGKILL) and reaped when dropped.
+    #[derive(Debug)]
+    pub struct ChildGuard {
+        child: Child,
+        /// What the child is, for messages.
+        what: String,
+        /// Set once the child was reaped; after that its pid may belong to another
+        /// process and is never signalled again.
+        status: Option<ExitStatus>,
+    }
+
+    impl ChildGuard {
+        /// Spawns `command`. A spawn failure (a missing program) fails the test.
+        #[track_caller]
+        pub fn spawn(command: &mut Command, what: impl Into<String>) -> ChildGuard {
+            let what = what.into();
+            let mut children = live_children();
+            let child = command
+                .spawn()
+                .unwrap_or_else(|error| panic!("cannot start {what} ({command:?}): {error}"));
+            children.insert(child.id());
+            drop(children);
+            ChildGuard {
+                child,
+                what,
+                status: None,
+            }
+        }
+
+        pub fn id(&self) -> u32 {
+            self.child.id()
+        }
+
+        pub fn what(&self) -> &str {
+            &self.what
+        }
+
+        pub fn take_stdin(&mut self) -> Option<ChildStdin> {
+            self.child.stdin.take()
+        }
+
+        pub fn take_stdout(&mut self) -> Option<ChildStdout> {
+            self.child.stdout.take()
+        }
+
+        pub fn take_stderr(&mut self) -> Option<ChildStderr> {
+            self.child.stderr.take()
+        }
+
+        fn reaped(&mut self, status: ExitStatus) -> ExitStatus {
+            live_children().remove(&self.child.id());
+            self.status = Some(status);
+            status
+        }
+
+        /// The exit status if the child has exited.
+        pub fn try_wait(&mut self) -> Option<ExitStatus> {
+            if let Some(status) = self.status {
+                return Some(status);
+            }
+            match self.child.try_wait() {
+                Ok(Some(status)) => Some(self.reaped(status)),
+                Ok(None) => None,
+                Err(error) => panic!("cannot wait for {}: {error}", self.what),
+            }
+        }
+
+        /// Waits up to `timeout` for the child to exit.
+        pub fn wait_timeout(&mut self, timeout: Duration) -> Option<ExitStatus> {
+            let deadline = Instant::now() + timeout;
+            loop {
+                if let Some(status) = self.try_wait() {
+                    return Some(status);
+                }
+                if Instant::now() >= deadline {
+                    return None;
+                }
+                thread::sleep(Duration::from_millis(10));
+            }
+        }
+
+        /// Signals the child unless it was already reaped.
+        pub fn signal(&mut self, signal: Signal) {
+            if self.try_wait().is_some() {
+                return;
+            }
+            if let Err(error) = send_signal(self.id(), signal) {
+                panic!("cannot send {signal:?} to {}: {error}", self.what);
+            }
+        }
+
+        /// SIGKILL, then reap. Returns the exit status.
+        pub fn kill(&mut self) -> ExitStatus {
+            if let Some(status) = self.try_wait() {
+                return status;
+            }
+            // Ignore the error: the child may have exited between try_wait and kill.
+            let _ = self.child.kill();
+            match self.child.wait() {
+                Ok(status) => self.reaped(status),
+                Err(error) => panic!("cannot reap {}: {error}", self.what),
+            }
+        }
+    }
+
+    impl Drop for ChildGuard {
+        fn drop(&mut self) {
+            if self.status.is_none() {
+                let _ = self.child.kill();
+                if let Ok(status) = self.child.wait() {
+                    self.reaped(status);
+                }
+            }
+        }
+    }
+
+    /// A finished command.
+    #[derive(Debug)]
+    pub struct Finished {
+        pub what: String,
+        pub status: ExitStatus,
+        pub stdout: Vec<u8>,
+        pub stderr: Vec<u8>,
+    }
+
+    impl Finished {
+        pub fn code(&self) -> Option<i32> {
+            self.status.code()
+        }
+
+        pub fn stdout_text(&self) -> String {
+            String::from_utf8_lossy(&self.stdout).into_owned()
+        }
+
+        pub fn stderr_text(&self) -> String {
+            String::from_utf8_lossy(&self.stderr).into_owned()
+        }
+
+        /// Everything about the run, for assertion messages.
+        pub fn describe(&self) -> String {
+            format!(
+                "{} exited with {}\n--- stdout ---\n{}\n--- stderr ---\n{}",
+                self.what,
+                self.status,
+                self.stdout_text(),
+                self.stderr_text()
+            )
+        }
+
+        /// Asserts the exit code.
+        #[track_caller]
+        pub fn assert_code(&self, code: i32) -> &Self {
+            assert_eq!(
+                self.code(),
+                Some(code),
+                "expected exit code {code}: {}",
+                self.describe()
+            );
+            self
+        }
+    }
+
+    fn collect<R: Read + Send + 'static>(reader: Option<R>) -> JoinHandle<Vec<u8>> {
+        thread::spawn(move || {
+            let mut bytes = Vec::new();
+            if let Some(mut reader) = reader {
+                let _ = reader.read_to_end(&mut bytes);
+            }
+            bytes
+        })
+    }
+
+    /// Runs `command` to completion with `stdin` as its input, killing it (and failing
+    /// the test) if it takes longer than `timeout`.
+    #[track_caller]
+    pub fn run(
+        command: &mut Command,
+        stdin: Option<&[u8]>,
+        timeout: Duration,
+        what: &str,
+    ) -> Finished {
+        command
+            .stdin(if stdin.is_some() {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = ChildGuard::spawn(command, what);
+        let writer = child.take_stdin().map(|mut pipe| {
+            let input = stdin.unwrap_or_default().to_vec();
+            thread::spawn(move || {
+                // A child that exits without reading all of its input is its own
+                // business; its exit status tells.
+                let _ = pipe.write_all(&input);
+            })
+        });
+        let stdout = collect(child.take_stdout());
+        let stderr = collect(child.take_stderr());
+        let status = child.wait_timeout(timeout);
+        let timed_out = status.is_none();
+        let status = status.unwrap_or_else(|| child.kill());
+        if let Some(writer) = writer {
+            let _ = writer.join();
+        }
+        let finished = Finished {
+            what: what.to_string(),
+            status,
+            stdout: stdout.join().unwrap_or_default(),
+            stderr: stderr.join().unwrap_or_default(),
+        };
+        assert!(
+            !timed_out,
+            "{what} did not finish within {timeout:?} and was killed\n{}",
+            finished.describe()
+        );
+        finished
+    }
+
+    /// Looks a program up on PATH.
+    pub fn find_program(name: &str) -> Option<std::path::PathBuf> {
+        let path = std::env::var_os("PATH")?;
+        std::env::split_paths(&path)
+            .map(|directory| directory.join(name))
+            .find(|candidate| candidate.is_file())
+    }
+
+    /// A per-test watchdog; see [`hard_limit`].
+    #[derive(Debug)]
+    pub struct HardLimit {
+        _cancel: mpsc::Sender<()>,
+    }
+
+    /// Starts the watchdog of the calling test: if the returned guard is not dropped
+    /// within `limit`, every live child is killed and the test binary exits with
+    /// status 124. Every other wait in these helpers has its own deadline, so this only
+    /// fires on a bug in a test; it guarantees that no run hangs and no server outlives
+    /// the tests.
+    ///
+    /// The tsubame binary is located (and built if needed) before the clock starts.
+    pub fn hard_limit(limit: Duration) -> HardLimit {
+        let _ = crate::binary::tsubame();
+        let name = thread::current()
+            .name()
+            .unwrap_or("an unnamed test")
+            .to_string();
+        let (cancel, cancelled) = mpsc::channel::<()>();
+        thread::spawn(move || {
+            if let Err(RecvTimeoutError::Timeout) = cancelled.recv_timeout(limit) {
+                eprintln!(
+                    "\nHARD LIMIT: test {name} ran longer than {limit:?}; killing every child \
+                     process and ending the test binary"
+                );
+                for pid in live_children().iter() {
+                    let _ = send_signal(*pid, Signal::KILL);
+                }
+                std::process::exit(124);
+            }
+        });
+        HardLimit { _cancel: cancel }
+    }
+}
+
+/// Finding (and building) the `tsubame` binary.
+pub mod binary {
+    use std::path::{Path, PathBuf};
+    use std::process::Command;
+    use std::sync::OnceLock;
+    use std::time::Duration;
+
+    use crate::process::run;
+
+    /// Building the binary from scratch on a 2-core machine takes a few minutes.
+    const BUILD_TIMEOUT: Duration = Duration::from_secs(15 * 60);
+
+    /// The `tsubame` binary under test.
+    ///
+    /// `TSUBAME_BIN`, when set, names it. Otherwise the binary is built with the cargo
+    /// that runs the tests (`cargo build -p tsubame --bin tsubame`, a no-op when it is
+    /// fresh, as after `scripts/test`'s workspace build), so that `cargo test -p
+    /// tsubame-tests` never tests a stale binary, and its path is taken from cargo's own
+    /// report. A missing binary fails the test with a message saying how to build it.
+    pub fn tsubame() -> &'static Path {
+        static BINARY: OnceLock<PathBuf> = OnceLock::new();
+        BINARY.get_or_init(locate)
+    }
+
+    fn locate() -> PathBuf {
+        if let Some(path) = std::env::var_os("TSUBAME_BIN") {
+            let path = PathBuf::from(path);
+            assert!(
+                path.is_file(),
+                "TSUBAME_BIN names {}, which does not exist",
+                path.display()
+            );
+            return path;
+        }
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        let manifest = crate::workspace_directory().join("Cargo.toml");
+        let mut command = Command::new(cargo);
+        command
+            .arg("build")
+            .arg("--manifest-path")
+            .arg(&manifest)
+            .args(["-p", "tsubame", "--bin", "tsubame", "--message-format=json"]);
+        if !cfg!(debug_assertions) {
+            command.arg("--release");
+        }
+        let build = run(&mut command, None, BUILD_TIMEOUT, "cargo build -p tsubame");
+        let built = build.stdout_text().lines().find_map(|line| {
+            let message: serde_json::Value = serde_json::from_str(line).ok()?;
+            if message["reason"] != "compiler-artifact" || message["target"]["name"] != "tsubame" {
+                return None;
+            }
+            message["executable"].as_str().map(PathBuf::from)
+        });
+        match built {
+            Some(path) if build.status.success() && path.is_file() => path,
+            _ => panic!(
+                "the tsubame binary could not be built; build it with `cargo build -p tsubame` \
+                 (scripts/test does) or set TSUBAME_BIN\n{}",
+                build.describe()
+            ),
+        }
+    }
+}
+
+/// Running `tsubame serve`.
+pub mod server {
+    use std::io::{BufRead, BufReader};
+    use std::net::SocketAddr;
+    use std::path::{Path, PathBuf};
+    use std::process::{Command, ExitStatus, Stdio};
+    use std::sync::mpsc::{self, RecvTimeoutError};
+    use std::sync::{Arc, Mutex, PoisonError};
+    use std::thread;
+    use std::time::Instant;
+
+    use tempfile::TempDir;
+
+    use crate::process::{ChildGuard, Signal};
+    use crate::{SHUTDOWN_TIMEOUT, STARTUP_TIMEOUT};
+
+    /// How to start a server.
+    #[derive(Debug, Clone)]
+    pub struct ServerOptions {
+        config: Option<String>,
+        spool: Option<PathBuf>,
+        current_directory: Option<PathBuf>,
+        /// Pass `--listen 127.0.0.1:0` and `--spool`. Off only for the embedded-default
+        /// test, which runs `tsubame serve` with no arguments at all.
+        overrides: bool,
+        extra_arguments: Vec<String>,
+    }
+
+    impl Default for ServerOptions {
+        fn default() -> Self {
+            Self::new()
+        }
+    }
+
+    impl ServerOptions {
+        /// Listen on a free loopback port, spool in a fresh temporary directory.
+        pub fn new() -> Self {
+            Self {
+                config: None,
+                spool: None,
+                current_directory: None,
+                overrides: true,
+                extra_arguments: Vec::new(),
+            }
+        }
+
+        /// Run with this configuration (TOML text, written to a temporary file).
+        /// `--listen` and `--spool` still override its listeners and spool directory.
+        pub fn config(mut self, toml: &str) -> Self {
+            self.config = Some(toml.to_string());
+            self
+        }
+
+        /// Spool in `directory` (which outlives the server, for restart tests).
+        pub fn spool(mut self, directory: &Path) -> Self {
+            self.spool = Some(directory.to_path_buf());
+            self
+        }
+
+        /// One more command-line argument after `serve`.
+        pub fn arg(mut self, argument: &str) -> Self {
+            self.extra_arguments.push(argument.to_string());
+            self
+        }
+
+        /// Run in `directory` with no `--listen`/`--spool` overrides.
+        pub fn bare_in(mut self, directory: &Path) -> Self {
+            self.current_directory = Some(directory.to_path_buf());
+            self.overrides = false;
+            self
+        }
+    }
+
+    /// Why a server did not start.
+    #[derive(Debug)]
+    pub struct StartFailure {
+        /// `None` when it was still running at the deadline (it has been killed).
+        pub status: Option<ExitStatus>,
+        pub log: String,
+    }
+
+    impl std::fmt::Display for StartFailure {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            match self.status {
+                Some(status) => write!(f, "tsubame serve exited with {status} before listening")?,
+                None => write!(
+                    f,
+                    "tsubame serve did not log a `listening` line within {STARTUP_TIMEOUT:?}"
+                )?,
+            }
+            write!(f, "\n--- server log ---\n{}", self.log)
+        }
+    }
+
+    /// A running `tsubame serve`, killed (SIGKILL) when dropped.
+    #[derive(Debug)]
+    pub struct Server {
+        child: ChildGuard,
+        address: SocketAddr,
+        spool: PathBuf,
+        /// Everything the server wrote to stderr so far, ANSI escapes removed.
+        log: Arc<Mutex<String>>,
+        /// Holds the config file and, when the test gave none, the spool directory.
+        _scratch: TempDir,
+    }
+
+    impl Server {
+        /// Starts a server and waits for its `listening` line; fails the test if it
+        /// does not come.
+        #[track_caller]
+        pub fn start(options: &ServerOptions) -> Server {
+            Self::try_start(options).unwrap_or_else(|failure| panic!("{failure}"))
+        }
+
+        /// Starts a server and waits for its `listening` line, the port it names, or its
+        /// exit.
+        pub fn try_start(options: &ServerOptions) -> Result<Server, StartFailure> {
+            let scratch = tempfile::Builder::new()
+                .prefix("tsubame-e2e-")
+                .tempdir()
+                .unwrap_or_else(|error| panic!("cannot create a temporary directory: {error}"));
+            let mut command = Command::new(crate::binary::tsubame());
+            command.arg("serve");
+            if let Some(config) = &options.config {
+                let path = scratch.path().join("tsubame.toml");
+                std::fs::write(&path, config)
+                    .unwrap_or_else(|error| panic!("cannot write {}: {error}", path.display()));
+                command.arg("--config").arg(path);
+            }
+            let spool = match (&options.spool, &options.current_directory) {
+                (Some(spool), _) => spool.clone(),
+                (None, Some(directory)) => directory.join("spool"),
+                (None, None) => scratch.path().join("spool"),
+            };
+            if options.overrides {
+                command
+                    .args(["--listen", "127.0.0.1:0", "--spool"])
+                    .arg(&spool);
+            }
+            command.args(&options.extra_arguments);
+            if let Some(directory) = &options.current_directory {
+                command.current_dir(directory);
+            }
+            command
+                .env_remove("RUST_LOG")
+                .env("NO_COLOR", "1")
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped());
+            let mut child = ChildGuard::spawn(&mut command, "tsubame serve");
+            let log = Arc::new(Mutex::new(String::new()));
+            let (lines_sender, lines) = mpsc::channel::<String>();
+            let stderr = child.take_stderr();
+            let log_writer = Arc::clone(&log);
+            thread::spawn(move || {
+                let Some(stderr) = stderr else { return };
+                let mut reader = BufReader::new(stderr);
+                let mut raw = Vec::new();
+                loop {
+                    raw.clear();
+                    match reader.read_until(b'\n', &mut raw) {
+                        Ok(0) | Err(_) => return,
+                        Ok(_) => {}
+                    }
+                    let line = strip_ansi(&String::from_utf8_lossy(&raw));
+                    log_writer
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .push_str(&line);
+                    // The receiver is gone once the server is up; keep collecting.
+                    let _ = lines_sender.send(line);
+                }
+            });
+            let deadline = Instant::now() + STARTUP_TIMEOUT;
+            let read_log = |log: &Arc<Mutex<String>>| {
+                log.lock().unwrap_or_else(PoisonError::into_inner).clone()
+            };
+            loop {
+                let remaining = deadline.saturating_duration_since(Instant::now());
+                match lines.recv_timeout(remaining) {
+                    Ok(line) => {
+                        if let Some(address) = listening_address(&line) {
+                            return Ok(Server {
+                                child,
+                                address,
+                                spool,
+                                log,
+                                _scratch: scratch,
+                            });
+                        }
+                    }
+                    Err(RecvTimeoutError::Disconnected) => {
+                        // stderr closed: the server exited (or closed it, which is as bad).
+                        let status = child.wait_timeout(STARTUP_TIMEOUT);
+                        if status.is_none() {
+                            child.kill();
+                        }
+                        return Err(StartFailure {
+                            status,
+                            log: read_log(&log),
+                        });
+                    }
+                    Err(RecvTimeoutError::Timeout) => {
+                        child.kill();
+                        return Err(StartFailure {
+                            status: None,
+                            log: read_log(&log),
+                        });
+                    }
+                }
+            }
+        }
+
+        pub fn address(&self) -> SocketAddr {
+            self.address
+        }
+
+        pub fn port(&self) -> u16 {
+            self.address.port()
+        }
+
+        pub fn spool(&self) -> &Path {
+            &self.spool
+        }
+
+        pub fn pid(&self) -> u32 {
+            self.child.id()
+        }
+
+        /// What the server logged so far.
+        pub fn log(&self) -> String {
+            self.log
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .clone()
+        }
+
+        /// The exit status if the server has exited.
+        pub fn try_wait(&mut self) -> Option<ExitStatus> {
+            self.child.try_wait()
+        }
+
+        /// Graceful stop: SIGTERM, then wait. Fails the test if it does not exit in
+        /// time (it is then killed).
+        #[track_caller]
+        pub fn terminate(mut self) -> ExitStatus {
+            self.child.signal(Signal::TERM);
+            match self.child.wait_timeout(SHUTDOWN_TIMEOUT) {
+                Some(status) => status,
+                None => {
+                    self.child.kill();
+                    panic!(
+                        "tsubame serve did not stop within {SHUTDOWN_TIMEOUT:?} of SIGTERM\n\
+                         --- server log ---\n{}",
+                        self.log()
+                    );
+                }
+            }
+        }
+
+        /// Graceful stop that must succeed: SIGTERM, then exit status 0.
+        #[track_caller]
+        pub fn stop(self) {
+            let log = self.log.clone();
+            let status = self.terminate();
+            assert!(
+                status.success(),
+                "tsubame serve exited with {status} after SIGTERM\n--- server log ---\n{}",
+                log.lock().unwrap_or_else(PoisonError::into_inner)
+            );
+        }
+
+        /// SIGTERM without waiting; see [`Server::wait_exit`].
+        pub fn send_terminate(&mut self) {
+            self.child.signal(Signal::TERM);
+        }
+
+        /// Waits for the exit after [`Server::send_terminate`].
+        #[track_caller]
+        pub fn wait_exit(mut self) -> ExitStatus {
+            match self.child.wait_timeout(SHUTDOWN_TIMEOUT) {
+                Some(status) => status,
+                None => {
+                    self.child.kill();
+                    panic!(
+                        "tsubame serve did not stop within {SHUTDOWN_TIMEOUT:?}\n\
+                         --- server log ---\n{}",
+                        self.log()
+                    );
+                }
+            }
+        }
+
+        /// Crash: SIGKILL, then reap.
+        pub fn kill(mut self) {
+            self.child.kill();
+        }
+    }
+
+    /// The address in a `listening address=127.0.0.1:PORT` log line.
+    fn listening_address(line: &str) -> Option<SocketAddr> {
+        if !line.contains("listening") {
+            return None;
+        }
+        let start = line.find("address=")? + "address=".len();
+        let value = line.get(start..)?.split_whitespace().next()?;
+        value.trim_matches('"').parse().ok()
+    }
+
+    /// Removes ANSI escape sequences (`ESC [ ... letter`), in case colours are on.
+    fn strip_ansi(text: &str) -> String {
+        let mut out = String::with_capacity(text.len());
+        let mut characters = text.chars();
+        while let Some(character) = characters.next() {
+            if character == '\u{1b}' {
+                for next in characters.by_ref() {
+                    if next.is_ascii_alphabetic() {
+                        break;
+                    }
+                }
+            } else {
+                out.push(character);
+            }
+        }
+        out
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn finds_the_listening_address() {
+            let line = "2026-11-26T06:40:00.123Z  INFO tsubame_server: listening \
+                        address=127.0.0.1:34567 threads=2\n";
+            assert_eq!(
+                listening_address(line),
+                Some("127.0.0.1:34567".parse().unwrap())
+            );
+            let coloured = "\u{1b}[32m INFO\u{1b}[0m listening \u{1b}[3maddress\u{1b}[0m\
+                            \u{1b}[2m=\u{1b}[0m127.0.0.1:80 \u{1b}[3mthreads\u{1b}[0m=1";
+            assert_eq!(
+                listening_address(&strip_ansi(coloured)),
+                Some("127.0.0.1:80".parse().unwrap())
+            );
+            assert_eq!(listening_address("spool recovered queued=0"), None);
+        }
+    }
+}
+
+/// A raw SMTP client over a std `TcpStream`, for inputs no real client produces.
+pub mod smtp {
+    use std::io::{ErrorKind, Read, Write};
+    use std::net::{IpAddr, SocketAddr, TcpStream};
+    use std::time::{Duration, Instant};
+
+    use socket2::{Domain, Protocol, SockAddr, Socket, Type};
+
+    use crate::REPLY_TIMEOUT;
+
+    /// One (possibly multi-line) SMTP reply.
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    pub struct Reply {
+        pub code: u16,
+        /// The text of each line, after `NNN-` / `NNN `.
+        pub lines: Vec<String>,
+    }
+
+    impl Reply {
+        /// All lines joined with `\n`.
+        pub fn text(&self) -> String {
+            self.lines.join("\n")
+        }
+
+        /// The enhanced status code (RFC 3463) at the start of the last line, if any.
+        pub fn enhanced(&self) -> Option<&str> {
+            let first = self.lines.last()?.split_whitespace().next()?;
+            let parts: Vec<&str> = first.split('.').collect();
+            let numeric = parts.len() == 3
+                && parts
+                    .iter()
+                    .all(|part| !part.is_empty() && part.bytes().all(|b| b.is_ascii_digit()));
+            numeric.then_some(first)
+        }
+
+        /// Whether the reply has this code and enhanced code.
+        pub fn is(&self, code: u16, enhanced: &str) -> bool {
+            self.code == code && self.enhanced() == Some(enhanced)
+        }
+
+        /// The id in `250 2.0.0 Ok: queued as <id>`.
+        pub fn queued_id(&self) -> Option<String> {
+            queued_id(&self.text())
+        }
+    }
+
+    impl std::fmt::Display for Reply {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            for (index, line) in self.lines.iter().enumerate() {
+                let separator = if index + 1 == self.lines.len() {
+                    ' '
+                } else {
+                    '-'
+                };
+                if index > 0 {
+                    f.write_str(" / ")?;
+                }
+                write!(f, "{}{separator}{line}", self.code)?;
+            }
+            Ok(())
+        }
+    }
+
+    /// The 16-hex-digit id after `queued as ` in a reply text.
+    pub fn queued_id(text: &str) -> Option<String> {
+        let start = text.find("queued as ")? + "queued as ".len();
+        let id: String = text
+            .get(start..)?
+            .chars()
+            .take_while(char::is_ascii_hexdigit)
+            .collect();
+        (id.len() == 16).then(|| id.to_ascii_lowercase())
+    }
+
+    /// What reading the next reply gave.
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    pub enum Next {
+        Reply(Reply),
+        /// The server closed the connection (EOF or reset).
+        Closed,
+        TimedOut,
+    }
+
+    /// A raw SMTP connection.
+    #[derive(Debug)]
+    pub struct RawClient {
+        stream: TcpStream,
+        /// Received bytes not yet parsed into replies.
+        buffer: Vec<u8>,
+        /// The server closed the connection; set once EOF or a reset was seen.
+        closed: bool,
+    }
+
+    impl RawClient {
+        /// Connects from the default source address.
+        #[track_caller]
+        pub fn connect(address: SocketAddr) -> RawClient {
+            let stream = TcpStream::connect_timeout(&address, REPLY_TIMEOUT)
+                .unwrap_or_else(|error| panic!("cannot connect to {address}: {error}"));
+            Self::from_stream(stream)
+        }
+
+        /// Connects from `source` (e.g. 127.0.0.2), with an ephemeral port.
+        #[track_caller]
+        pub fn connect_from(address: SocketAddr, source: IpAddr) -> RawClient {
+            let socket = Socket::new(
+                Domain::for_address(address),
+                Type::STREAM,
+                Some(Protocol::TCP),
+            )
+            .unwrap_or_else(|error| panic!("cannot create a socket: {error}"));
+            socket
+                .bind(&SockAddr::from(SocketAddr::new(source, 0)))
+                .unwrap_or_else(|error| panic!("cannot bind to {source}: {error}"));
+            socket
+                .connect_timeout(&SockAddr::from(address), REPLY_TIMEOUT)
+                .unwrap_or_else(|error| {
+                    panic!("cannot connect to {address} from {source}: {error}")
+                });
+            Self::from_stream(socket.into())
+        }
+
+        fn from_stream(stream: TcpStream) -> RawClient {
+            let _ = stream.set_nodelay(true);
+            RawClient {
+                stream,
+                buffer: Vec::new(),
+                closed: false,
+            }
+        }
+
+        /// Writes `bytes` (all of them, in one write call where the kernel allows).
+        #[track_caller]
+        pub fn send(&mut self, bytes: &[u8]) {
+            self.stream
+                .set_write_timeout(Some(REPLY_TIMEOUT))
+                .unwrap_or_else(|error| panic!("cannot set a write timeout: {error}"));
+            self.stream
+                .write_all(bytes)
+                .unwrap_or_else(|error| panic!("cannot send {:?}: {error}", crate::escape(bytes)));
+        }
+
+        /// Like [`RawClient::send`], but a failure (the server closed) is returned.
+        pub fn try_send(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+            self.stream.set_write_timeout(Some(REPLY_TIMEOUT))?;
+            self.stream.write_all(bytes)
+        }
+
+        /// Parses one complete reply from the buffer, if there is one.
+        fn parse_buffered(&mut self) -> Option<Reply> {
+            let mut lines = Vec::new();
+            let mut code = None;
+            let mut position = 0;
+            loop {
+                let rest = self.buffer.get(position..)?;
+                let end = rest.windows(2).position(|pair| pair == b"\r\n")?;
+                let line = String::from_utf8_lossy(rest.get(..end)?).into_owned();
+                position += end + 2;
+                let line_code: u16 = line
+                    .get(..3)
+                    .and_then(|digits| digits.parse().ok())
+                    .unwrap_or_else(|| panic!("malformed reply line {line:?}"));
+                if let Some(code) = code {
+                    assert_eq!(
+                        code, line_code,
+                        "reply code changed within a reply: {line:?}"
+                    );
+                }
+                code = Some(line_code);
+                let separator = line.as_bytes().get(3).copied();
+                lines.push(line.get(4..).unwrap_or_default().to_string());
+                match separator {
+                    Some(b'-') => continue,
+                    None | Some(b' ') => break,
+                    Some(other) => panic!(
+                        "malformed reply line {line:?} (separator {:?})",
+                        other as char
+                    ),
+                }
+            }
+            self.buffer.drain(..position);
+            code.map(|code| Reply { code, lines })
+        }
+
+        /// Reads the next reply, waiting at most `timeout`.
+        pub fn next(&mut self, timeout: Duration) -> Next {
+            let deadline = Instant::now() + timeout;
+            loop {
+                if let Some(reply) = self.parse_buffered() {
+                    return Next::Reply(reply);
+                }
+                if self.closed {
+                    return Next::Closed;
+                }
+                let remaining = deadline.saturating_duration_since(Instant::now());
+                if remaining.is_zero() {
+                    return Next::TimedOut;
+                }
+                self.stream
+                    .set_read_timeout(Some(remaining))
+                    .unwrap_or_else(|error| panic!("cannot set a read timeout: {error}"));
+                let mut chunk = [0_u8; 16 * 1024];
+                match self.stream.read(&mut chunk) {
+                    Ok(0) => self.closed = true,
+                    Ok(length) => self
+                        .buffer
+                        .extend_from_slice(chunk.get(..length).unwrap_or_default()),
+                    Err(error)
+                        if matches!(error.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) =>
+                    {
+                        return Next::TimedOut;
+                    }
+                    Err(error) if error.kind() == ErrorKind::Interrupted => {}
+                    Err(error)
+                        if matches!(
+                            error.kind(),
+                            ErrorKind::ConnectionReset | ErrorKind::ConnectionAborted
+                        ) =>
+                    {
+                        self.closed = true
+                    }
+                    Err(error) => panic!("cannot read from the server: {error}"),
+                }
+            }
+        }
+
+        /// Reads the next reply; fails the test on EOF or timeout.
+        #[track_caller]
+        pub fn reply(&mut self) -> Reply {
+            match self.next(REPLY_TIMEOUT) {
+                Next::Reply(reply) => reply,
+                other => panic!(
+                    "expected a reply, got {other:?}; unparsed bytes: \"{}\"",
+                    crate::escape(&self.buffer)
+                ),
+            }
+        }
+
+        /// Sends `line` + CRLF and reads the reply.
+        #[track_caller]
+        pub fn command(&mut self, line: &str) -> Reply {
+            self.send(format!("{line}\r\n").as_bytes());
+            self.reply()
+        }
+
+        /// Reads the next reply and asserts its code and enhanced code.
+        #[track_caller]
+        pub fn expect(&mut self, code: u16, enhanced: &str, what: &str) -> Reply {
+            let reply = self.reply();
+            assert!(
+                reply.is(code, enhanced),
+                "{what}: expected {code} {enhanced}, got {reply}"
+            );
+            reply
+        }
+
+        /// Sends `line` + CRLF and asserts the reply's code and enhanced code.
+        #[track_caller]
+        pub fn command_expect(&mut self, line: &str, code: u16, enhanced: &str) -> Reply {
+            self.send(format!("{line}\r\n").as_bytes());
+            self.expect(code, enhanced, line)
+        }
+
+        /// Reads the greeting (220).
+        #[track_caller]
+        pub fn greeting(&mut self) -> Reply {
+            let reply = self.reply();
+            assert_eq!(reply.code, 220, "greeting: {reply}");
+            reply
+        }
+
+        /// Greeting, then EHLO; returns the EHLO reply.
+        #[track_caller]
+        pub fn hello(&mut self) -> Reply {
+            self.greeting();
+            let reply = self.command("EHLO raw.tsubame.test");
+            assert_eq!(reply.code, 250, "EHLO: {reply}");
+            reply
+        }
+
+        /// Asserts nothing arrives for `duration` and the connection stays open.
+        #[track_caller]
+        pub fn assert_silent(&mut self, duration: Duration, what: &str) {
+            match self.next(duration) {
+                Next::TimedOut => {}
+                other => panic!("{what}: expected no reply yet, got {other:?}"),
+            }
+        }
+
+        /// Asserts the server closes the connection within `timeout` with no further
+        /// reply.
+        #[track_caller]
+        pub fn expect_closed(&mut self, timeout: Duration, what: &str) {
+            match self.next(timeout) {
+                Next::Closed => {}
+                other => {
+                    panic!("{what}: expected the server to close the connection, got {other:?}")
+                }
+            }
+        }
+    }
+}
+
+/// `tsubame spool inspect`, `tsubame check-config` and other CLI runs.
+pub mod cli {
+    use std::path::Path;
+    use std::process::Command;
+
+    use serde_json::Value;
+
+    use crate::COMMAND_TIMEOUT;
+    use crate::process::{Finished, run};
+
+    /// Runs `tsubame ARGS...`.
+    #[track_caller]
+    pub fn tsubame(arguments: &[&str]) -> Finished {
+        let mut command = Command::new(crate::binary::tsubame());
+        command
+            .args(arguments)
+            .env_remove("RUST_LOG")
+            .env("NO_COLOR", "1");
+        run(
+            &mut command,
+            None,
+            COMMAND_TIMEOUT,
+            &format!("tsubame {}", arguments.join(" ")),
+        )
+    }
+
+    /// Runs `tsubame ARGS...` in `directory`.
+    #[track_caller]
+    pub fn tsubame_in(directory: &Path, arguments: &[&str]) -> Finished {
+        let mut command = Command::new(crate::binary::tsubame());
+        command
+            .args(arguments)
+            .current_dir(directory)
+            .env_remove("RUST_LOG")
+            .env("NO_COLOR", "1");
+        run(
+            &mut command,
+            None,
+            COMMAND_TIMEOUT,
+            &format!(
+                "tsubame {} (in {})",
+                arguments.join(" "),
+                directory.display()
+            ),
+        )
+    }
+
+    /// What `spool inspect --json` reported.
+    #[derive(Debug)]
+    pub struct Inspection {
+        pub run: Finished,
+        pub json: Value,
+    }
+
+    impl Inspection {
+        pub fn exit_code(&self) -> Option<i32> {
+            self.run.code()
+        }
+
+        pub fn messages(&self) -> &[Value] {
+            self.json["messages"].as_array().map_or(&[], Vec::as_slice)
+        }
+
+        pub fn quarantined(&self) -> &[Value] {
+            self.json["quarantined"]
+                .as_array()
+                .map_or(&[], Vec::as_slice)
+        }
+
+        pub fn torn_tails(&self) -> &[Value] {
+            self.json["torn_tails"]
+                .as_array()
+                .map_or(&[], Vec::as_slice)
+        }
+
+        pub fn ids(&self) -> Vec<String> {
+            self.messages()
+                .iter()
+                .filter_map(|message| message["id"].as_str().map(str::to_string))
+                .collect()
+        }
+
+        pub fn message(&self, id: &str) -> Option<&Value> {
+            self.messages()
+                .iter()
+                .find(|message| message["id"].as_str() == Some(id))
+        }
+
+        /// The message with `id`; fails the test when it is not listed.
+        #[track_caller]
+        pub fn expect_message(&self, id: &str) -> &Value {
+            self.message(id).unwrap_or_else(|| {
+                panic!(
+                    "message {id} is not in the spool; spool inspect --json said:\n{}",
+                    self.json
+                )
+            })
+        }
+    }
+
+    /// `tsubame spool inspect --spool DIR --json`. Fails the test unless it exits 0 or
+    /// 3 with valid JSON.
+    #[track_caller]
+    pub fn inspect(spool: &Path) -> Inspection {
+        let spool_text = spool.display().to_string();
+        let run = tsubame(&["spool", "inspect", "--spool", &spool_text, "--json"]);
+        assert!(
+            matches!(run.code(), Some(0 | 3)),
+            "spool inspect failed: {}",
+            run.describe()
+        );
+        let json: Value = serde_json::from_slice(&run.stdout).unwrap_or_else(|error| {
+            panic!(
+                "spool inspect --json printed invalid JSON ({error}): {}",
+                run.describe()
+            )
+        });
+        Inspection { run, json }
+    }
+
+    /// What `spool inspect --show ID` printed.
+    #[derive(Debug)]
+    pub struct Shown {
+        /// The envelope lines (`id: ...`, `from: <...>`, `to: <...>`, ...).
+        pub envelope: Vec<String>,
+        /// The stored content, byte-exact.
+        pub content: Vec<u8>,
+    }
+
+    impl Shown {
+        /// The values of the envelope lines named `key` (`to` may repeat).
+        pub fn field(&self, key: &str) -> Vec<&str> {
+            let prefix = format!("{key}: ");
+            self.envelope
+                .iter()
+                .filter_map(|line| line.strip_prefix(&prefix))
+                .collect()
+        }
+    }
+
+    /// `tsubame spool inspect --spool DIR --show ID`: envelope, blank line, content.
+    #[track_caller]
+    pub fn show(spool: &Path, id: &str) -> Shown {
+        let spool_text = spool.display().to_string();
+        let run = tsubame(&["spool", "inspect", "--spool", &spool_text, "--show", id]);
+        assert!(
+            matches!(run.code(), Some(0 | 3)),
+            "spool inspect --show {id} failed: {}",
+            run.describe()
+        );
+        let split = run
+            .stdout
+            .windows(2)
+            .position(|pair| pair == b"\n\n")
+            .unwrap_or_else(|| {
+                panic!(
+                    "spool inspect --show printed no blank line after the envelope: {}",
+                    run.describe()
+                )
+            });
+        let envelope = String::from_utf8_lossy(run.stdout.get(..split).unwrap_or_default())
+            .lines()
+            .map(str::to_string)
+            .collect();
+        let content = run.stdout.get(split + 2..).unwrap_or_default().to_vec();
+        Shown { envelope, content }
+    }
+}
+
+/// The real peers: Python's smtplib and swaks.
+pub mod peers {
+    use std::net::SocketAddr;
+    use std::path::PathBuf;
+    use std::process::Command;
+    use std::sync::OnceLock;
+    use std::time::Duration;
+
+    use serde_json::{Value, json};
+
+    use crate::COMMAND_TIMEOUT;
+    use crate::process::{Finished, find_program, run};
+
+    /// `python3`, or a failed test saying it is needed.
+    pub fn python3() -> &'static PathBuf {
+        static PYTHON: OnceLock<PathBuf> = OnceLock::new();
+        PYTHON.get_or_init(|| {
+            find_program("python3").unwrap_or_else(|| {
+                panic!(
+                    "python3 is not on PATH: the end-to-end tests use Python's smtplib as an \
+                     SMTP client. Install python3 (scripts/test does: apt-get install python3)"
+                )
+            })
+        })
+    }
+
+    /// `swaks`, or a failed test saying it is needed.
+    pub fn swaks_program() -> &'static PathBuf {
+        static SWAKS: OnceLock<PathBuf> = OnceLock::new();
+        SWAKS.get_or_init(|| {
+            find_program("swaks").unwrap_or_else(|| {
+                panic!(
+                    "swaks is not on PATH: the end-to-end tests use it as an SMTP client. \
+                     Install it (scripts/test does: apt-get install swaks)"
+                )
+            })
+        })
+    }
+
+    /// A script in `tests/peers/`.
+    pub fn peer_script(name: &str) -> PathBuf {
+        crate::tests_directory().join("peers").join(name)
+    }
+
+    /// Runs a Python peer script with a JSON job on stdin.
+    #[track_caller]
+    pub fn run_python(script: &str, job: &Value, timeout: Duration) -> Finished {
+        let mut command = Command::new(python3());
+        command
+            .arg(peer_script(script))
+            .env("PYTHONUNBUFFERED", "1");
+        run(
+            &mut command,
+            Some(job.to_string().as_bytes()),
+            timeout,
+            &format!("python3 {script}"),
+        )
+    }
+
+    /// One smtplib session: a list of actions run in order on one connection
+    /// (`tests/peers/smtp_client.py`).
+    #[derive(Debug, Clone)]
+    pub struct Smtplib {
+        address: SocketAddr,
+        source_address: Option<String>,
+        actions: Vec<Value>,
+    }
+
+    /// The outcome of one smtplib call.
+    #[derive(Debug, Clone)]
+    pub struct Outcome {
+        pub code: Option<u16>,
+        pub message: String,
+        /// The exception smtplib raised, if any (`SMTPSenderRefused`, ...).
+        pub exception: Option<String>,
+        pub raw: Value,
+    }
+
+    impl Outcome {
+        /// The enhanced status code at the start of the message.
+        pub fn enhanced(&self) -> Option<&str> {
+            let first = self.message.split_whitespace().next()?;
+            (first.split('.').count() == 3).then_some(first)
+        }
+
+        pub fn is(&self, code: u16, enhanced: &str) -> bool {
+            self.code == Some(code) && self.enhanced() == Some(enhanced)
+        }
+
+        #[track_caller]
+        pub fn expect(&self, code: u16, enhanced: &str, what: &str) -> &Self {
+            assert!(
+                self.is(code, enhanced),
+                "{what}: expected {code} {enhanced}, got {}",
+                self.raw
+            );
+            self
+        }
+
+        /// The queued-as id of a 250 after DATA.
+        #[track_caller]
+        pub fn queued_id(&self) -> String {
+            crate::smtp::queued_id(&self.message)
+                .unwrap_or_else(|| panic!("no `queued as <id>` in {}", self.raw))
+        }
+    }
+
+    impl Smtplib {
+        pub fn new(address: SocketAddr) -> Self {
+            Self {
+                address,
+                source_address: None,
+                actions: Vec::new(),
+            }
+        }
+
+        /// Bind the client to this source address (`source_address=(ip, 0)`).
+        pub fn source(mut self, ip: &str) -> Self {
+            self.source_address = Some(ip.to_string());
+            self
+        }
+
+        fn action(mut self, action: Value) -> Self {
+            self.actions.push(action);
+            self
+        }
+
+        pub fn ehlo(self) -> Self {
+            self.action(json!({"op": "ehlo"}))
+        }
+
+        pub fn mail(self, from: &str, options: &[&str]) -> Self {
+            self.action(json!({"op": "mail", "from": from, "options": options}))
+        }
+
+        pub fn rcpt(self, to: &str, options: &[&str]) -> Self {
+            self.action(json!({"op": "rcpt", "to": to, "options": options}))
+        }
+
+        /// `SMTP.data(message)`: smtplib dot-stuffs and adds the terminator.
+        pub fn data(self, message: &[u8]) -> Self {
+            self.action(json!({"op": "data", "message_hex": hex(message)}))
+        }
+
+        /// `SMTP.sendmail(...)`: EHLO if needed, MAIL (with SIZE= when advertised), RCPT,
+        /// DATA, raising on refusal.
+        pub fn sendmail(
+            self,
+            from: &str,
+            to: &[&str],
+            message: &[u8],
+            mail_options: &[&str],
+        ) -> Self {
+            self.action(json!({
+                "op": "sendmail", "from": from, "to": to, "message_hex": hex(message),
+                "mail_options": mail_options,
+            }))
+        }
+
+        pub fn verify(self, address: &str) -> Self {
+            self.action(json!({"op": "verify", "address": address}))
+        }
+
+        pub fn noop(self) -> Self {
+            self.action(json!({"op": "noop"}))
+        }
+
+        pub fn rset(self) -> Self {
+            self.action(json!({"op": "rset"}))
+        }
+
+        pub fn quit(self) -> Self {
+            self.action(json!({"op": "quit"}))
+        }
+
+        /// Runs the session; fails the test if the connection could not be made.
+        #[track_caller]
+        pub fn run(self) -> Vec<Outcome> {
+            let job = json!({
+                "host": self.address.ip().to_string(),
+                "port": self.address.port(),
+                "source_address": self.source_address,
+                "timeout_secs": 20,
+                "actions": self.actions,
+            });
+            let finished = run_python("smtp_client.py", &job, COMMAND_TIMEOUT);
+            finished.assert_code(0);
+            let output: Value = serde_json::from_slice(&finished.stdout).unwrap_or_else(|error| {
+                panic!(
+                    "smtp_client.py printed invalid JSON ({error}): {}",
+                    finished.describe()
+                )
+            });
+            if let Some(error) = output["connect_error"].as_str() {
+                panic!("smtplib could not connect to {}: {error}", self.address);
+            }
+            output["results"]
+                .as_array()
+                .map(|results| results.iter().map(outcome).collect())
+                .unwrap_or_default()
+        }
+    }
+
+    fn outcome(value: &Value) -> Outcome {
+        Outcome {
+            code: value["code"]
+                .as_u64()
+                .and_then(|code| u16::try_from(code).ok()),
+            message: value["message"].as_str().unwrap_or_default().to_string(),
+            exception: value["exception"].as_str().map(str::to_string),
+            raw: value.clone(),
+        }
+    }
+
+    /// Lower-case hex of `bytes`.
+    pub fn hex(bytes: &[u8]) -> String {
+        bytes.iter().map(|byte| format!("{byte:02x}")).collect()
+    }
+
+    /// Bytes from hex; fails the test on bad input.
+    #[track_caller]
+    pub fn unhex(text: &str) -> Vec<u8> {
+        assert!(text.len().is_multiple_of(2), "odd-length hex");
+        (0..text.len())
+            .step_by(2)
+            .map(|index| {
+                text.get(index..index + 2)
+                    .and_then(|pair| u8::from_str_radix(pair, 16).ok())
+                    .unwrap_or_else(|| panic!("bad hex at {index}"))
+            })
+            .collect()
+    }
+
+    /// Runs swaks with `arguments`.
+    #[track_caller]
+    pub fn swaks(arguments: &[&str]) -> Finished {
+        let mut command = Command::new(swaks_program());
+        command.args(arguments);
+        run(
+            &mut command,
+            None,
+            COMMAND_TIMEOUT,
+            &format!("swaks {}", arguments.join(" ")),
+        )
+    }
+
+    /// The message content swaks sent, reconstructed from its transcript: the ` -> `
+    /// lines between the 354 reply and the lone `.`, dot-unstuffed, each ended by CRLF.
+    /// That is exactly what the server must store.
+    #[track_caller]
+    pub fn swaks_sent_content(transcript: &str) -> Vec<u8> {
+        let mut content = Vec::new();
+        let mut in_data = false;
+        for line in transcript.lines() {
+            if !in_data {
+                in_data = line.starts_with("<-  354");
+                continue;
+            }
+            let Some(sent) = line.strip_prefix(" -> ") else {
+                // swaks prints "-> " without content for an empty line in some versions.
+                if line == " ->" {
+                    content.extend_from_slice(b"\r\n");
+                    continue;
+                }
+                panic!("unexpected transcript line inside DATA: {line:?}\n{transcript}");
+            };
+            if sent == "." {
+                return content;
+            }
+            let unstuffed = sent.strip_prefix('.').unwrap_or(sent);
+            content.extend_from_slice(unstuffed.as_bytes());
+            content.extend_from_slice(b"\r\n");
+        }
+        panic!("no complete DATA section in the swaks transcript:\n{transcript}");
+    }
+
+    /// The queued-as id in a swaks transcript.
+    #[track_caller]
+    pub fn swaks_queued_id(transcript: &str) -> String {
+        transcript
+            .lines()
+            .filter(|line| line.starts_with("<-  250"))
+            .find_map(crate::smtp::queued_id)
+            .unwrap_or_else(|| {
+                panic!("no `queued as <id>` reply in the swaks transcript:\n{transcript}")
+            })
+    }
+}
