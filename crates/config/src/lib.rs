@@ -38,7 +38,7 @@ pub struct ServerConfig {
     /// The name in the greeting and the EHLO reply. Default: the machine's host name.
     #[serde(default)]
     pub hostname: Option<String>,
-    /// Event-loop threads; 0 means one per core.
+    /// Event-loop threads; 0 means half the cores, at least one.
     #[serde(default)]
     pub threads: usize,
 }

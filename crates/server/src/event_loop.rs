@@ -347,6 +347,10 @@ impl EventLoop {
                 }
             };
             connection.last_activity = Instant::now();
+            // A short read means the socket buffer is empty for now. Linux's epoll raises a
+            // new edge for every segment that arrives later, so we skip the read that
+            // would only return WouldBlock (one syscall per command round trip).
+            let drained = read < scratch.len();
             let received = scratch.get(..read).unwrap_or_default();
             if connection.input.is_empty() {
                 // Common case: process straight from the scratch buffer, keep leftovers.
@@ -361,6 +365,9 @@ impl EventLoop {
             } else {
                 connection.input.extend_from_slice(received);
                 event = process_input(connection, &context, shared, pending, token);
+            }
+            if drained {
+                break;
             }
         }
         if event == Event::Close {
@@ -431,8 +438,9 @@ impl EventLoop {
     }
 
     fn close(&mut self, token: Token) {
-        if let Some(mut connection) = self.connections.try_remove(token.0) {
-            let _ = self.poll.registry().deregister(&mut connection.stream);
+        if let Some(connection) = self.connections.try_remove(token.0) {
+            // No deregister: closing the socket (its only descriptor) removes it from
+            // the epoll set, and saves a syscall per connection.
             self.shared.release(connection.peer.ip());
             tracing::debug!(client = %connection.peer, "disconnected");
         }

@@ -145,6 +145,15 @@ impl ShutdownHandle {
     }
 }
 
+/// Event loops when the config says 0: half the cores, at least one. Most of a loop's
+/// time is the kernel's TCP work, and the committer thread and the kernel's softirq work
+/// need cores too; on 2 cores one loop used less CPU per message and accepted more
+/// messages per second than two (README, BENCHMARKS).
+pub fn default_thread_count() -> usize {
+    let cores = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
+    (cores / 2).max(1)
+}
+
 /// The machine's host name, for the greeting when the config names none.
 pub fn system_hostname() -> String {
     let name = rustix::system::uname()
@@ -171,7 +180,7 @@ pub fn start(config: Arc<Config>, spool: Spool) -> Result<RunningServer, ServerE
         .clone()
         .unwrap_or_else(system_hostname);
     let thread_count = match config.server.threads {
-        0 => std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get),
+        0 => default_thread_count(),
         threads => threads,
     };
     let shared = Arc::new(Shared {

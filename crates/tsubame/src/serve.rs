@@ -1,5 +1,6 @@
 //! `tsubame serve`.
 
+use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -26,7 +27,7 @@ pub struct ServeArgs {
     /// the relay networks of every listener.
     #[arg(long, value_name = "CIDR")]
     relay_network: Vec<IpNet>,
-    /// Event-loop threads (0: one per core), instead of the configured number.
+    /// Event-loop threads (0: half the cores, at least one), instead of the configured number.
     #[arg(long, value_name = "N")]
     threads: Option<usize>,
     /// Log filter (info, debug, ...), instead of the configured one. RUST_LOG also works.
@@ -40,7 +41,8 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         None => (Config::embedded_default()?, "embedded default".to_string()),
     };
     apply_overrides(&mut config, &args);
-    init_logging(&config, args.log_level.as_deref())?;
+    // Dropping the guard (at return) flushes the log lines still buffered.
+    let _log_guard = init_logging(&config, args.log_level.as_deref())?;
     if args.config.is_none() {
         tracing::info!(
             "no --config given: running on the embedded default configuration (loopback only); \
@@ -118,7 +120,17 @@ fn apply_overrides(config: &mut Config, args: &ServeArgs) {
     }
 }
 
-fn init_logging(config: &Config, override_filter: Option<&str>) -> anyhow::Result<()> {
+/// Logs go to standard error through a writer thread that batches lines: the event
+/// loops hand a formatted line over a channel instead of making a `write` syscall per
+/// accepted message, and the thread flushes whenever it has drained the channel, so a line
+/// is never held back while the relay is idle.
+fn init_logging(
+    config: &Config,
+    override_filter: Option<&str>,
+) -> anyhow::Result<tracing_appender::non_blocking::WorkerGuard> {
+    /// Lines buffered between the loops and the writer thread. When the writer falls this
+    /// far behind, loggers wait rather than lose lines: the send log must be complete.
+    const LOG_LINES_BUFFERED_MAX: usize = 128 * 1024;
     let filter = match (override_filter, std::env::var("RUST_LOG").ok()) {
         (Some(filter), _) => filter.to_string(),
         (None, Some(filter)) if !filter.is_empty() => filter,
@@ -126,14 +138,21 @@ fn init_logging(config: &Config, override_filter: Option<&str>) -> anyhow::Resul
     };
     let filter = tracing_subscriber::EnvFilter::try_new(&filter)
         .with_context(|| format!("invalid log filter {filter:?}"))?;
+    let ansi = std::io::stderr().is_terminal();
+    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .lossy(false)
+        .buffered_lines_limit(LOG_LINES_BUFFERED_MAX)
+        .thread_name("log-writer")
+        .finish(std::io::BufWriter::new(std::io::stderr()));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(writer)
+        .with_ansi(ansi);
     match config.log.format {
         LogFormat::Json => builder.json().init(),
         LogFormat::Text => builder.init(),
     }
-    Ok(())
+    Ok(guard)
 }
 
 /// Each connection is a file descriptor; the common soft limit of 1024 would cap us far
