@@ -349,7 +349,10 @@ pub mod process {
         let (cancel, cancelled) = mpsc::channel::<()>();
         thread::spawn(move || {
             if let Err(RecvTimeoutError::Timeout) = cancelled.recv_timeout(limit) {
-                eprintln!(
+                // Straight to the stderr stream: libtest's capture of `eprintln!` would
+                // swallow the message when the process exits here.
+                let _ = writeln!(
+                    std::io::stderr(),
                     "\nHARD LIMIT: test {name} ran longer than {limit:?}; killing every child \
                      process and ending the test binary"
                 );

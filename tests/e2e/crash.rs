@@ -18,7 +18,11 @@ use tsubame_tests::server::{Server, ServerOptions};
 /// Concurrent smtplib sessions.
 const SENDERS: usize = 4;
 /// Acknowledgements after which each cycle SIGKILLs the server.
-const KILL_POINTS: [usize; 3] = [50, 200, 500];
+const KILL_POINTS: [usize; 4] = [50, 200, 500, 1000];
+/// Small segments (the minimum), so that the load rolls over to new segments many times
+/// and `spool inspect` stays quick on the many segments crashes leave behind.
+const CONFIG: &str =
+    "[[listener]]\naddress = \"127.0.0.1:0\"\n\n[spool]\nsegment_size_bytes = 1048576\n";
 /// How long a cycle may take to reach its kill point.
 const LOAD_TIMEOUT: Duration = Duration::from_secs(90);
 
@@ -54,7 +58,7 @@ fn record(line: &str, acknowledged: &mut BTreeMap<String, Acknowledged>) {
 /// messages are acknowledged, and returns every acknowledgement, including those that
 /// reached the senders after the kill (the 250 left the server before it died).
 fn crash_cycle(spool: &Path, tag: &str, kill_after: usize) -> BTreeMap<String, Acknowledged> {
-    let server = Server::start(&ServerOptions::new().spool(spool));
+    let server = Server::start(&ServerOptions::new().config(CONFIG).spool(spool));
     let mut command = Command::new(python3());
     command
         .arg(peer_script("smtp_load.py"))
@@ -107,6 +111,11 @@ fn crash_cycle(spool: &Path, tag: &str, kill_after: usize) -> BTreeMap<String, A
             ),
         }
     }
+    eprintln!(
+        "{tag}: {} acknowledged, SIGKILL at {:?}",
+        acknowledged.len(),
+        Instant::now()
+    );
     server.kill();
     // The senders fail once the server is gone; collect what they still report.
     let drain_deadline = Instant::now() + Duration::from_secs(45);
@@ -120,6 +129,7 @@ fn crash_cycle(spool: &Path, tag: &str, kill_after: usize) -> BTreeMap<String, A
         }
     }
     senders.wait_timeout(Duration::from_secs(10));
+    eprintln!("{tag}: {} acknowledged in all", acknowledged.len());
     acknowledged
 }
 
@@ -189,8 +199,8 @@ fn every_acknowledged_message_survives_sigkill_under_load() {
     }
 
     // The recovered spool takes new mail and stops cleanly; then every body byte-exact.
-    let server = Server::start(&ServerOptions::new().spool(spool.path()));
-    let last = crate::test_message("after-crashes", "after three crashes\n");
+    let server = Server::start(&ServerOptions::new().config(CONFIG).spool(spool.path()));
+    let last = crate::test_message("after-crashes", "after the crashes\n");
     let last_id = crate::send_with_smtplib(server.address(), &last);
     assert!(!acknowledged.contains_key(&last_id), "id {last_id} reused");
     server.stop();
