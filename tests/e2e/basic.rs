@@ -559,3 +559,48 @@ fn bdat_without_transaction_is_refused_after_reading_the_chunk() {
     client.command_expect("QUIT", 221, "2.0.0");
     assert_spool_ids(server.spool(), &[]);
 }
+
+#[test]
+fn null_reverse_path_is_accepted_and_spooled() {
+    let _limit = hard_limit(Duration::from_secs(60));
+    let server = Server::start(&ServerOptions::new());
+    // Bounces and delivery notifications use MAIL FROM:<> (RFC 5321 §4.5.5).
+    let message = test_message("bounce", "a delivery status notification\n");
+    let outcomes = Smtplib::new(server.address())
+        .ehlo()
+        .mail("", &[])
+        .rcpt("postmaster@example.net", &[])
+        .data(&message)
+        .quit()
+        .run();
+    outcomes[1].expect(250, "2.1.0", "MAIL FROM:<>");
+    outcomes[3].expect(250, "2.0.0", "DATA");
+    let id = outcomes[3].queued_id();
+    let inspection = inspect(server.spool());
+    assert_eq!(inspection.expect_message(&id)["from"], "");
+    let shown = show(server.spool(), &id);
+    assert_eq!(shown.field("from"), vec!["<>"]);
+    assert_bytes_eq(&shown.content, &message, "bounce content");
+}
+
+#[test]
+fn helo_session_works_but_refuses_esmtp_parameters() {
+    let _limit = hard_limit(Duration::from_secs(60));
+    let server = Server::start(&ServerOptions::new());
+    let mut client = RawClient::connect(server.address());
+    client.greeting();
+    assert_eq!(client.command("HELO old.tsubame.test").code, 250);
+    // MAIL parameters are ESMTP: not after HELO (RFC 5321 §4.1.1.2).
+    client.command_expect("MAIL FROM:<old@example.com> SIZE=100", 555, "5.5.4");
+    client.command_expect("MAIL FROM:<old@example.com>", 250, "2.1.0");
+    client.command_expect("RCPT TO:<old@example.net>", 250, "2.1.5");
+    assert_eq!(client.command("DATA").code, 354);
+    client.send(b"Subject: helo\r\n\r\nplain old SMTP\r\n.\r\n");
+    let id = client
+        .expect(250, "2.0.0", "end of data")
+        .queued_id()
+        .expect("queued id");
+    client.command_expect("QUIT", 221, "2.0.0");
+    let inspection = inspect(server.spool());
+    assert_eq!(inspection.expect_message(&id)["helo"], "old.tsubame.test");
+}
