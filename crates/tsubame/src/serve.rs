@@ -50,6 +50,13 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         );
     }
     raise_open_file_limit(config.limits.max_connections);
+    // Installed before anything is announced, so a SIGTERM that follows the "listening"
+    // line at once is a graceful stop, not the default action (death by signal).
+    let mut signals = signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGTERM,
+        signal_hook::consts::SIGINT,
+    ])
+    .context("cannot install signal handlers")?;
 
     let options = SpoolOptions {
         segment_size_bytes: config.spool.segment_size_bytes,
@@ -70,11 +77,6 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
     let config = Arc::new(config);
     let server = tsubame_server::start(Arc::clone(&config), spool.clone())?;
     let shutdown = server.shutdown_handle();
-    let mut signals = signal_hook::iterator::Signals::new([
-        signal_hook::consts::SIGTERM,
-        signal_hook::consts::SIGINT,
-    ])
-    .context("cannot install signal handlers")?;
     std::thread::Builder::new()
         .name("signals".to_string())
         .spawn(move || {
