@@ -82,6 +82,32 @@ fn end_of_records(bytes: &[u8]) -> usize {
     (last_non_zero + 1).div_ceil(8) * 8
 }
 
+/// The writer's copy of a damaged range: `quarantine/SEGMENT-OFFSET.{record,torn}`, both
+/// numbers 16 hex digits, holding exactly the damaged bytes.
+#[track_caller]
+fn assert_quarantine_copy(spool: &Path, segment: u64, offset: u64, kind: &str, expected: &[u8]) {
+    let path = spool
+        .join("quarantine")
+        .join(format!("{segment:016x}-{offset:016x}.{kind}"));
+    let copy = std::fs::read(&path).unwrap_or_else(|error| {
+        panic!(
+            "no quarantine copy {} after the restart ({error}); the spool holds: {:?}",
+            path.display(),
+            std::fs::read_dir(spool.join("quarantine")).map(|entries| entries
+                .filter_map(Result::ok)
+                .map(|e| e.file_name())
+                .collect::<Vec<_>>())
+        )
+    });
+    assert!(
+        copy == expected,
+        "{} holds {} bytes, expected the {} damaged bytes",
+        path.display(),
+        copy.len(),
+        expected.len()
+    );
+}
+
 #[test]
 fn second_serve_on_the_same_spool_fails_with_locked() {
     let _limit = hard_limit(Duration::from_secs(60));
@@ -288,6 +314,15 @@ fn torn_tail_after_a_crash_is_recovered() {
 
     // The server starts on it and keeps working.
     let server = Server::start(&options);
+    // Recovery keeps a copy of the torn bytes (spool-format/README.md, recovery step 5).
+    let torn_end = bytes.iter().rposition(|&byte| byte != 0).unwrap() + 1;
+    assert_quarantine_copy(
+        spool.path(),
+        segment,
+        last_offset,
+        "torn",
+        &bytes[last_offset as usize..torn_end],
+    );
     let new = send_messages(&server, "after-torn", 1);
     assert_messages_intact(spool.path(), &messages[..2]);
     assert_messages_intact(spool.path(), &new);
@@ -374,6 +409,14 @@ fn corrupt_record_in_the_middle_is_quarantined_and_the_rest_survives() {
 
     // The server restarts on the damaged spool and accepts mail.
     let server = Server::start(&options);
+    // Recovery keeps a copy of the damaged range (spool-format/README.md, recovery step 5).
+    assert_quarantine_copy(
+        spool.path(),
+        segment,
+        second_offset,
+        "record",
+        &bytes[second_offset as usize..third_offset as usize],
+    );
     let new = send_messages(&server, "after-flip", 1);
     server.stop();
     let inspection = inspect(spool.path());
