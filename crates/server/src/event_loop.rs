@@ -100,6 +100,10 @@ struct Connection {
     content_started: Option<Instant>,
     /// The session ended; close once the output is flushed.
     closing: bool,
+    /// The last read found the socket empty (a short read or WouldBlock) and no readable
+    /// event has arrived since: reading again would only return WouldBlock. Saves a
+    /// syscall per message when a session resumes after its commit.
+    socket_drained: bool,
 }
 
 pub(crate) struct EventLoop {
@@ -186,6 +190,9 @@ impl EventLoop {
                             self.flush(token);
                         }
                         if event.is_readable() || event.is_read_closed() || event.is_error() {
+                            if let Some(connection) = self.connections.get_mut(token.0) {
+                                connection.socket_drained = false;
+                            }
                             self.drive(token);
                         }
                     }
@@ -302,6 +309,7 @@ impl EventLoop {
                 last_activity: Instant::now(),
                 content_started: None,
                 closing: false,
+                socket_drained: true,
             });
             tracing::debug!(client = %peer, "connected");
             self.flush(token);
@@ -328,7 +336,7 @@ impl EventLoop {
         };
         // Input left over from before (a commit just returned, or the output drained).
         let mut event = process_input(connection, &context, shared, pending, token);
-        while !connection.closing && event == Event::NeedInput {
+        while !connection.closing && event == Event::NeedInput && !connection.socket_drained {
             if connection.output.len() - connection.output_written >= OUTPUT_BUFFER_HIGH_BYTES {
                 break;
             }
@@ -338,7 +346,10 @@ impl EventLoop {
                     break;
                 }
                 Ok(read) => read,
-                Err(error) if error.kind() == io::ErrorKind::WouldBlock => break,
+                Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
+                    connection.socket_drained = true;
+                    break;
+                }
                 Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
                 Err(error) => {
                     tracing::debug!(client = %connection.peer, %error, "read failed");
@@ -367,6 +378,7 @@ impl EventLoop {
                 event = process_input(connection, &context, shared, pending, token);
             }
             if drained {
+                connection.socket_drained = true;
                 break;
             }
         }

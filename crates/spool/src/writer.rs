@@ -91,6 +91,11 @@ struct WriterState {
     spare_retry_not_before: Option<Instant>,
     /// Once set, appends fail and the committer exits after its final sync.
     shut_down: bool,
+    /// The committer is blocked on `wake_committer`. Appenders signal the condition
+    /// variable only then: a committer that is syncing re-checks `appended_sequence`
+    /// under this lock before it waits again, so no append is missed, and the common
+    /// case under load (the committer busy syncing) costs no futex syscall per append.
+    committer_waiting: bool,
 }
 
 /// A segment file as the committer needs it.
@@ -213,8 +218,11 @@ impl Shared {
         };
         state.mark_dirty(segment, offset, offset + written);
         self.request_spare_if_due(&mut state);
+        let committer_waiting = state.committer_waiting;
         drop(state);
-        self.wake_committer.notify_one();
+        if committer_waiting {
+            self.wake_committer.notify_one();
+        }
         Ok((location, sequence))
     }
 
@@ -469,10 +477,12 @@ fn run_committer(shared: Arc<Shared>) {
                 && !state.shut_down
                 && !state.spare_wanted
             {
+                state.committer_waiting = true;
                 state = shared
                     .wake_committer
                     .wait(state)
                     .unwrap_or_else(PoisonError::into_inner);
+                state.committer_waiting = false;
             }
             let spare_number = if state.spare_wanted && !state.shut_down {
                 state.spare_creation_running = true;
@@ -645,6 +655,7 @@ pub(crate) fn open(
             spare_creation_running: false,
             spare_retry_not_before: None,
             shut_down: false,
+            committer_waiting: false,
         }),
         wake_committer: Condvar::new(),
         subscribers: Mutex::new(Vec::new()),
