@@ -55,7 +55,6 @@ stop_tsubame
 
 PARTS=ceiling SIZES="${SIZES:-1024 10240}" SESSIONS="${SESSIONS:-50}" PER_CONNS="${PER_CONN:-1}" \
     REPS="${REPS:-5}" OUT="$RESULTS/ceiling.txt" "$bench/limits.sh"
-"$bench/summarize.py" "$RESULTS/ceiling.txt"
 
 start_tsubame "$idle_port"
 python3 "$repo/benches/scripts/idle_connections.py" --port "$idle_port" --pid "$pid" --connections 1000
