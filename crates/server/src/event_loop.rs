@@ -4,7 +4,7 @@ use std::collections::VecDeque;
 use std::io::{self, Read, Write};
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crossbeam_channel::Receiver;
@@ -37,6 +37,45 @@ const EVENTS_CAPACITY: usize = 1024;
 
 /// After shutdown is asked, how long a loop waits for messages still being committed.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+/// A full disk or a failing spool refuses every message until the cause is fixed: log
+/// that at most once per [`SPOOL_ERROR_LOG_INTERVAL_MS`], with how many were not logged.
+static SPOOL_ERROR_LOG: LogThrottle = LogThrottle::new();
+const SPOOL_ERROR_LOG_INTERVAL_MS: u64 = 10_000;
+
+/// Rate limit for a log line that could repeat for every message.
+struct LogThrottle {
+    last_logged_unix_ms: AtomicU64,
+    suppressed: AtomicU64,
+}
+
+impl LogThrottle {
+    const fn new() -> Self {
+        Self {
+            last_logged_unix_ms: AtomicU64::new(0),
+            suppressed: AtomicU64::new(0),
+        }
+    }
+
+    /// `Some(number suppressed since the last line)` when this occurrence may be logged.
+    fn should_log(&self) -> Option<u64> {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |elapsed| elapsed.as_millis() as u64);
+        let last = self.last_logged_unix_ms.load(Ordering::Relaxed);
+        if now.saturating_sub(last) >= SPOOL_ERROR_LOG_INTERVAL_MS
+            && self
+                .last_logged_unix_ms
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            Some(self.suppressed.swap(0, Ordering::Relaxed))
+        } else {
+            self.suppressed.fetch_add(1, Ordering::Relaxed);
+            None
+        }
+    }
+}
 
 /// Reserved tokens: connections use their slab keys, which stay far below these.
 const WAKER_TOKEN: Token = Token(usize::MAX - 1);
@@ -624,25 +663,36 @@ fn after_process(
                 SpoolError::DiskFull => replies::DISK_FULL,
                 _ => replies::LOCAL_ERROR,
             };
-            tracing::error!(client = %connection.peer, %error, code = reply.code, "cannot spool message");
+            if let Some(suppressed) = SPOOL_ERROR_LOG.should_log() {
+                tracing::error!(
+                    client = %connection.peer,
+                    %error,
+                    code = reply.code,
+                    suppressed,
+                    "cannot spool message; the client gets a temporary failure"
+                );
+            }
             connection
                 .session
                 .refuse_message(reply, &mut connection.output, context);
             // The session is back in command state: keep processing buffered input.
-            let (used, next) = {
-                let input = std::mem::take(&mut connection.input);
-                let result = connection
-                    .session
-                    .process(&input, &mut connection.output, context);
-                connection.input = input;
-                result
-            };
-            connection.input.drain(..used.min(connection.input.len()));
-            if next == Event::MessageReady {
-                after_process(connection, next, context, shared, pending, token)
-            } else {
-                next
-            }
+            process_input(connection, context, shared, pending, token)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::LogThrottle;
+
+    #[test]
+    fn throttle_logs_once_per_interval_and_counts_the_rest() {
+        let throttle = LogThrottle::new();
+        assert_eq!(throttle.should_log(), Some(0));
+        assert_eq!(throttle.should_log(), None);
+        assert_eq!(throttle.should_log(), None);
+        // Pretend the interval passed: the next line reports the two suppressed.
+        throttle.last_logged_unix_ms.store(0, std::sync::atomic::Ordering::Relaxed);
+        assert_eq!(throttle.should_log(), Some(2));
     }
 }
