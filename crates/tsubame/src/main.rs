@@ -15,7 +15,19 @@ use clap::{Parser, Subcommand};
 /// Every message is written to a crash-safe spool and synced to disk before the client
 /// hears 250.
 #[derive(Debug, Parser)]
-#[command(name = "tsubame", version, about, long_about = None, propagate_version = true)]
+#[command(
+    name = "tsubame",
+    version,
+    about,
+    long_about = None,
+    propagate_version = true,
+    after_help = "Examples:\n  \
+        tsubame serve                                  start on the embedded default (127.0.0.1:2525)\n  \
+        tsubame serve --config /etc/tsubame.toml\n  \
+        tsubame check-config /etc/tsubame.toml\n  \
+        tsubame spool inspect --spool ./spool --json\n\n\
+        Every message is synced to the spool before the client hears 250."
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
