@@ -692,7 +692,9 @@ mod tests {
         assert_eq!(throttle.should_log(), None);
         assert_eq!(throttle.should_log(), None);
         // Pretend the interval passed: the next line reports the two suppressed.
-        throttle.last_logged_unix_ms.store(0, std::sync::atomic::Ordering::Relaxed);
+        throttle
+            .last_logged_unix_ms
+            .store(0, std::sync::atomic::Ordering::Relaxed);
         assert_eq!(throttle.should_log(), Some(2));
     }
 }
