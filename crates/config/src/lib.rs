@@ -5,11 +5,18 @@
 //! the same keys.
 #![forbid(unsafe_code)]
 
+pub mod delivery;
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use ipnet::IpNet;
 use serde::Deserialize;
+
+pub use delivery::{
+    BUILTIN_MX_UPSTREAM, DeliveryConfig, RouteConfig, Secret, TlsMode, UpstreamConfig,
+    UpstreamKind, domain_matches, parse_upstream_url,
+};
 
 /// The configuration the relay starts on when no file is given: listen on
 /// 127.0.0.1:2525, spool in `./spool`, relay for loopback clients only.
@@ -30,6 +37,14 @@ pub struct Config {
     pub limits: Limits,
     #[serde(default)]
     pub log: LogConfig,
+    #[serde(default)]
+    pub delivery: DeliveryConfig,
+    /// Named upstreams; `mx` (direct delivery) exists without being configured.
+    #[serde(default, rename = "upstream")]
+    pub upstreams: Vec<UpstreamConfig>,
+    /// Tried in order; the first match names the upstream.
+    #[serde(default, rename = "route")]
+    pub routes: Vec<RouteConfig>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
@@ -215,15 +230,19 @@ impl Config {
                 message: error.message().to_string(),
             }
         })?;
-        config.validate().map_err(|(key, message)| {
-            let (line, column) = locate_key(text, key);
-            ConfigError::Invalid {
-                origin: origin.to_string(),
-                line,
-                column,
-                message,
-            }
-        })?;
+        config
+            .validate()
+            .map_err(|(key, message)| (Place::Key(key), message))
+            .and_then(|()| config.validate_delivery())
+            .map_err(|(place, message)| {
+                let (line, column) = place.locate(text);
+                ConfigError::Invalid {
+                    origin: origin.to_string(),
+                    line,
+                    column,
+                    message,
+                }
+            })?;
         Ok(config)
     }
 
@@ -302,6 +321,92 @@ impl Config {
         Ok(())
     }
 
+    /// Checks upstreams and routes; errors point into the offending `[[upstream]]` or
+    /// `[[route]]` entry.
+    fn validate_delivery(&self) -> Result<(), (Place, String)> {
+        let in_upstream = |index: usize| {
+            move |(key, message): (&'static str, String)| {
+                (
+                    Place::Entry {
+                        table: "upstream",
+                        index,
+                        key,
+                    },
+                    message,
+                )
+            }
+        };
+        let mut names = std::collections::HashSet::new();
+        for (index, upstream) in self.upstreams.iter().enumerate() {
+            upstream.validate().map_err(in_upstream(index))?;
+            if upstream.name == BUILTIN_MX_UPSTREAM && upstream.kind != UpstreamKind::Mx {
+                return Err(in_upstream(index)((
+                    "name",
+                    format!(
+                        "the upstream name {BUILTIN_MX_UPSTREAM:?} is reserved for direct delivery"
+                    ),
+                )));
+            }
+            if !names.insert(upstream.name.as_str()) {
+                return Err(in_upstream(index)((
+                    "name",
+                    format!("upstream {:?} is configured twice", upstream.name),
+                )));
+            }
+        }
+        let known = |name: &str| name == BUILTIN_MX_UPSTREAM || names.contains(name);
+        if !known(&self.delivery.default_upstream) {
+            return Err((
+                Place::Key("default_upstream"),
+                format!(
+                    "default_upstream names {:?}, which is not an [[upstream]]",
+                    self.delivery.default_upstream
+                ),
+            ));
+        }
+        for (index, route) in self.routes.iter().enumerate() {
+            if !known(&route.upstream) {
+                return Err((
+                    Place::Entry {
+                        table: "route",
+                        index,
+                        key: "upstream",
+                    },
+                    format!(
+                        "a [[route]] names upstream {:?}, which is not an [[upstream]]",
+                        route.upstream
+                    ),
+                ));
+            }
+        }
+        if self.delivery.max_age_secs == 0 {
+            return Err((
+                Place::Key("max_age_secs"),
+                "max_age_secs must be greater than 0".to_string(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The upstream called `name`: a configured one, or the built-in `mx`.
+    pub fn upstream(&self, name: &str) -> Option<UpstreamConfig> {
+        self.upstreams
+            .iter()
+            .find(|upstream| upstream.name == name)
+            .cloned()
+            .or_else(|| {
+                (name == BUILTIN_MX_UPSTREAM).then(|| UpstreamConfig::mx(BUILTIN_MX_UPSTREAM))
+            })
+    }
+
+    /// Makes `upstream` (from `--upstream URL`) the default and only upstream: routes
+    /// from the file are dropped, since they may name upstreams the flag replaced.
+    pub fn use_only_upstream(&mut self, upstream: UpstreamConfig) {
+        self.delivery.default_upstream = upstream.name.clone();
+        self.upstreams = vec![upstream];
+        self.routes.clear();
+    }
+
     /// Human-readable summary for `check-config`.
     pub fn summary(&self) -> String {
         let mut out = String::new();
@@ -326,6 +431,20 @@ impl Config {
             self.spool.directory.display(),
             self.spool.segment_size_bytes
         ));
+        for (index, route) in self.routes.iter().enumerate() {
+            out.push_str(&format!("route {}: -> {}\n", index + 1, route.upstream));
+        }
+        if let Some(upstream) = self.upstream(&self.delivery.default_upstream) {
+            let target = match (&upstream.kind, &upstream.host) {
+                (UpstreamKind::Smtp, Some(host)) => format!("{host}:{}", upstream.port_number()),
+                _ => "MX of each recipient domain".to_string(),
+            };
+            out.push_str(&format!(
+                "default upstream {}: {target}, TLS {:?}\n",
+                upstream.name,
+                upstream.tls_mode()
+            ));
+        }
         let limits = &self.limits;
         out.push_str(&format!(
             "limits: message {} bytes, {} recipients, {} connections ({} per IP)\n",
@@ -369,6 +488,54 @@ fn line_and_column(text: &str, offset: usize) -> (usize, usize) {
         .map_or(0, |tail| tail.chars().count())
         + 1;
     (line, column)
+}
+
+/// Where a validation error points in the file.
+#[derive(Debug, Clone, Copy)]
+enum Place {
+    /// The first occurrence of a key (or of a `[table]`/`[[table]]` header of that name).
+    Key(&'static str),
+    /// `key` inside the `index`-th `[[table]]` entry, or that entry's header when the key
+    /// is absent.
+    Entry {
+        table: &'static str,
+        index: usize,
+        key: &'static str,
+    },
+}
+
+impl Place {
+    fn locate(self, text: &str) -> (usize, usize) {
+        match self {
+            Place::Key(key) => locate_key(text, key),
+            Place::Entry { table, index, key } => locate_in_entry(text, table, index, key),
+        }
+    }
+}
+
+fn locate_in_entry(text: &str, table: &str, index: usize, key: &str) -> (usize, usize) {
+    let header = format!("[[{table}]]");
+    let mut lines = text.lines().enumerate();
+    let Some((header_line, _)) = lines
+        .by_ref()
+        .filter(|(_, line)| line.trim_start().starts_with(&header))
+        .nth(index)
+    else {
+        return locate_key(text, key);
+    };
+    for (number, line) in lines {
+        let trimmed = line.trim_start();
+        if trimmed.starts_with('[') {
+            break;
+        }
+        if trimmed
+            .strip_prefix(key)
+            .is_some_and(|rest| rest.trim_start().starts_with('='))
+        {
+            return (number + 1, line.len() - trimmed.len() + 1);
+        }
+    }
+    (header_line + 1, 1)
 }
 
 /// Where a key (or a `[[table]]` header) first appears, for errors found after parsing.
@@ -504,6 +671,120 @@ format = "json"
             assert_eq!(line, *want_line, "{text:?}: {message}");
             assert!(message.contains(want_message), "{text:?}: {message}");
         }
+    }
+
+    #[test]
+    fn upstreams_and_routes() {
+        let config = Config::parse(
+            r#"
+[[listener]]
+address = "127.0.0.1:25"
+
+[delivery]
+default_upstream = "relay"
+
+[[upstream]]
+name = "relay"
+kind = "smtp"
+host = "smtp.example.net"
+username = "device"
+password_env = "RELAY_PASSWORD"
+
+[[route]]
+recipient_domains = [".example.org"]
+upstream = "mx"
+"#,
+            "t",
+        )
+        .unwrap();
+        let relay = config.upstream("relay").unwrap();
+        assert_eq!(
+            (relay.port_number(), relay.tls_mode()),
+            (587, TlsMode::Required)
+        );
+        assert_eq!(config.upstream("mx").unwrap().kind, UpstreamKind::Mx);
+        assert!(config.upstream("nope").is_none());
+        assert_eq!(config.routes[0].upstream, "mx");
+        assert!(
+            config
+                .summary()
+                .contains("default upstream relay: smtp.example.net:587")
+        );
+        assert_eq!(
+            Config::embedded_default()
+                .unwrap()
+                .delivery
+                .default_upstream,
+            "mx"
+        );
+    }
+
+    #[test]
+    fn delivery_errors_carry_line() {
+        let base = "[[listener]]\naddress = \"127.0.0.1:25\"\n";
+        let cases: &[(&str, usize, &str)] = &[
+            (
+                "[[route]]\nupstream = \"ghost\"\n",
+                4,
+                "not an [[upstream]]",
+            ),
+            (
+                "[delivery]\ndefault_upstream = \"ghost\"\n",
+                4,
+                "not an [[upstream]]",
+            ),
+            (
+                "[[upstream]]\nname = \"r\"\nkind = \"smtp\"\n",
+                3,
+                "needs a host",
+            ),
+            (
+                "[[upstream]]\nname = \"r\"\nkind = \"mx\"\nhost = \"x\"\n",
+                6,
+                "kind mx",
+            ),
+            (
+                "[[upstream]]\nname = \"r\"\nkind = \"smtp\"\nhost = \"x\"\npassword_env = \"P\"\n",
+                3,
+                "needs a username",
+            ),
+            (
+                "[[upstream]]\nname = \"r\"\nkind = \"smtp\"\nhost = \"x\"\nusername = \"u\"\npassword_env = \"P\"\ntls = \"none\"\n",
+                9,
+                "never sent without TLS",
+            ),
+            (
+                "[[upstream]]\nname = \"r\"\nkind = \"smtp\"\nhost = \"x\"\npassword = \"inline\"\n",
+                7,
+                "unknown field",
+            ),
+            (
+                "[[upstream]]\nname = \"r\"\nkind = \"pigeon\"\n",
+                5,
+                "unknown variant",
+            ),
+        ];
+        for (tail, want_line, want_message) in cases {
+            let text = format!("{base}{tail}");
+            let (line, _column, message) = error_of(&text);
+            assert!(message.contains(want_message), "{text:?}: {message}");
+            assert_eq!(line, *want_line, "{text:?}: {message}");
+        }
+    }
+
+    /// The reference in README.md must stay a valid configuration.
+    #[test]
+    fn readme_configuration_reference_is_valid() {
+        let readme = include_str!("../../../README.md");
+        let section = &readme[readme.find("## Configuration reference").expect("section")..];
+        let start = section.find("```toml").expect("toml block") + "```toml".len();
+        let block = &section[start..start + section[start..].find("```").expect("block end")];
+        let config = Config::parse(block, "README.md").unwrap();
+        assert_eq!(
+            config.upstream("relay").unwrap().tls_mode(),
+            TlsMode::Required
+        );
+        assert_eq!(config.routes.len(), 1);
     }
 
     #[test]

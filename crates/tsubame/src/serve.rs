@@ -43,6 +43,10 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
     apply_overrides(&mut config, &args);
     // Dropping the guard (at return) flushes the log lines still buffered.
     let _log_guard = init_logging(&config, args.log_level.as_deref())?;
+    tracing::warn!(
+        "this release accepts and spools mail but does not deliver it yet; \
+         [[upstream]] and [[route]] are checked but not used"
+    );
     if args.config.is_none() {
         tracing::info!(
             "no --config given: running on the embedded default configuration (loopback only); \
