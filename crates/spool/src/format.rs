@@ -7,7 +7,7 @@
 
 #![forbid(unsafe_code)]
 
-use crate::{Envelope, MessageId, MessageState, RecordLocation, SpooledMessage};
+use crate::{Envelope, MessageId, MessageState, RecipientState, RecordLocation, SpooledMessage};
 
 /// First 8 bytes of every segment file. The leading 0x89 is not ASCII, so a text file
 /// never matches; the trailing LF catches a file mangled by newline conversion.
@@ -444,6 +444,7 @@ pub fn decode_message(
     if body_size_bytes != cursor.remaining() as u64 {
         return Err("message body size does not match the record length");
     }
+    let recipient_states = vec![RecipientState::default(); recipients.len()];
     Ok((
         SpooledMessage {
             id,
@@ -457,6 +458,7 @@ pub fn decode_message(
             recipients,
             body_size_bytes,
             state: MessageState::Queued,
+            recipient_states,
         },
         cursor.position,
     ))

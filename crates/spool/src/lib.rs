@@ -195,6 +195,42 @@ impl Spool {
         self.inner.shared.append_message(envelope, body)
     }
 
+    /// Journals one delivery attempt's outcome for one recipient of a spooled message.
+    /// Like a message, it is durable once a commit notice covers the returned sequence.
+    /// `reply_text` is cut to [`format::MAX_REPLY_TEXT_BYTES`] at a character boundary.
+    pub fn append_recipient_outcome(
+        &self,
+        id: MessageId,
+        recipient_index: u32,
+        kind: format::OutcomeKind,
+        at_unix_ms: u64,
+        reply_text: &str,
+    ) -> Result<u64, SpoolError> {
+        let payload =
+            format::encode_recipient_outcome(id, recipient_index, kind, at_unix_ms, reply_text);
+        let (_, sequence) = self
+            .inner
+            .shared
+            .append_journal_record(format::RecordType::RecipientOutcome, &payload)?;
+        Ok(sequence)
+    }
+
+    /// Journals that a message is done (every recipient final, or deleted by an
+    /// operator): it is never delivered again, and its segment may be reclaimed.
+    pub fn append_message_done(
+        &self,
+        id: MessageId,
+        at_unix_ms: u64,
+        reason: format::DoneReason,
+    ) -> Result<u64, SpoolError> {
+        let payload = format::encode_message_done(id, at_unix_ms, reason);
+        let (_, sequence) = self
+            .inner
+            .shared
+            .append_journal_record(format::RecordType::MessageDone, &payload)?;
+        Ok(sequence)
+    }
+
     /// Registers a callback for commit notices. The callback runs on the committer thread
     /// and must neither block nor call back into this `Spool`'s `subscribe` or `shutdown`.
     pub fn subscribe(&self, subscriber: CommitSubscriber) {
@@ -232,6 +268,20 @@ pub struct SpooledMessage {
     pub recipients: Vec<String>,
     pub body_size_bytes: u64,
     pub state: MessageState,
+    /// Per recipient, in the order of `recipients`: what the journal says so far.
+    /// Invariant: `recipient_states.len() == recipients.len()`.
+    pub recipient_states: Vec<RecipientState>,
+}
+
+/// What the journal records of one recipient add up to, for the scheduler at start.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct RecipientState {
+    /// The final outcome, if one was recorded (no further attempt follows).
+    pub final_outcome: Option<format::OutcomeKind>,
+    /// Delivery attempts recorded (deferred ones included).
+    pub attempts: u32,
+    /// When the latest attempt was recorded.
+    pub last_attempt_unix_ms: Option<u64>,
 }
 
 /// A record that failed its checksum or framing, kept out of the index.

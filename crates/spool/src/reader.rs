@@ -14,8 +14,8 @@ use std::path::{Path, PathBuf};
 use tracing::{debug, warn};
 
 use crate::format::{
-    self, DamageKind, RECORD_HEADER_SIZE_BYTES, RecordType, SEGMENT_HEADER_SIZE_BYTES,
-    ScannedRecord, SegmentHeader, SegmentHeaderError,
+    self, DamageKind, RECORD_HEADER_SIZE_BYTES, RecipientOutcome, RecordType,
+    SEGMENT_HEADER_SIZE_BYTES, ScannedRecord, SegmentHeader, SegmentHeaderError,
 };
 use crate::{
     MessageState, QuarantinedRecord, ScanReport, SpoolError, SpooledMessage, TornTail, io_error,
@@ -109,6 +109,7 @@ pub(crate) fn scan_directory(directory: &Path) -> Result<DirectoryScan, SpoolErr
         ..DirectoryScan::default()
     };
     let mut done = HashSet::new();
+    let mut outcomes = Vec::new();
     // One buffer, reused: a segment is read whole, and its size is bounded by
     // MAX_SEGMENT_FILE_SIZE_BYTES before anything is read.
     let mut buffer = Vec::new();
@@ -162,9 +163,7 @@ pub(crate) fn scan_directory(directory: &Path) -> Result<DirectoryScan, SpoolErr
                 ScannedRecord::MessageDone(record) => {
                     done.insert(record.message_id);
                 }
-                // Per-recipient outcomes matter to the delivery scheduler, not to the
-                // message state; it will read them through `scan_segment_bytes`.
-                ScannedRecord::RecipientOutcome(_) => {}
+                ScannedRecord::RecipientOutcome(outcome) => outcomes.push(outcome),
                 ScannedRecord::Unknown {
                     location,
                     record_type,
@@ -203,7 +202,37 @@ pub(crate) fn scan_directory(directory: &Path) -> Result<DirectoryScan, SpoolErr
     scan.report
         .messages
         .sort_unstable_by_key(|message| (message.id, message.location));
+    apply_recipient_outcomes(&mut scan.report.messages, outcomes);
     Ok(scan)
+}
+
+/// Folds the journal's recipient outcomes into their messages' recipient states, in
+/// journal order (segment, then offset): attempts are counted, and the latest final
+/// outcome counts (spool-format/README.md, "Recipient outcome"). Outcomes for messages that are not
+/// in the spool (their segment was reclaimed or quarantined) or for a recipient index
+/// out of range are ignored.
+fn apply_recipient_outcomes(messages: &mut [SpooledMessage], mut outcomes: Vec<RecipientOutcome>) {
+    outcomes.sort_by_key(|outcome| outcome.location);
+    for outcome in outcomes {
+        let Ok(position) = messages.binary_search_by_key(&outcome.message_id, |message| message.id)
+        else {
+            continue;
+        };
+        let Some(message) = messages.get_mut(position) else {
+            continue;
+        };
+        let Some(state) = usize::try_from(outcome.recipient_index)
+            .ok()
+            .and_then(|index| message.recipient_states.get_mut(index))
+        else {
+            continue;
+        };
+        state.attempts = state.attempts.saturating_add(1);
+        state.last_attempt_unix_ms = Some(outcome.at_unix_ms);
+        if outcome.kind.is_final() {
+            state.final_outcome = Some(outcome.kind);
+        }
+    }
 }
 
 /// Reads a whole segment file into `buffer`. `Ok(false)` when the file is larger than

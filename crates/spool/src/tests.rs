@@ -1108,3 +1108,102 @@ fn append_durably_unchecked(spool: &Spool, waiter: &CommitWaiter, n: usize) -> A
     let _ = waiter.wait(receipt.sequence);
     receipt
 }
+
+#[test]
+fn journal_records_fold_into_recipient_states_across_reopen() {
+    use crate::format::{DoneReason, OutcomeKind};
+    let directory = tempfile::tempdir().unwrap();
+    let receipts;
+    {
+        let (spool, _) = Spool::open(directory.path(), options(SMALL_SEGMENT_BYTES)).unwrap();
+        let waiter = CommitWaiter::subscribe(&spool);
+        // Message 3 has four recipients, message 7 four as well (n % 4 + 1).
+        receipts = [3, 7].map(|n| {
+            let envelope = TestEnvelope::numbered(n);
+            spool
+                .append_message(&envelope.envelope(), &body(n, 100))
+                .unwrap()
+        });
+        let (first, second) = (receipts[0].id, receipts[1].id);
+        let journal = [
+            spool
+                .append_recipient_outcome(first, 0, OutcomeKind::Deferred, 10, "451 4.3.0 later")
+                .unwrap(),
+            spool
+                .append_recipient_outcome(first, 0, OutcomeKind::Delivered, 20, "250 ok")
+                .unwrap(),
+            spool
+                .append_recipient_outcome(
+                    first,
+                    1,
+                    OutcomeKind::Failed,
+                    30,
+                    "550 5.1.1 no such user",
+                )
+                .unwrap(),
+            // Nothing should follow a final outcome; if something does, the latest final
+            // one counts (spool-format/README.md).
+            spool
+                .append_recipient_outcome(first, 1, OutcomeKind::Delivered, 40, "250 ok")
+                .unwrap(),
+            spool
+                .append_recipient_outcome(first, 2, OutcomeKind::Deferred, 50, "timeout")
+                .unwrap(),
+            // Out of range: ignored.
+            spool
+                .append_recipient_outcome(first, 99, OutcomeKind::Delivered, 60, "")
+                .unwrap(),
+            spool
+                .append_message_done(second, 70, DoneReason::Deleted)
+                .unwrap(),
+        ];
+        waiter.wait(*journal.iter().max().unwrap()).unwrap();
+        spool.shutdown();
+    }
+    for _reopen in 0..2 {
+        let report = scan(directory.path()).unwrap();
+        let first = report
+            .messages
+            .iter()
+            .find(|m| m.id == receipts[0].id)
+            .unwrap();
+        let states: Vec<(Option<OutcomeKind>, u32, Option<u64>)> = first
+            .recipient_states
+            .iter()
+            .map(|state| {
+                (
+                    state.final_outcome,
+                    state.attempts,
+                    state.last_attempt_unix_ms,
+                )
+            })
+            .collect();
+        assert_eq!(
+            states,
+            [
+                (Some(OutcomeKind::Delivered), 2, Some(20)),
+                (Some(OutcomeKind::Delivered), 2, Some(40)),
+                (None, 1, Some(50)),
+                (None, 0, None),
+            ]
+        );
+        assert_eq!(first.state, MessageState::Queued);
+        let second = report
+            .messages
+            .iter()
+            .find(|m| m.id == receipts[1].id)
+            .unwrap();
+        assert_eq!(second.state, MessageState::Done);
+        assert!(
+            second
+                .recipient_states
+                .iter()
+                .all(|state| *state == RecipientState::default())
+        );
+        // Reopening for writing recovers the same view.
+        let (spool, recovered) =
+            Spool::open(directory.path(), options(SMALL_SEGMENT_BYTES)).unwrap();
+        assert_eq!(recovered.messages, report.messages);
+        spool.shutdown();
+    }
+}
