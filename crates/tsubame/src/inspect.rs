@@ -101,6 +101,12 @@ fn message_json(message: &SpooledMessage) -> serde_json::Value {
         "from": message.mail_from,
         "parameters": message.mail_parameters,
         "recipients": message.recipients,
+        "recipient_states": message.recipients.iter().zip(&message.recipient_states).map(|(recipient, state)| serde_json::json!({
+            "recipient": recipient,
+            "final": state.final_outcome.map(|kind| format!("{kind:?}").to_lowercase()),
+            "attempts": state.attempts,
+            "last_attempt_unix_ms": state.last_attempt_unix_ms,
+        })).collect::<Vec<_>>(),
         "size_bytes": message.body_size_bytes,
         "state": state_name(message.state),
         "segment": message.location.segment,
@@ -142,6 +148,20 @@ fn write_envelope(out: &mut impl Write, message: &SpooledMessage) -> std::io::Re
     }
     for recipient in &message.recipients {
         writeln!(out, "to: <{recipient}>")?;
+    }
+    // Delivery attempts journalled so far, one line per recipient that has any.
+    for (recipient, state) in message.recipients.iter().zip(&message.recipient_states) {
+        match (state.final_outcome, state.attempts) {
+            (_, 0) => {}
+            (Some(kind), attempts) => writeln!(
+                out,
+                "status: <{recipient}> {} after {attempts} attempt(s)",
+                format!("{kind:?}").to_lowercase()
+            )?,
+            (None, attempts) => {
+                writeln!(out, "status: <{recipient}> deferred, {attempts} attempt(s)")?
+            }
+        }
     }
     writeln!(out, "size: {}", message.body_size_bytes)?;
     writeln!(out, "state: {}", state_name(message.state))
@@ -234,7 +254,66 @@ fn format_unix_ms(unix_ms: u64) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::format_unix_ms;
+    use super::*;
+    use tsubame_spool::format::OutcomeKind;
+    use tsubame_spool::{RecipientState, RecordLocation};
+
+    #[test]
+    fn envelope_shows_journalled_recipient_states() {
+        let message = SpooledMessage {
+            id: MessageId(0xabc),
+            location: RecordLocation {
+                segment: 1,
+                offset_bytes: 64,
+            },
+            received_at_unix_ms: 0,
+            client_address: "127.0.0.1:40000".to_string(),
+            helo: "printer".to_string(),
+            authenticated_user: None,
+            mail_from: "a@example.com".to_string(),
+            mail_parameters: String::new(),
+            recipients: vec![
+                "b@example.org".to_string(),
+                "c@example.org".to_string(),
+                "d@example.org".to_string(),
+            ],
+            body_size_bytes: 10,
+            state: MessageState::Queued,
+            recipient_states: vec![
+                RecipientState {
+                    final_outcome: Some(OutcomeKind::Delivered),
+                    attempts: 2,
+                    last_attempt_unix_ms: Some(5),
+                },
+                RecipientState {
+                    final_outcome: None,
+                    attempts: 1,
+                    last_attempt_unix_ms: Some(6),
+                },
+                RecipientState::default(),
+            ],
+        };
+        let mut out = Vec::new();
+        write_envelope(&mut out, &message).unwrap();
+        let text = String::from_utf8(out).unwrap();
+        assert!(
+            text.contains("to: <b@example.org>\nto: <c@example.org>\nto: <d@example.org>\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("status: <b@example.org> delivered after 2 attempt(s)\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("status: <c@example.org> deferred, 1 attempt(s)\n"),
+            "{text}"
+        );
+        assert!(!text.contains("status: <d@example.org>"), "{text}");
+        let json = message_json(&message);
+        assert_eq!(json["recipient_states"][0]["final"], "delivered");
+        assert_eq!(json["recipient_states"][1]["attempts"], 1);
+        assert!(json["recipient_states"][2]["final"].is_null());
+    }
 
     #[test]
     fn formats_known_instants() {
