@@ -1,0 +1,595 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use super::*;
+use crate::reply::parse_reply;
+
+fn reply(text: &str) -> Reply {
+    let (reply, consumed) = parse_reply(text.as_bytes()).unwrap().unwrap();
+    assert_eq!(consumed, text.len(), "{text:?}");
+    reply
+}
+
+/// An EHLO reply advertising `keywords`.
+fn ehlo_reply(keywords: &[&str]) -> String {
+    let mut lines = vec!["mx.example"];
+    lines.extend_from_slice(keywords);
+    let mut wire = String::new();
+    for (index, line) in lines.iter().enumerate() {
+        let separator = if index + 1 == lines.len() { ' ' } else { '-' };
+        wire.push_str(&format!("250{separator}{line}\r\n"));
+    }
+    wire
+}
+
+fn ready_session(keywords: &[&str]) -> Session {
+    let mut session = Session::new("client.example").unwrap();
+    assert_eq!(
+        session.on_reply(reply("220 mx.example ESMTP\r\n")),
+        Ok(SessionEvent::Write(b"EHLO client.example\r\n".to_vec()))
+    );
+    assert_eq!(
+        session.on_reply(reply(&ehlo_reply(keywords))),
+        Ok(SessionEvent::Ready)
+    );
+    session
+}
+
+/// One step of a scripted exchange: what we must write, or what the server answers.
+enum Script {
+    Write(&'static str),
+    Reply(&'static str),
+}
+use Script::{Reply as R, Write as W};
+
+fn step_bytes(step: &TransactionStep<'_>) -> Option<Vec<u8>> {
+    match step {
+        TransactionStep::Write(bytes) => Some(bytes.clone()),
+        TransactionStep::WriteContent(content) => {
+            Some(content.clone().collect::<Vec<_>>().concat())
+        }
+        TransactionStep::Wait | TransactionStep::Done(_) => None,
+    }
+}
+
+/// Runs a transaction against a script and returns its result.
+fn run(session: &mut Session, message: Message<'_>, script: &[Script]) -> TransactionResult {
+    let (mut transaction, mut step) = session.transaction(message).unwrap();
+    let mut written = false;
+    for (index, item) in script.iter().enumerate() {
+        match item {
+            Script::Write(expected) => {
+                let bytes = step_bytes(&step).unwrap_or_else(|| {
+                    panic!("step {index}: expected a write of {expected:?}, got {step:?}")
+                });
+                assert_eq!(String::from_utf8_lossy(&bytes), *expected, "step {index}");
+                written = true;
+            }
+            Script::Reply(text) => {
+                assert!(
+                    written || matches!(step, TransactionStep::Wait),
+                    "step {index}: unchecked {step:?}"
+                );
+                step = transaction.on_reply(reply(text)).unwrap();
+                written = false;
+            }
+        }
+    }
+    match step {
+        TransactionStep::Done(result) => {
+            assert!(matches!(
+                transaction.on_reply(reply("250 late\r\n")),
+                Err(ClientError::UnexpectedReply { .. })
+            ));
+            result
+        }
+        other => panic!("not done: {other:?}"),
+    }
+}
+
+fn summary(result: &TransactionResult) -> Vec<String> {
+    result
+        .outcomes
+        .iter()
+        .map(|outcome| match outcome {
+            RecipientOutcome::Delivered { reply } => format!("delivered {}", reply.code),
+            RecipientOutcome::Deferred(reason) => format!("deferred {}", reason_summary(reason)),
+            RecipientOutcome::Failed(reason) => format!("failed {}", reason_summary(reason)),
+        })
+        .collect()
+}
+
+fn reason_summary(reason: &Reason) -> String {
+    match reason {
+        Reason::Reply { stage, reply } => format!("{stage:?} {}", reply.code),
+        Reason::Local(failure) => format!("{failure:?}"),
+    }
+}
+
+fn recipients(addresses: &[&str]) -> Vec<String> {
+    addresses
+        .iter()
+        .map(|address| (*address).to_owned())
+        .collect()
+}
+
+fn message<'a>(recipients: &'a [String], body: &'a [u8]) -> Message<'a> {
+    Message {
+        mail_from: "sender@origin.example",
+        recipients,
+        body_type: BodyType::SevenBit,
+        smtputf8: false,
+        body,
+    }
+}
+
+const PIPELINED: &[&str] = &["PIPELINING", "SIZE 1000", "8BITMIME", "ENHANCEDSTATUSCODES"];
+
+#[test]
+fn transaction_cases() {
+    struct Case {
+        name: &'static str,
+        keywords: &'static [&'static str],
+        recipients: &'static [&'static str],
+        script: Vec<Script>,
+        outcomes: &'static [&'static str],
+        connection_usable: bool,
+    }
+    let three = &["a@x.example", "b@x.example", "c@x.example"];
+    let cases = vec![
+        Case {
+            name: "pipelined, mixed RCPT outcomes",
+            keywords: PIPELINED,
+            recipients: three,
+            script: vec![
+                W("MAIL FROM:<sender@origin.example> SIZE=7\r\n\
+                   RCPT TO:<a@x.example>\r\nRCPT TO:<b@x.example>\r\nRCPT TO:<c@x.example>\r\n\
+                   DATA\r\n"),
+                R("250 2.1.0 ok\r\n"),
+                R("250 2.1.5 ok\r\n"),
+                R("451 4.2.0 later\r\n"),
+                R("550 5.1.1 unknown\r\n"),
+                R("354 go\r\n"),
+                W("Hi\r\n..\r\n.\r\n"),
+                R("250 2.0.0 queued\r\n"),
+            ],
+            outcomes: &["delivered 250", "deferred Rcpt 451", "failed Rcpt 550"],
+            connection_usable: true,
+        },
+        Case {
+            name: "one command at a time without PIPELINING",
+            keywords: &["8BITMIME"],
+            recipients: &["a@x.example", "b@x.example"],
+            script: vec![
+                W("MAIL FROM:<sender@origin.example>\r\n"),
+                R("250 ok\r\n"),
+                W("RCPT TO:<a@x.example>\r\n"),
+                R("550 no\r\n"),
+                W("RCPT TO:<b@x.example>\r\n"),
+                R("250 ok\r\n"),
+                W("DATA\r\n"),
+                R("354 go\r\n"),
+                W("Hi\r\n..\r\n.\r\n"),
+                R("250 queued\r\n"),
+            ],
+            outcomes: &["failed Rcpt 550", "delivered 250"],
+            connection_usable: true,
+        },
+        Case {
+            name: "MAIL refused without PIPELINING stops at once",
+            keywords: &[],
+            recipients: &["a@x.example", "b@x.example"],
+            script: vec![
+                W("MAIL FROM:<sender@origin.example>\r\n"),
+                R("451 4.3.0 busy\r\n"),
+            ],
+            outcomes: &["deferred Mail 451", "deferred Mail 451"],
+            connection_usable: true,
+        },
+        Case {
+            name: "MAIL refused with PIPELINING applies to all, 503s read",
+            keywords: PIPELINED,
+            recipients: &["a@x.example", "b@x.example"],
+            script: vec![
+                W("MAIL FROM:<sender@origin.example> SIZE=7\r\n\
+                   RCPT TO:<a@x.example>\r\nRCPT TO:<b@x.example>\r\nDATA\r\n"),
+                R("550 5.7.1 go away\r\n"),
+                R("503 5.5.1 no MAIL\r\n"),
+                R("503 5.5.1 no MAIL\r\n"),
+                R("503 5.5.1 no MAIL\r\n"),
+            ],
+            outcomes: &["failed Mail 550", "failed Mail 550"],
+            connection_usable: true,
+        },
+        Case {
+            name: "DATA refused applies to accepted recipients, then RSET",
+            keywords: PIPELINED,
+            recipients: &["a@x.example", "b@x.example"],
+            script: vec![
+                W("MAIL FROM:<sender@origin.example> SIZE=7\r\n\
+                   RCPT TO:<a@x.example>\r\nRCPT TO:<b@x.example>\r\nDATA\r\n"),
+                R("250 ok\r\n"),
+                R("250 ok\r\n"),
+                R("550 no\r\n"),
+                R("451 4.3.0 not now\r\n"),
+                W("RSET\r\n"),
+                R("250 reset\r\n"),
+            ],
+            outcomes: &["deferred Data 451", "failed Rcpt 550"],
+            connection_usable: true,
+        },
+        Case {
+            name: "final dot 4xx defers accepted recipients only",
+            keywords: &[],
+            recipients: &["a@x.example", "b@x.example"],
+            script: vec![
+                W("MAIL FROM:<sender@origin.example>\r\n"),
+                R("250 ok\r\n"),
+                W("RCPT TO:<a@x.example>\r\n"),
+                R("250 ok\r\n"),
+                W("RCPT TO:<b@x.example>\r\n"),
+                R("550 no\r\n"),
+                W("DATA\r\n"),
+                R("354 go\r\n"),
+                W("Hi\r\n..\r\n.\r\n"),
+                R("452 4.3.1 full\r\n"),
+            ],
+            outcomes: &["deferred Content 452", "failed Rcpt 550"],
+            connection_usable: true,
+        },
+        Case {
+            name: "final dot 5xx fails accepted recipients",
+            keywords: PIPELINED,
+            recipients: &["a@x.example"],
+            script: vec![
+                W("MAIL FROM:<sender@origin.example> SIZE=7\r\nRCPT TO:<a@x.example>\r\nDATA\r\n"),
+                R("250 ok\r\n"),
+                R("250 ok\r\n"),
+                R("354 go\r\n"),
+                W("Hi\r\n..\r\n.\r\n"),
+                R("554 5.6.0 spam\r\n"),
+            ],
+            outcomes: &["failed Content 554"],
+            connection_usable: true,
+        },
+        Case {
+            name: "no recipient accepted, pipelined, DATA refused: RSET",
+            keywords: PIPELINED,
+            recipients: &["a@x.example", "b@x.example"],
+            script: vec![
+                W("MAIL FROM:<sender@origin.example> SIZE=7\r\n\
+                   RCPT TO:<a@x.example>\r\nRCPT TO:<b@x.example>\r\nDATA\r\n"),
+                R("250 ok\r\n"),
+                R("550 no\r\n"),
+                R("450 later\r\n"),
+                R("554 5.5.1 no valid recipients\r\n"),
+                W("RSET\r\n"),
+                R("250 ok\r\n"),
+            ],
+            outcomes: &["failed Rcpt 550", "deferred Rcpt 450"],
+            connection_usable: true,
+        },
+        Case {
+            name: "no recipient accepted, pipelined, DATA got 354: a single dot",
+            keywords: PIPELINED,
+            recipients: &["a@x.example"],
+            script: vec![
+                W("MAIL FROM:<sender@origin.example> SIZE=7\r\nRCPT TO:<a@x.example>\r\nDATA\r\n"),
+                R("250 ok\r\n"),
+                R("550 no\r\n"),
+                R("354 go\r\n"),
+                W(".\r\n"),
+                R("554 no valid recipients\r\n"),
+            ],
+            outcomes: &["failed Rcpt 550"],
+            connection_usable: false,
+        },
+        Case {
+            name: "no recipient accepted without PIPELINING: no DATA, RSET",
+            keywords: &[],
+            recipients: &["a@x.example"],
+            script: vec![
+                W("MAIL FROM:<sender@origin.example>\r\n"),
+                R("250 ok\r\n"),
+                W("RCPT TO:<a@x.example>\r\n"),
+                R("550 no\r\n"),
+                W("RSET\r\n"),
+                R("250 ok\r\n"),
+            ],
+            outcomes: &["failed Rcpt 550"],
+            connection_usable: true,
+        },
+        Case {
+            name: "421 mid-transaction defers every undecided recipient",
+            keywords: PIPELINED,
+            recipients: three,
+            script: vec![
+                W("MAIL FROM:<sender@origin.example> SIZE=7\r\n\
+                   RCPT TO:<a@x.example>\r\nRCPT TO:<b@x.example>\r\nRCPT TO:<c@x.example>\r\n\
+                   DATA\r\n"),
+                R("250 ok\r\n"),
+                R("550 no\r\n"),
+                R("421 4.3.2 shutting down\r\n"),
+            ],
+            outcomes: &["failed Rcpt 550", "deferred Rcpt 421", "deferred Rcpt 421"],
+            connection_usable: false,
+        },
+    ];
+    for case in cases {
+        let mut session = ready_session(case.keywords);
+        let addresses = recipients(case.recipients);
+        let result = run(
+            &mut session,
+            message(&addresses, b"Hi\r\n.\r\n"),
+            &case.script,
+        );
+        assert_eq!(summary(&result), case.outcomes, "{}", case.name);
+        assert_eq!(
+            result.connection_usable, case.connection_usable,
+            "{}",
+            case.name
+        );
+    }
+}
+
+#[test]
+fn missing_extensions_and_size_fail_without_writing() {
+    let addresses = recipients(&["a@x.example", "b@x.example"]);
+    let eight_bit = Message {
+        body_type: BodyType::EightBitMime,
+        ..message(&addresses, b"caf\xc3\xa9\r\n")
+    };
+    let utf8_flag = Message {
+        smtputf8: true,
+        ..message(&addresses, b"Hi\r\n")
+    };
+    let utf8_recipients = recipients(&["j\u{f6}rg@x.example"]);
+    let utf8_address = message(&utf8_recipients, b"Hi\r\n");
+    let large_body = vec![b'a'; 1001];
+    let large = message(&addresses, &large_body);
+    let cases: Vec<(&str, &[&str], Message<'_>, &str)> = vec![
+        (
+            "8bitmime",
+            &["PIPELINING"],
+            eight_bit,
+            "failed EightBitMimeNotOffered",
+        ),
+        (
+            "smtputf8 flag",
+            &["8BITMIME"],
+            utf8_flag,
+            "failed SmtpUtf8NotOffered",
+        ),
+        (
+            "non-ascii address",
+            &[],
+            utf8_address,
+            "failed SmtpUtf8NotOffered",
+        ),
+        (
+            "size",
+            &["SIZE 1000"],
+            large,
+            "failed MessageTooLarge { message_bytes: 1001, max_message_bytes: 1000 }",
+        ),
+    ];
+    for (name, keywords, message, expected) in cases {
+        let mut session = ready_session(keywords);
+        let (_, step) = session.transaction(message).unwrap();
+        let TransactionStep::Done(result) = step else {
+            panic!("{name}: {step:?}");
+        };
+        assert!(result.connection_usable, "{name}");
+        assert_eq!(result.outcomes.len(), message.recipients.len(), "{name}");
+        for outcome in summary(&result) {
+            assert_eq!(outcome, expected, "{name}");
+        }
+        // Nothing was sent, so the next message does not need a RSET.
+        let ok = recipients(&["a@x.example"]);
+        let (_, step) = session.transaction(self::message(&ok, b"")).unwrap();
+        let bytes = step_bytes(&step).unwrap();
+        assert!(bytes.starts_with(b"MAIL FROM:"), "{name}");
+    }
+}
+
+#[test]
+fn mail_parameters() {
+    let addresses = recipients(&["j\u{f6}rg@x.example"]);
+    let mut session = ready_session(&["SIZE", "8BITMIME", "SMTPUTF8", "PIPELINING"]);
+    let message = Message {
+        mail_from: "",
+        body_type: BodyType::EightBitMime,
+        ..message(&addresses, b"12345")
+    };
+    let (_, step) = session.transaction(message).unwrap();
+    assert_eq!(
+        String::from_utf8(step_bytes(&step).unwrap()).unwrap(),
+        "MAIL FROM:<> SIZE=5 BODY=8BITMIME SMTPUTF8\r\nRCPT TO:<j\u{f6}rg@x.example>\r\nDATA\r\n"
+    );
+}
+
+#[test]
+fn rset_between_messages() {
+    let first = recipients(&["a@x.example"]);
+    let second = recipients(&["b@x.example"]);
+    for pipelined in [false, true] {
+        let keywords: &[&str] = if pipelined { &["PIPELINING"] } else { &[] };
+        let mut session = ready_session(keywords);
+        let result = if pipelined {
+            run(
+                &mut session,
+                message(&first, b"one\r\n"),
+                &[
+                    W("MAIL FROM:<sender@origin.example>\r\nRCPT TO:<a@x.example>\r\nDATA\r\n"),
+                    R("250 ok\r\n"),
+                    R("250 ok\r\n"),
+                    R("354 go\r\n"),
+                    W("one\r\n.\r\n"),
+                    R("250 queued\r\n"),
+                ],
+            )
+        } else {
+            run(
+                &mut session,
+                message(&first, b"one\r\n"),
+                &[
+                    W("MAIL FROM:<sender@origin.example>\r\n"),
+                    R("250 ok\r\n"),
+                    W("RCPT TO:<a@x.example>\r\n"),
+                    R("250 ok\r\n"),
+                    W("DATA\r\n"),
+                    R("354 go\r\n"),
+                    W("one\r\n.\r\n"),
+                    R("250 queued\r\n"),
+                ],
+            )
+        };
+        assert_eq!(summary(&result), ["delivered 250"]);
+        let result = if pipelined {
+            run(
+                &mut session,
+                message(&second, b"two"),
+                &[
+                    W(
+                        "RSET\r\nMAIL FROM:<sender@origin.example>\r\nRCPT TO:<b@x.example>\r\nDATA\r\n",
+                    ),
+                    R("250 reset\r\n"),
+                    R("250 ok\r\n"),
+                    R("250 ok\r\n"),
+                    R("354 go\r\n"),
+                    W("two\r\n.\r\n"),
+                    R("250 queued\r\n"),
+                ],
+            )
+        } else {
+            run(
+                &mut session,
+                message(&second, b"two"),
+                &[
+                    W("RSET\r\n"),
+                    R("250 reset\r\n"),
+                    W("MAIL FROM:<sender@origin.example>\r\n"),
+                    R("250 ok\r\n"),
+                    W("RCPT TO:<b@x.example>\r\n"),
+                    R("250 ok\r\n"),
+                    W("DATA\r\n"),
+                    R("354 go\r\n"),
+                    W("two\r\n.\r\n"),
+                    R("250 queued\r\n"),
+                ],
+            )
+        };
+        assert_eq!(summary(&result), ["delivered 250"], "pipelined {pipelined}");
+        assert_eq!(session.quit(), b"QUIT\r\n");
+        assert_eq!(
+            session.on_reply(reply("221 bye\r\n")),
+            Ok(SessionEvent::Closed)
+        );
+    }
+}
+
+#[test]
+fn failed_rset_makes_the_connection_unusable() {
+    let first = recipients(&["a@x.example"]);
+    let mut session = ready_session(&[]);
+    let (mut transaction, _) = session.transaction(message(&first, b"")).unwrap();
+    // Abandon the first transaction after MAIL is refused.
+    assert!(matches!(
+        transaction.on_reply(reply("451 no\r\n")),
+        Ok(TransactionStep::Done(_))
+    ));
+    let result = run(
+        &mut session,
+        message(&first, b""),
+        &[W("RSET\r\n"), R("500 what\r\n")],
+    );
+    assert_eq!(summary(&result), ["deferred Reset 500"]);
+    assert!(!result.connection_usable);
+}
+
+#[test]
+fn helo_fallback_and_session_refusals() {
+    let mut session = Session::new("client.example").unwrap();
+    session.on_reply(reply("220 old.example\r\n")).unwrap();
+    assert_eq!(
+        session.on_reply(reply("502 5.5.1 unrecognized\r\n")),
+        Ok(SessionEvent::Write(b"HELO client.example\r\n".to_vec()))
+    );
+    assert_eq!(
+        session.on_reply(reply("250 old.example\r\n")),
+        Ok(SessionEvent::Ready)
+    );
+    assert!(session.is_ready());
+    assert_eq!(session.capabilities(), &Capabilities::default());
+
+    let cases: &[(&str, &[&str], Stage)] = &[
+        ("greeting 554", &["554 no service\r\n"], Stage::Greeting),
+        ("ehlo 421", &["220 hi\r\n", "421 bye\r\n"], Stage::Ehlo),
+        (
+            "helo refused",
+            &["220 hi\r\n", "500 what\r\n", "550 no\r\n"],
+            Stage::Helo,
+        ),
+    ];
+    for (name, replies, stage) in cases {
+        let mut session = Session::new("client.example").unwrap();
+        let (last, earlier) = replies.split_last().unwrap();
+        for text in earlier {
+            assert!(matches!(
+                session.on_reply(reply(text)),
+                Ok(SessionEvent::Write(_))
+            ));
+        }
+        assert_eq!(
+            session.on_reply(reply(last)),
+            Ok(SessionEvent::Rejected {
+                stage: *stage,
+                reply: reply(last)
+            }),
+            "{name}"
+        );
+        assert_eq!(
+            session.transaction(message(&[], b"")).unwrap_err(),
+            ClientError::NotReady
+        );
+        assert_eq!(session.quit(), b"QUIT\r\n");
+    }
+}
+
+#[test]
+fn invalid_input_is_refused() {
+    for name in [
+        "",
+        "two words",
+        "bad\r\nRSET",
+        &"x".repeat(MAX_HELO_NAME_BYTES + 1),
+    ] {
+        assert_eq!(
+            Session::new(name).unwrap_err(),
+            ClientError::InvalidHeloName,
+            "{name:?}"
+        );
+    }
+    let mut session = ready_session(&[]);
+    assert_eq!(
+        session.transaction(message(&[], b"")).unwrap_err(),
+        ClientError::NoRecipients
+    );
+    for address in [
+        "",
+        "a@b>\r\nRSET",
+        "a b@c",
+        "<a@b>",
+        &"x".repeat(MAX_ADDRESS_BYTES + 1),
+    ] {
+        let addresses = recipients(&[address]);
+        assert_eq!(
+            session.transaction(message(&addresses, b"")).unwrap_err(),
+            ClientError::InvalidAddress,
+            "{address:?}"
+        );
+    }
+    assert!(matches!(
+        session.on_reply(reply("250 stray\r\n")),
+        Err(ClientError::UnexpectedReply { .. })
+    ));
+}

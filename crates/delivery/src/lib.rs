@@ -1,0 +1,30 @@
+//! The SMTP protocol as seen by a client delivering to an upstream, as functions over
+//! bytes.
+//!
+//! Nothing here opens a socket, reads a clock, resolves a name or spawns a thread: the
+//! caller writes the bytes that come out and feeds back the replies it reads.
+//!
+//! * [`reply`]: parses server replies incrementally (multi-line, enhanced codes, limits).
+//! * [`ehlo`]: the capabilities an EHLO reply advertises.
+//! * [`client`]: the session (greeting, EHLO/HELO, QUIT) and one mail transaction at a
+//!   time (MAIL, RCPT, DATA, with or without PIPELINING), ending in per-recipient
+//!   outcomes.
+//! * [`dot_stuff`]: the DATA content encoder (dot-stuffing, terminator) over borrowed
+//!   slices.
+//! * [`auth`]: AUTH PLAIN and AUTH LOGIN client exchanges.
+#![forbid(unsafe_code)]
+
+pub mod auth;
+pub mod client;
+pub mod dot_stuff;
+pub mod ehlo;
+pub mod reply;
+
+pub use auth::{AuthError, AuthExchange, AuthStep, Secret};
+pub use client::{
+    BodyType, ClientError, LocalFailure, Message, Reason, RecipientOutcome, Session, SessionEvent,
+    Stage, Transaction, TransactionResult, TransactionStep,
+};
+pub use dot_stuff::DotStuffed;
+pub use ehlo::Capabilities;
+pub use reply::{MAX_REPLY_LINE_BYTES, MAX_REPLY_LINES, Reply, ReplyError, parse_reply};
