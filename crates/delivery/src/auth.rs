@@ -155,6 +155,7 @@ fn encoded_line(bytes: &[u8]) -> SecretBytes {
 /// Standard base64 with padding (RFC 4648 §4), appended to `out`.
 fn base64_encode(input: &[u8], out: &mut Vec<u8>) {
     const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    // The mask keeps the index below 64, the alphabet's length.
     let symbol = |index: u32| ALPHABET[(index & 0x3f) as usize];
     for chunk in input.chunks(3) {
         let [first, second, third] = match *chunk {

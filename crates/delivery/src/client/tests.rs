@@ -593,3 +593,54 @@ fn invalid_input_is_refused() {
         Err(ClientError::UnexpectedReply { .. })
     ));
 }
+
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Whatever the server answers, the transaction never panics, ends with one
+        /// outcome per recipient once done, and only reports a delivery after the
+        /// content got a 2xx.
+        #[test]
+        fn any_reply_sequence(
+            pipelining in any::<bool>(),
+            recipient_count in 1usize..5,
+            codes in prop::collection::vec(
+                prop::sample::select(vec![250u16, 251, 354, 421, 450, 452, 503, 550, 554]),
+                0..12,
+            ),
+        ) {
+            let keywords: &[&str] = if pipelining { &["PIPELINING"] } else { &[] };
+            let mut session = ready_session(keywords);
+            let addresses: Vec<String> =
+                (0..recipient_count).map(|index| format!("r{index}@x.example")).collect();
+            let (mut transaction, mut step) =
+                session.transaction(message(&addresses, b"body\r\n")).unwrap();
+            let mut content_code = None;
+            let mut content_sent = false;
+            for code in codes {
+                if matches!(step, TransactionStep::Done(_)) {
+                    break;
+                }
+                if matches!(step, TransactionStep::WriteContent(_)) {
+                    content_sent = true;
+                }
+                let reply = Reply { code, enhanced: None, lines: vec![String::new()] };
+                step = transaction.on_reply(reply).unwrap();
+                if content_sent && content_code.is_none() {
+                    content_code = Some(code);
+                }
+            }
+            if let TransactionStep::Done(result) = step {
+                prop_assert_eq!(result.outcomes.len(), recipient_count);
+                for outcome in &result.outcomes {
+                    if let RecipientOutcome::Delivered { reply } = outcome {
+                        prop_assert!(reply.is_positive_completion());
+                        prop_assert_eq!(Some(reply.code), content_code);
+                    }
+                }
+            }
+        }
+    }
+}
