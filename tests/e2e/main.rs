@@ -14,6 +14,7 @@ mod crash;
 mod disk_full;
 mod limits;
 mod relay;
+mod sink;
 mod smuggling;
 mod spool;
 

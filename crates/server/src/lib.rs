@@ -10,6 +10,7 @@
 
 mod event_loop;
 pub mod session;
+pub mod sink;
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};

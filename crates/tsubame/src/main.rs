@@ -4,6 +4,7 @@
 
 mod inspect;
 mod serve;
+mod sink;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -25,7 +26,8 @@ use clap::{Parser, Subcommand};
         tsubame serve                                  start on the embedded default (127.0.0.1:2525)\n  \
         tsubame serve --config /etc/tsubame.toml\n  \
         tsubame check-config /etc/tsubame.toml\n  \
-        tsubame spool inspect --spool ./spool --json\n\n\
+        tsubame spool inspect --spool ./spool --json\n  \
+        tsubame sink --listen 127.0.0.1:2526 --tempfail-rate 0.05\n\n\
         Every message is synced to the spool before the client hears 250."
 )]
 struct Cli {
@@ -44,6 +46,9 @@ enum Command {
         /// The TOML configuration file.
         file: PathBuf,
     },
+    /// A counting SMTP sink that can inject failures, for benchmarks and tests. Prints
+    /// its counts when it stops (SIGINT, SIGTERM, or --count reached).
+    Sink(sink::SinkArgs),
     /// Look at a spool offline.
     Spool {
         #[command(subcommand)]
@@ -66,6 +71,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Serve(args) => serve::run(args),
         Command::CheckConfig { file } => check_config(&file),
+        Command::Sink(args) => sink::run(args),
         Command::Spool {
             command: SpoolCommand::Inspect(args),
         } => inspect::run(args),
