@@ -80,6 +80,10 @@ pub enum LocalFailure {
     /// The reply that should have decided this recipient never came: the transaction
     /// was cut short by an earlier reply (421, a failed RSET).
     NoReply,
+    /// The connection failed (closed, reset, timed out, unparsable reply) before the
+    /// reply that decides this recipient came. `detail` names the upstream and the
+    /// stage, for logs and bounces.
+    ConnectionLost { detail: String },
 }
 
 /// Why a recipient was not delivered.
@@ -496,6 +500,15 @@ impl<'a> Transaction<'a> {
         Ok(TransactionStep::Wait)
     }
 
+    /// Ends the transaction because the connection failed: every recipient whose
+    /// outcome the replies already received do not decide is deferred with `failure`,
+    /// and the connection is marked unusable. Recipients already refused stay refused.
+    pub fn abandon(&mut self, failure: LocalFailure) -> TransactionResult {
+        self.connection_usable = false;
+        self.interruption = Some(Reason::Local(failure));
+        self.result()
+    }
+
     fn record(&mut self, expected: Expected, reply: Reply) {
         match expected {
             Expected::Mail => self.mail_reply = Some(reply),
@@ -558,6 +571,10 @@ impl<'a> Transaction<'a> {
     }
 
     fn finish(&mut self) -> TransactionStep<'a> {
+        TransactionStep::Done(self.result())
+    }
+
+    fn result(&mut self) -> TransactionResult {
         self.finished = true;
         self.unsent.clear();
         self.awaiting.clear();
@@ -566,10 +583,10 @@ impl<'a> Transaction<'a> {
             .iter()
             .map(|rcpt_reply| self.outcome(rcpt_reply.as_ref()))
             .collect();
-        TransactionStep::Done(TransactionResult {
+        TransactionResult {
             outcomes,
             connection_usable: self.connection_usable,
-        })
+        }
     }
 
     /// The first refusal on the recipient's path decides: MAIL (applies to all), its

@@ -1,8 +1,9 @@
 //! The SMTP protocol as seen by a client delivering to an upstream, as functions over
 //! bytes.
 //!
-//! Nothing here opens a socket, reads a clock, resolves a name or spawns a thread: the
-//! caller writes the bytes that come out and feeds back the replies it reads.
+//! Outside [`connection`], nothing here opens a socket, reads a clock, resolves a name
+//! or spawns a thread: the caller writes the bytes that come out and feeds back the
+//! replies it reads.
 //!
 //! * [`reply`]: parses server replies incrementally (multi-line, enhanced codes, limits).
 //! * [`ehlo`]: the capabilities an EHLO reply advertises.
@@ -12,10 +13,13 @@
 //! * [`dot_stuff`]: the DATA content encoder (dot-stuffing, terminator) over borrowed
 //!   slices.
 //! * [`auth`]: AUTH PLAIN and AUTH LOGIN client exchanges.
+//! * [`connection`]: the one place with I/O, a blocking TCP driver that runs the
+//!   session and transactions above over a socket, with RFC 5321 timeouts.
 #![forbid(unsafe_code)]
 
 pub mod auth;
 pub mod client;
+pub mod connection;
 pub mod dot_stuff;
 pub mod ehlo;
 pub mod reply;
@@ -25,6 +29,7 @@ pub use client::{
     BodyType, ClientError, LocalFailure, Message, Reason, RecipientOutcome, Session, SessionEvent,
     Stage, Transaction, TransactionResult, TransactionStep,
 };
+pub use connection::{ConnectionStage, DeliveryError, Timeouts, UpstreamConnection};
 pub use dot_stuff::DotStuffed;
 pub use ehlo::Capabilities;
 pub use reply::{MAX_REPLY_LINE_BYTES, MAX_REPLY_LINES, Reply, ReplyError, parse_reply};

@@ -644,3 +644,41 @@ mod properties {
         }
     }
 }
+
+#[test]
+fn abandon_defers_only_undecided_recipients() {
+    let mut session = ready_session(&[]);
+    let envelope = recipients(&[
+        "refused@example.org",
+        "accepted@example.org",
+        "later@example.org",
+    ]);
+    let (mut transaction, _) = session
+        .transaction(message(&envelope, b"body\r\n"))
+        .unwrap();
+    transaction.on_reply(reply("250 sender ok\r\n")).unwrap();
+    transaction.on_reply(reply("550 no such user\r\n")).unwrap();
+    transaction.on_reply(reply("250 ok\r\n")).unwrap();
+    let lost = LocalFailure::ConnectionLost {
+        detail: "peer reset".to_owned(),
+    };
+    let result = transaction.abandon(lost.clone());
+    assert!(!result.connection_usable);
+    assert!(matches!(
+        &result.outcomes[0],
+        RecipientOutcome::Failed(Reason::Reply {
+            stage: Stage::Rcpt,
+            ..
+        })
+    ));
+    assert_eq!(
+        result.outcomes[1],
+        RecipientOutcome::Deferred(Reason::Local(lost.clone()))
+    );
+    assert_eq!(
+        result.outcomes[2],
+        RecipientOutcome::Deferred(Reason::Local(lost))
+    );
+    // The transaction is over: no reply is expected any more.
+    assert!(transaction.on_reply(reply("250 late\r\n")).is_err());
+}
