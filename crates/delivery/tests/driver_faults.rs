@@ -1,0 +1,202 @@
+//! The connection driver against a scripted loopback server that misbehaves in ways
+//! real servers rarely do on demand: silence, garbage, endless lines, refusal.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::thread::{self, JoinHandle};
+use std::time::Duration;
+
+use tsubame_delivery::{
+    BodyType, DeliveryError, LocalFailure, Message, Reason, RecipientOutcome, Stage, Timeouts,
+    UpstreamConnection,
+};
+
+/// Short enough to keep the suite fast, long enough for loopback.
+const SHORT_TIMEOUT: Duration = Duration::from_millis(300);
+/// The fake server's own socket timeout, so its thread always ends.
+const SERVER_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Accepts one connection and runs `script` on it in a thread.
+fn fake_server(
+    script: impl FnOnce(TcpStream, &mut BufReader<TcpStream>) + Send + 'static,
+) -> (SocketAddr, JoinHandle<()>) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let address = listener.local_addr().unwrap();
+    let handle = thread::spawn(move || {
+        let (stream, _) = listener.accept().unwrap();
+        stream.set_read_timeout(Some(SERVER_TIMEOUT)).unwrap();
+        stream.set_write_timeout(Some(SERVER_TIMEOUT)).unwrap();
+        let mut reader = BufReader::new(stream.try_clone().unwrap());
+        script(stream, &mut reader);
+    });
+    (address, handle)
+}
+
+/// Greets, answers EHLO without extensions (so commands go one at a time).
+fn greet(stream: &mut TcpStream, reader: &mut BufReader<TcpStream>) {
+    stream.write_all(b"220 fake ESMTP\r\n").unwrap();
+    let mut line = String::new();
+    reader.read_line(&mut line).unwrap();
+    assert!(line.starts_with("EHLO "), "{line:?}");
+    stream.write_all(b"250 fake\r\n").unwrap();
+}
+
+fn send_one(address: SocketAddr) -> (UpstreamConnection, tsubame_delivery::TransactionResult) {
+    let mut connection =
+        UpstreamConnection::connect(address, "client.test", Timeouts::uniform(SHORT_TIMEOUT))
+            .unwrap();
+    let recipients = vec!["a@fake.test".to_owned(), "b@fake.test".to_owned()];
+    let result = connection
+        .send(Message {
+            mail_from: "sender@fake.test",
+            recipients: &recipients,
+            body_type: BodyType::SevenBit,
+            smtputf8: false,
+            body: b"Subject: x\r\n\r\nbody\r\n",
+        })
+        .unwrap();
+    (connection, result)
+}
+
+fn lost_detail(outcome: &RecipientOutcome) -> &str {
+    match outcome {
+        RecipientOutcome::Deferred(Reason::Local(LocalFailure::ConnectionLost { detail })) => {
+            detail
+        }
+        other => panic!("expected a lost-connection deferral, got {other:?}"),
+    }
+}
+
+#[test]
+fn silence_after_rcpt_times_out_and_defers() {
+    let (address, server) = fake_server(|mut stream, reader| {
+        greet(&mut stream, reader);
+        let mut line = String::new();
+        reader.read_line(&mut line).unwrap(); // MAIL
+        stream.write_all(b"250 ok\r\n").unwrap();
+        line.clear();
+        reader.read_line(&mut line).unwrap(); // RCPT a
+        stream.write_all(b"550 no\r\n").unwrap();
+        line.clear();
+        reader.read_line(&mut line).unwrap(); // RCPT b: never answered
+        // Wait for the client to give up and close.
+        line.clear();
+        let _ = reader.read_line(&mut line);
+    });
+    let (connection, result) = send_one(address);
+    assert!(!result.connection_usable && !connection.is_usable());
+    assert!(matches!(
+        &result.outcomes[0],
+        RecipientOutcome::Failed(Reason::Reply {
+            stage: Stage::Rcpt,
+            ..
+        })
+    ));
+    let detail = lost_detail(&result.outcomes[1]);
+    assert!(
+        detail.contains("timed out") && detail.contains("Rcpt"),
+        "{detail}"
+    );
+    drop(connection);
+    server.join().unwrap();
+}
+
+#[test]
+fn garbage_reply_defers() {
+    let (address, server) = fake_server(|mut stream, reader| {
+        greet(&mut stream, reader);
+        let mut line = String::new();
+        reader.read_line(&mut line).unwrap(); // MAIL
+        stream.write_all(b"hello there\r\n").unwrap();
+    });
+    let (_connection, result) = send_one(address);
+    for outcome in &result.outcomes {
+        assert!(
+            lost_detail(outcome).contains("invalid reply"),
+            "{outcome:?}"
+        );
+    }
+    server.join().unwrap();
+}
+
+#[test]
+fn endless_reply_line_is_bounded() {
+    let (address, server) = fake_server(|mut stream, reader| {
+        greet(&mut stream, reader);
+        let mut line = String::new();
+        reader.read_line(&mut line).unwrap(); // MAIL
+        // Far more than any buffer should hold, without a line ending; the client
+        // closes long before the end, so write errors are expected.
+        let chunk = [b'2'; 64 * 1024];
+        for _ in 0..64 {
+            if stream.write_all(&chunk).is_err() {
+                break;
+            }
+        }
+    });
+    let (_connection, result) = send_one(address);
+    for outcome in &result.outcomes {
+        assert!(
+            lost_detail(outcome).contains("invalid reply"),
+            "{outcome:?}"
+        );
+    }
+    server.join().unwrap();
+}
+
+#[test]
+fn close_after_content_defers() {
+    let (address, server) = fake_server(|mut stream, reader| {
+        greet(&mut stream, reader);
+        let mut line = String::new();
+        for answer in [
+            &b"250 ok\r\n"[..],
+            b"250 ok\r\n",
+            b"250 ok\r\n",
+            b"354 go\r\n",
+        ] {
+            line.clear();
+            reader.read_line(&mut line).unwrap();
+            stream.write_all(answer).unwrap();
+        }
+        loop {
+            line.clear();
+            reader.read_line(&mut line).unwrap();
+            if line == ".\r\n" {
+                break;
+            }
+        }
+        // Hang up instead of answering the content.
+    });
+    let (_connection, result) = send_one(address);
+    for outcome in &result.outcomes {
+        assert!(
+            lost_detail(outcome).contains("closed the connection"),
+            "{outcome:?}"
+        );
+    }
+    server.join().unwrap();
+}
+
+#[test]
+fn refused_greeting_is_an_error_with_context() {
+    let (address, server) = fake_server(|mut stream, reader| {
+        stream.write_all(b"554 5.7.1 go away\r\n").unwrap();
+        let mut line = String::new();
+        reader.read_line(&mut line).unwrap();
+        assert_eq!(line, "QUIT\r\n");
+    });
+    let error =
+        UpstreamConnection::connect(address, "client.test", Timeouts::uniform(SHORT_TIMEOUT))
+            .unwrap_err();
+    match &error {
+        DeliveryError::Rejected { stage, reply, .. } => {
+            assert_eq!(*stage, Stage::Greeting);
+            assert_eq!(reply.code, 554);
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    assert!(error.to_string().contains(&address.to_string()));
+    server.join().unwrap();
+}
