@@ -329,7 +329,9 @@ fn start_aiosmtpd() -> Aiosmtpd {
         .status();
     match check {
         Ok(status) if status.success() => {}
-        Ok(_) => panic!("the Python module aiosmtpd is missing: pip install aiosmtpd"),
+        Ok(_) => panic!(
+            "the Python module aiosmtpd is missing: pip install aiosmtpd (Debian: apt-get install python3-aiosmtpd)"
+        ),
         Err(error) => panic!("python3 is missing ({error}): install it, then pip install aiosmtpd"),
     }
     for _ in 0..START_ATTEMPTS {
