@@ -360,3 +360,103 @@ fn connections_beyond_the_global_limit_get_421() {
     let mut again = eventually_greeted(&server, "127.0.0.3");
     again.command_expect("QUIT", 221, "2.0.0");
 }
+
+/// A client that pipelines commands and never reads the replies: the server stops reading
+/// it (its unread replies are capped), times it out, and, since not even the 421 can be
+/// written, closes it after a grace period, so it cannot hold a connection slot forever.
+#[test]
+fn client_that_never_reads_is_closed_and_frees_its_slot() {
+    use std::io::{Read, Write};
+    let _limit = hard_limit(Duration::from_secs(90));
+    let server = Server::start(&with_limits(
+        "command_timeout_secs = 1\nmax_connections_per_ip = 1\nmax_commands_per_session = 100000000",
+    ));
+    let mut stuck = std::net::TcpStream::connect(server.address()).unwrap();
+    let mut greeting = [0u8; 512];
+    assert!(stuck.read(&mut greeting).unwrap() > 0);
+    // Write NOOPs until the server's receive side is full (it stopped reading us), or
+    // 64 MiB went out.
+    stuck
+        .set_write_timeout(Some(Duration::from_secs(2)))
+        .unwrap();
+    let burst = b"NOOP\r\n".repeat(16 * 1024);
+    let mut sent = 0usize;
+    while sent < 64 * 1024 * 1024 {
+        match stuck.write(&burst) {
+            Ok(written) => sent += written,
+            Err(_) => break,
+        }
+    }
+    assert!(
+        sent < 64 * 1024 * 1024,
+        "the server kept reading a client that reads nothing"
+    );
+    // Slot held: a second client from the same address is turned away.
+    let mut second = RawClient::connect(server.address());
+    match second.next(Duration::from_secs(5)) {
+        Next::Reply(reply) => assert_eq!(reply.code, 421, "{reply:?}"),
+        other => panic!("expected 421 while the stuck client holds the slot, got {other:?}"),
+    }
+    // Command timeout (1 s) + flush grace (10 s) + sweeps: the slot must come free.
+    let started = Instant::now();
+    loop {
+        let mut client = RawClient::connect(server.address());
+        match client.next(Duration::from_secs(5)) {
+            Next::Reply(reply) if reply.code == 220 => break,
+            Next::Reply(reply) if reply.code == 421 => {}
+            other => panic!("unexpected greeting {other:?}"),
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "the client that never reads still holds its slot after {:?}",
+            started.elapsed()
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    drop(stuck);
+}
+
+/// A pipeline far longer than the server's reply buffer (it pauses reading while 64 KiB of
+/// replies are unwritten) is answered in full once the client reads: reading resumes when
+/// the replies drain, though no new input arrives to wake the connection. (Regression:
+/// the session stalled until its command timeout.)
+#[test]
+fn long_pipeline_is_answered_in_full() {
+    use std::io::{Read, Write};
+    const COMMANDS: usize = 200_000;
+    let _limit = hard_limit(Duration::from_secs(90));
+    let server = Server::start(&with_limits(
+        "command_timeout_secs = 30\nmax_commands_per_session = 1000000",
+    ));
+    let mut client = std::net::TcpStream::connect(server.address()).unwrap();
+    client
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut writer = client.try_clone().unwrap();
+    let sender = std::thread::spawn(move || writer.write_all(&b"NOOP\r\n".repeat(COMMANDS)));
+    let mut replies = 0usize;
+    let mut received = Vec::new();
+    let mut chunk = vec![0u8; 64 * 1024];
+    let started = Instant::now();
+    while replies < COMMANDS {
+        let read = client.read(&mut chunk).unwrap_or_else(|error| {
+            panic!(
+                "after {replies} of {COMMANDS} replies in {:?}: {error}",
+                started.elapsed()
+            )
+        });
+        assert!(read > 0, "server closed after {replies} replies");
+        received.extend_from_slice(&chunk[..read]);
+        let complete = received
+            .iter()
+            .rposition(|byte| *byte == b'\n')
+            .map_or(0, |end| end + 1);
+        replies += received[..complete]
+            .split(|byte| *byte == b'\n')
+            .filter(|line| line.starts_with(b"250 "))
+            .count();
+        received.drain(..complete);
+    }
+    sender.join().unwrap().unwrap();
+    assert_eq!(replies, COMMANDS);
+}

@@ -32,6 +32,10 @@ const OUTPUT_BUFFER_HIGH_BYTES: usize = 64 * 1024;
 /// How often idle and slow connections are checked against their timeouts.
 const TIMEOUT_SWEEP_INTERVAL: Duration = Duration::from_secs(1);
 
+/// How long a closing connection may take to accept its last replies (a 421, a 221)
+/// before it is closed without them: a client that stopped reading cannot hold a slot.
+const CLOSING_FLUSH_GRACE: Duration = Duration::from_secs(10);
+
 /// Events taken from the poll at once.
 const EVENTS_CAPACITY: usize = 1024;
 
@@ -106,6 +110,19 @@ pub(crate) fn bind_listeners(
     Ok(listeners)
 }
 
+/// What [`EventLoop::write_output`] achieved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Written {
+    /// The connection was closed (done, or the write failed).
+    Closed,
+    /// Output remains; WRITABLE interest is registered.
+    Pending,
+    /// All output written.
+    Drained,
+    /// All output written, and reading had paused for it: read again.
+    DrainedResumeReading,
+}
+
 /// A message appended to the spool whose commit the loop is waiting for.
 #[derive(Debug)]
 struct Pending {
@@ -139,6 +156,8 @@ struct Connection {
     content_started: Option<Instant>,
     /// The session ended; close once the output is flushed.
     closing: bool,
+    /// Reading stopped because too many replies were unwritten; resume once they are.
+    read_paused_for_output: bool,
     /// The last read found the socket empty (a short read or WouldBlock) and no readable
     /// event has arrived since: reading again would only return WouldBlock. Saves a
     /// syscall per message when a session resumes after its commit.
@@ -348,6 +367,7 @@ impl EventLoop {
                 last_activity: Instant::now(),
                 content_started: None,
                 closing: false,
+                read_paused_for_output: false,
                 socket_drained: true,
             });
             tracing::debug!(client = %peer, "connected");
@@ -356,8 +376,28 @@ impl EventLoop {
     }
 
     /// Reads, processes and writes for one connection until it would block, waits for a
-    /// commit, or has too many replies unread.
+    /// commit, or has too many replies unread. When reading paused for unread replies and
+    /// writing then drained them all, it goes on reading: no readiness event would come
+    /// for input already waiting in the socket (a loop, not recursion, however long the
+    /// client's pipeline).
     fn drive(&mut self, token: Token) {
+        loop {
+            self.read_and_process(token);
+            if self.write_output(token) != Written::DrainedResumeReading {
+                return;
+            }
+        }
+    }
+
+    /// Writes pending output; closes the connection when it is done and closing. Resumes
+    /// reading (see [`EventLoop::drive`]) when that had paused for the output.
+    fn flush(&mut self, token: Token) {
+        if self.write_output(token) == Written::DrainedResumeReading {
+            self.drive(token);
+        }
+    }
+
+    fn read_and_process(&mut self, token: Token) {
         let Self {
             connections,
             scratch,
@@ -377,6 +417,7 @@ impl EventLoop {
         let mut event = process_input(connection, &context, shared, pending, token);
         while !connection.closing && event == Event::NeedInput && !connection.socket_drained {
             if connection.output.len() - connection.output_written >= OUTPUT_BUFFER_HIGH_BYTES {
+                connection.read_paused_for_output = true;
                 break;
             }
             let read = match connection.stream.read(scratch) {
@@ -424,13 +465,13 @@ impl EventLoop {
         if event == Event::Close {
             connection.closing = true;
         }
-        self.flush(token);
     }
 
-    /// Writes pending output; closes the connection when it is done and closing.
-    fn flush(&mut self, token: Token) {
+    /// Writes as much pending output as the socket takes, closes the connection when it is
+    /// closing and everything is written, and keeps the WRITABLE interest in step.
+    fn write_output(&mut self, token: Token) -> Written {
         let Some(connection) = self.connections.get_mut(token.0) else {
-            return;
+            return Written::Closed;
         };
         let mut failed = false;
         while connection.output_written < connection.output.len() {
@@ -462,7 +503,7 @@ impl EventLoop {
         }
         if failed || (drained && connection.closing) {
             self.close(token);
-            return;
+            return Written::Closed;
         }
         let want_writable = !drained;
         if want_writable != connection.writable_registered {
@@ -478,13 +519,17 @@ impl EventLoop {
                 .is_err()
             {
                 self.close(token);
-                return;
+                return Written::Closed;
             }
             connection.writable_registered = want_writable;
-            if !want_writable && !connection.closing {
-                // The client read our replies; resume its input if we had paused it.
-                self.drive(token);
-            }
+        }
+        if !drained {
+            return Written::Pending;
+        }
+        if std::mem::take(&mut connection.read_paused_for_output) {
+            Written::DrainedResumeReading
+        } else {
+            Written::Drained
         }
     }
 
@@ -556,8 +601,16 @@ impl EventLoop {
         let block_timeout = Duration::from_secs(limits.data_block_timeout_secs);
         let total_timeout = Duration::from_secs(limits.data_total_timeout_secs);
         let mut expired = Vec::new();
+        let mut abandoned = Vec::new();
         for (key, connection) in &self.connections {
             let idle = now.saturating_duration_since(connection.last_activity);
+            if connection.closing {
+                // Its last replies could not be written: the client stopped reading.
+                if idle >= CLOSING_FLUSH_GRACE {
+                    abandoned.push(key);
+                }
+                continue;
+            }
             let reply = match connection.session.waiting() {
                 Waiting::Command if idle >= command_timeout => Some(replies::TIMEOUT),
                 Waiting::Content if idle >= block_timeout => Some(replies::TIMEOUT),
@@ -579,8 +632,16 @@ impl EventLoop {
                 tracing::info!(client = %connection.peer, reply = %reply.text, "session timed out");
                 connection.session.close_with(reply, &mut connection.output);
                 connection.closing = true;
+                // The flush grace counts from here.
+                connection.last_activity = now;
             }
             self.flush(Token(key));
+        }
+        for key in abandoned {
+            if let Some(connection) = self.connections.get(key) {
+                tracing::debug!(client = %connection.peer, "closing without flushing: the client does not read");
+            }
+            self.close(Token(key));
         }
     }
 }
