@@ -9,6 +9,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod basic;
+mod bench;
 mod cli;
 mod crash;
 mod disk_full;

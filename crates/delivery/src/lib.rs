@@ -22,6 +22,7 @@ pub mod client;
 pub mod connection;
 pub mod dot_stuff;
 pub mod ehlo;
+pub mod load;
 pub mod reply;
 
 pub use auth::{AuthError, AuthExchange, AuthStep, Secret};

@@ -2,6 +2,7 @@
 //! an exit code. The work lives in the library crates.
 #![forbid(unsafe_code)]
 
+mod bench;
 mod inspect;
 mod serve;
 mod sink;
@@ -27,7 +28,8 @@ use clap::{Parser, Subcommand};
         tsubame serve --config /etc/tsubame.toml\n  \
         tsubame check-config /etc/tsubame.toml\n  \
         tsubame spool inspect --spool ./spool --json\n  \
-        tsubame sink --listen 127.0.0.1:2526 --tempfail-rate 0.05\n\n\
+        tsubame sink --listen 127.0.0.1:2526 --tempfail-rate 0.05\n  \
+        tsubame bench --target 127.0.0.1:2525 -n 20000 -s 1024 -c 50\n\n\
         Every message is synced to the spool before the client hears 250."
 )]
 struct Cli {
@@ -46,6 +48,10 @@ enum Command {
         /// The TOML configuration file.
         file: PathBuf,
     },
+    /// A load generator: sends messages to a relay over concurrent sessions and reports
+    /// messages per second and accept-latency percentiles. Exits 1 unless every message
+    /// was accepted.
+    Bench(bench::BenchArgs),
     /// A counting SMTP sink that can inject failures, for benchmarks and tests. Prints
     /// its counts when it stops (SIGINT, SIGTERM, or --count reached).
     Sink(sink::SinkArgs),
@@ -72,6 +78,7 @@ fn main() -> ExitCode {
         Command::Serve(args) => serve::run(args),
         Command::CheckConfig { file } => check_config(&file),
         Command::Sink(args) => sink::run(args),
+        Command::Bench(args) => bench::run(args),
         Command::Spool {
             command: SpoolCommand::Inspect(args),
         } => inspect::run(args),
