@@ -71,36 +71,34 @@ fn sink_counts_messages_and_exits_after_count() {
     );
 }
 
+/// Starts a sink with `args`, sends one message, expects `code enhanced` at DATA, stops
+/// the sink and expects its totals to contain `totals`.
+fn expect_injected(args: &[&str], code: u16, enhanced: &str, totals: &str) {
+    let (mut sink, address, output) = start_sink(args);
+    send(address, "injected")[3].expect(code, enhanced, &format!("DATA with {args:?}"));
+    sink.signal(tsubame_tests::process::Signal::TERM);
+    assert!(
+        sink.wait_timeout(SINK_TIMEOUT)
+            .expect("the sink stops on SIGTERM")
+            .success()
+    );
+    let output = output.join().unwrap();
+    assert!(output.contains(totals), "{args:?}: {output}");
+}
+
 #[test]
 fn sink_injects_temporary_and_permanent_failures() {
     let _limit = hard_limit(Duration::from_secs(60));
-    let (mut sink, address, output) = start_sink(&["--tempfail-rate", "1"]);
-    send(address, "tempfail")[3].expect(451, "4.3.0", "DATA with --tempfail-rate 1");
-    sink.signal(tsubame_tests::process::Signal::TERM);
-    assert!(
-        sink.wait_timeout(SINK_TIMEOUT)
-            .expect("the sink stops on SIGTERM")
-            .success()
+    expect_injected(
+        &["--tempfail-rate", "1"],
+        451,
+        "4.3.0",
+        "messages=0 recipients=0 bytes=0 tempfailed=1 permfailed=0",
     );
-    assert!(
-        output
-            .join()
-            .unwrap()
-            .contains("messages=0 recipients=0 bytes=0 tempfailed=1 permfailed=0")
-    );
-
-    let (mut sink, address, output) = start_sink(&["--permfail-rate", "1"]);
-    send(address, "permfail")[3].expect(550, "5.7.0", "DATA with --permfail-rate 1");
-    sink.signal(tsubame_tests::process::Signal::TERM);
-    assert!(
-        sink.wait_timeout(SINK_TIMEOUT)
-            .expect("the sink stops on SIGTERM")
-            .success()
-    );
-    assert!(
-        output
-            .join()
-            .unwrap()
-            .contains("tempfailed=0 permfailed=1 dropped=0")
+    expect_injected(
+        &["--permfail-rate", "1"],
+        550,
+        "5.7.0",
+        "tempfailed=0 permfailed=1 dropped=0",
     );
 }
