@@ -129,3 +129,31 @@ fn bench_counts_refusals_and_exits_1() {
         "{report}"
     );
 }
+
+/// A message the client refuses to send (an invalid sender) fails once and the run
+/// ends. (Regression: the worker reconnected and retried it forever.)
+#[test]
+fn bench_with_an_invalid_sender_fails_every_message_and_ends() {
+    let _limit = hard_limit(Duration::from_secs(60));
+    let server = Server::start(&ServerOptions::new());
+    let target = server.address().to_string();
+    let run = tsubame(&[
+        "bench",
+        "--target",
+        &target,
+        "-n",
+        "5",
+        "-c",
+        "2",
+        "--from",
+        "not an address",
+        "--quiet",
+    ]);
+    assert_eq!(run.code(), Some(1), "{}", run.describe());
+    let report = run.stdout_text();
+    assert_eq!(
+        (field(&report, "accepted"), field(&report, "failed")),
+        ("0".to_string(), "5".to_string()),
+        "{report}"
+    );
+}

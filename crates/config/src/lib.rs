@@ -98,6 +98,18 @@ fn default_segment_size_bytes() -> u64 {
 /// would happen every few messages.
 pub const SEGMENT_SIZE_BYTES_MIN: u64 = 1024 * 1024;
 
+/// Largest segment: the spool format's limit (`tsubame_spool::MAX_SEGMENT_SIZE_BYTES`,
+/// 256 MiB; the binary's tests check the two agree), so check-config refuses what the
+/// spool would refuse at start.
+pub const SEGMENT_SIZE_BYTES_MAX: u64 = 256 * 1024 * 1024;
+
+/// RFC 5321 §4.5.3.1.4: a command line of 512 octets must be accepted.
+pub const COMMAND_LINE_BYTES_MIN: u64 = 512;
+/// RFC 5321 §4.5.3.1.6: a text line of 1000 octets must be accepted.
+pub const TEXT_LINE_BYTES_MIN: u64 = 1000;
+/// RFC 5321 §4.5.3.1.8: at least 100 recipients per message must be accepted.
+pub const RECIPIENTS_MIN: u64 = 100;
+
 impl Default for SpoolConfig {
     fn default() -> Self {
         Self {
@@ -296,23 +308,39 @@ impl Config {
                 return Err((key, format!("{key} must be greater than 0")));
             }
         }
-        // RFC 5321 §4.5.3.1.4 and §4.5.3.1.6: the protocol's own minimums.
-        if limits.max_command_line_bytes < 512 {
-            return Err((
+        // The protocol's own minimums: a server must accept at least these.
+        let minimums: [(&'static str, u64, u64, &str); 3] = [
+            (
                 "max_command_line_bytes",
-                "max_command_line_bytes must be at least 512 (RFC 5321 §4.5.3.1.4)".to_string(),
-            ));
-        }
-        if limits.max_text_line_bytes < 1000 {
-            return Err((
+                limits.max_command_line_bytes as u64,
+                COMMAND_LINE_BYTES_MIN,
+                "§4.5.3.1.4",
+            ),
+            (
                 "max_text_line_bytes",
-                "max_text_line_bytes must be at least 1000 (RFC 5321 §4.5.3.1.6)".to_string(),
-            ));
-        }
-        if limits.max_recipients < 100 {
-            return Err((
+                limits.max_text_line_bytes as u64,
+                TEXT_LINE_BYTES_MIN,
+                "§4.5.3.1.6",
+            ),
+            (
                 "max_recipients",
-                "max_recipients must be at least 100 (RFC 5321 §4.5.3.1.8)".to_string(),
+                limits.max_recipients as u64,
+                RECIPIENTS_MIN,
+                "§4.5.3.1.8",
+            ),
+        ];
+        for (key, value, minimum, section) in minimums {
+            if value < minimum {
+                return Err((
+                    key,
+                    format!("{key} must be at least {minimum} (RFC 5321 {section})"),
+                ));
+            }
+        }
+        if self.spool.segment_size_bytes > SEGMENT_SIZE_BYTES_MAX {
+            return Err((
+                "segment_size_bytes",
+                format!("segment_size_bytes must be at most {SEGMENT_SIZE_BYTES_MAX}"),
             ));
         }
         if let Err(error) = self.log.level.parse::<LogLevelCheck>() {
@@ -397,14 +425,6 @@ impl Config {
             .or_else(|| {
                 (name == BUILTIN_MX_UPSTREAM).then(|| UpstreamConfig::mx(BUILTIN_MX_UPSTREAM))
             })
-    }
-
-    /// Makes `upstream` (from `--upstream URL`) the default and only upstream: routes
-    /// from the file are dropped, since they may name upstreams the flag replaced.
-    pub fn use_only_upstream(&mut self, upstream: UpstreamConfig) {
-        self.delivery.default_upstream = upstream.name.clone();
-        self.upstreams = vec![upstream];
-        self.routes.clear();
     }
 
     /// Human-readable summary for `check-config`.

@@ -225,9 +225,13 @@ fn worker(
                         counts.deferred.fetch_add(1, Ordering::Relaxed);
                     }
                 }
-                Err(_) => {
-                    counts.connection_errors.fetch_add(1, Ordering::Relaxed);
-                    counts.deferred.fetch_add(1, Ordering::Relaxed);
+                Err(error) => {
+                    // Refused before anything was sent (an invalid address, an unusable
+                    // connection): the message fails and is not retried, so a
+                    // permanent error cannot keep the worker reconnecting forever.
+                    tracing::debug!(%error, "bench message not sent");
+                    counts.failed.fetch_add(1, Ordering::Relaxed);
+                    next = claim(claimed, options.messages);
                     break;
                 }
             }

@@ -19,7 +19,7 @@ use crate::{ServerError, Shared};
 
 /// Pending connections the kernel queues per listener. Bursts of hundreds of clients
 /// connecting at once (load tests, notification systems) must not see refused SYNs.
-pub const LISTEN_BACKLOG: i32 = 4096;
+const LISTEN_BACKLOG: i32 = 4096;
 
 /// Bytes read from a socket per `read` call. Large enough that a 10 KiB message arrives in
 /// one read, small enough to stay in L2.
@@ -63,9 +63,7 @@ impl LogThrottle {
 
     /// `Some(number suppressed since the last line)` when this occurrence may be logged.
     fn should_log(&self) -> Option<u64> {
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |elapsed| elapsed.as_millis() as u64);
+        let now = now_unix_ms();
         let last = self.last_logged_unix_ms.load(Ordering::Relaxed);
         if now.saturating_sub(last) >= SPOOL_ERROR_LOG_INTERVAL_MS
             && self
@@ -654,6 +652,13 @@ impl std::fmt::Debug for EventLoop {
     }
 }
 
+/// Wall-clock time in Unix milliseconds (0 if the clock is before 1970).
+fn now_unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |elapsed| elapsed.as_millis() as u64)
+}
+
 /// Feeds the connection's buffered input to its session.
 fn process_input(
     connection: &mut Connection,
@@ -693,9 +698,7 @@ fn after_process(
     let Some(parts) = connection.session.message() else {
         return Event::NeedInput;
     };
-    let received_at_unix_ms = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |elapsed| elapsed.as_millis() as u64);
+    let received_at_unix_ms = now_unix_ms();
     let envelope = Envelope {
         received_at_unix_ms,
         client_address: connection.peer,

@@ -21,8 +21,6 @@ use std::thread::JoinHandle;
 use tsubame_config::Config;
 use tsubame_spool::Spool;
 
-pub use event_loop::LISTEN_BACKLOG;
-
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
     #[error("cannot listen on {address}: {source}")]

@@ -43,6 +43,12 @@ pub(crate) mod replies {
         Reply::new(503, EnhancedCode::new(5, 5, 1), "Sender already specified");
     pub const MAIL_FIRST: Reply =
         Reply::new(503, EnhancedCode::new(5, 5, 1), "Send MAIL FROM first");
+    /// RFC 3030 §3: DATA may not follow a BDAT of the same transaction.
+    pub const DATA_AFTER_BDAT: Reply = Reply::new(
+        503,
+        EnhancedCode::new(5, 5, 1),
+        "DATA may not follow BDAT in one transaction",
+    );
     pub const NO_VALID_RECIPIENTS: Reply =
         Reply::new(554, EnhancedCode::new(5, 5, 1), "No valid recipients");
     pub const RELAY_DENIED: Reply = Reply::new(
@@ -369,6 +375,14 @@ impl Session {
                 transaction.recipients.push(to.mailbox.to_string());
                 replies::RECIPIENT_OK.write_to(out);
             }
+            Command::Data
+                if self
+                    .transaction
+                    .as_ref()
+                    .is_some_and(|transaction| transaction.bdat.is_some()) =>
+            {
+                self.error(replies::DATA_AFTER_BDAT, out, context)
+            }
             Command::Data => match self.transaction_state() {
                 Err(reply) => self.error(reply, out, context),
                 Ok(()) => {
@@ -629,9 +643,13 @@ impl Default for Session {
 fn sanitize_for_reply(name: &str) -> String {
     name.chars()
         .map(|c| if c.is_control() { '?' } else { c })
-        .take(255)
+        .take(ECHOED_HELO_CHARS_MAX)
         .collect()
 }
+
+/// The longest client name echoed back: a domain is at most 255 octets (RFC 5321
+/// §4.5.3.1.2).
+const ECHOED_HELO_CHARS_MAX: usize = 255;
 
 /// Why a new connection was turned away.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -770,6 +788,10 @@ mod tests {
             (
                 b"EHLO x\r\nAUTH PLAIN\r\nSTARTTLS\r\n",
                 &["250", "502", "502"],
+            ),
+            (
+                b"EHLO x\r\nMAIL FROM:<a@b.c>\r\nRCPT TO:<d@e.f>\r\nBDAT 2\r\nabDATA\r\n",
+                &["250", "250", "250", "250", "503"],
             ),
             (
                 b"EHLO x\r\nMAIL FROM:<j\xc3\xbcrgen@b.c>\r\n",

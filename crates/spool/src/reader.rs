@@ -42,6 +42,10 @@ pub(crate) struct DirectoryScan {
     pub(crate) highest_segment_number: Option<u64>,
     /// Temporary segment files left by a crash during segment creation.
     pub(crate) temporary_files: Vec<PathBuf>,
+    /// The highest message id any record names, journal records included: a journal
+    /// record can outlive its message's segment, and a new message must never reuse
+    /// its id (a stale message-done record would mark the new message done).
+    pub(crate) highest_message_id: u64,
 }
 
 /// A damaged byte range inside a segment whose header was valid.
@@ -202,6 +206,15 @@ pub(crate) fn scan_directory(directory: &Path) -> Result<DirectoryScan, SpoolErr
     scan.report
         .messages
         .sort_unstable_by_key(|message| (message.id, message.location));
+    scan.highest_message_id = scan
+        .report
+        .messages
+        .iter()
+        .map(|message| message.id.0)
+        .chain(done.iter().map(|id| id.0))
+        .chain(outcomes.iter().map(|outcome| outcome.message_id.0))
+        .max()
+        .unwrap_or(0);
     apply_recipient_outcomes(&mut scan.report.messages, outcomes);
     Ok(scan)
 }

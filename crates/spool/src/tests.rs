@@ -1207,3 +1207,36 @@ fn journal_records_fold_into_recipient_states_across_reopen() {
         spool.shutdown();
     }
 }
+
+#[test]
+fn new_ids_stay_above_ids_named_only_by_journal_records() {
+    use crate::format::{DoneReason, OutcomeKind};
+    let directory = tempfile::tempdir().unwrap();
+    // Ids far in the future, as if the clock had stepped back since they were written.
+    let done_id = MessageId(u64::MAX / 2);
+    let outcome_id = MessageId(u64::MAX / 2 + 7);
+    {
+        let (spool, _) = Spool::open(directory.path(), options(SMALL_SEGMENT_BYTES)).unwrap();
+        let waiter = CommitWaiter::subscribe(&spool);
+        spool
+            .append_message_done(done_id, 1, DoneReason::AllRecipientsFinal)
+            .unwrap();
+        let last = spool
+            .append_recipient_outcome(outcome_id, 0, OutcomeKind::Delivered, 2, "250 ok")
+            .unwrap();
+        waiter.wait(last).unwrap();
+        spool.shutdown();
+    }
+    let (spool, report) = Spool::open(directory.path(), options(SMALL_SEGMENT_BYTES)).unwrap();
+    assert!(report.messages.is_empty());
+    let envelope = TestEnvelope::numbered(1);
+    let receipt = spool
+        .append_message(&envelope.envelope(), &body(1, 10))
+        .unwrap();
+    assert!(
+        receipt.id > outcome_id,
+        "{} reuses the journal's id space",
+        receipt.id
+    );
+    spool.shutdown();
+}

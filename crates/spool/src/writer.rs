@@ -371,10 +371,6 @@ impl Shared {
 
     /// Appends a journal record (a recipient outcome or message-done payload built with
     /// the encoders of [`crate::format`]); durable like a message, at its sequence number.
-    #[allow(
-        dead_code,
-        reason = "the delivery work will publish journal appends; tests use it already"
-    )]
     pub(crate) fn append_journal_record(
         &self,
         record_type: RecordType,
@@ -630,13 +626,7 @@ pub(crate) fn open(
     let scan = reader::scan_directory(directory)?;
     remove_temporary_files(directory, &scan.temporary_files)?;
     preserve_damage(directory, &scan);
-    let last_id = scan
-        .report
-        .messages
-        .iter()
-        .map(|message| message.id.0)
-        .max()
-        .unwrap_or(0);
+    let last_id = scan.highest_message_id;
     let next_segment_number = scan
         .highest_segment_number
         .map_or(Some(1), |highest| highest.checked_add(1))

@@ -88,6 +88,6 @@ pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     Ok(if report.accepted == args.messages {
         ExitCode::SUCCESS
     } else {
-        ExitCode::from(1)
+        ExitCode::from(crate::EXIT_ERROR)
     })
 }

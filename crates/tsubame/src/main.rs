@@ -70,7 +70,7 @@ enum SpoolCommand {
 }
 
 /// Exit codes: 0 success, 1 error, 2 usage (clap), 3 corruption found by `spool inspect`.
-const EXIT_ERROR: u8 = 1;
+pub(crate) const EXIT_ERROR: u8 = 1;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -97,4 +97,16 @@ fn check_config(file: &std::path::Path) -> anyhow::Result<ExitCode> {
     println!("{}: ok", file.display());
     print!("{}", config.summary());
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    /// check-config must refuse exactly what the spool refuses at start.
+    #[test]
+    fn config_and_spool_agree_on_the_largest_segment() {
+        assert_eq!(
+            tsubame_config::SEGMENT_SIZE_BYTES_MAX,
+            tsubame_spool::MAX_SEGMENT_SIZE_BYTES
+        );
+    }
 }
