@@ -21,9 +21,12 @@ pub mod auth;
 pub mod client;
 pub mod connection;
 pub mod dot_stuff;
+pub mod dsn;
 pub mod ehlo;
 pub mod load;
+pub mod mx;
 pub mod reply;
+pub mod tls;
 
 pub use auth::{AuthError, AuthExchange, AuthStep, Secret};
 pub use client::{
