@@ -1540,3 +1540,271 @@ pub mod peers {
             })
     }
 }
+
+/// Upstreams that tsubame delivers to in the tests: aiosmtpd (`tests/peers/upstream.py`)
+/// and Postfix's `smtp-sink`.
+pub mod upstream {
+    use std::net::{SocketAddr, TcpListener};
+    use std::path::{Path, PathBuf};
+    use std::process::{Command, Stdio};
+    use std::time::{Duration, Instant};
+
+    use serde_json::Value;
+    use tempfile::TempDir;
+
+    use crate::peers::{peer_script, python3};
+    use crate::process::{ChildGuard, find_program};
+
+    /// How long an upstream gets to start listening.
+    pub const UPSTREAM_STARTUP_TIMEOUT: Duration = Duration::from_secs(20);
+
+    /// A free TCP port on 127.0.0.1 (bound and released: a tiny race, acceptable here).
+    pub fn free_port() -> u16 {
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .unwrap_or_else(|error| panic!("cannot bind a port on loopback: {error}"));
+        listener
+            .local_addr()
+            .unwrap_or_else(|error| panic!("local_addr: {error}"))
+            .port()
+    }
+
+    /// Polls `condition` every 20 ms until it holds or `timeout` passes.
+    pub fn wait_until(timeout: Duration, mut condition: impl FnMut() -> bool) -> bool {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if condition() {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// A message the upstream stored.
+    #[derive(Clone)]
+    pub struct Received {
+        pub envelope: Value,
+        pub content: Vec<u8>,
+    }
+
+    impl std::fmt::Debug for Received {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(f, "{} {}", self.envelope, crate::escape(&self.content))
+        }
+    }
+
+    impl Received {
+        /// The envelope sender; empty for the null sender (aiosmtpd reports it as `<>`).
+        pub fn mail_from(&self) -> &str {
+            match self.envelope["mail_from"].as_str().unwrap_or("") {
+                "<>" => "",
+                address => address,
+            }
+        }
+
+        pub fn recipients(&self) -> Vec<String> {
+            self.envelope["rcpt_tos"]
+                .as_array()
+                .map(|list| {
+                    list.iter()
+                        .filter_map(|value| value.as_str().map(str::to_string))
+                        .collect()
+                })
+                .unwrap_or_default()
+        }
+
+        pub fn text(&self) -> String {
+            String::from_utf8_lossy(&self.content).into_owned()
+        }
+    }
+
+    /// aiosmtpd running `tests/peers/upstream.py`, killed when dropped.
+    #[derive(Debug)]
+    pub struct Aiosmtpd {
+        _child: ChildGuard,
+        address: SocketAddr,
+        outdir: TempDir,
+    }
+
+    impl Aiosmtpd {
+        /// Starts on 127.0.0.1 and a free port with the peer's options (`--reject A`,
+        /// `--defer-first N`, ...).
+        #[track_caller]
+        pub fn start(options: &[&str]) -> Aiosmtpd {
+            Self::start_on(SocketAddr::from(([127, 0, 0, 1], free_port())), options)
+        }
+
+        #[track_caller]
+        pub fn start_on(address: SocketAddr, options: &[&str]) -> Aiosmtpd {
+            let outdir = tempfile::Builder::new()
+                .prefix("tsubame-upstream-")
+                .tempdir()
+                .unwrap_or_else(|error| panic!("temporary directory: {error}"));
+            let mut command = Command::new(python3());
+            command
+                .arg(peer_script("upstream.py"))
+                .arg("--port")
+                .arg(address.port().to_string())
+                .arg("--bind")
+                .arg(address.ip().to_string())
+                .arg("--outdir")
+                .arg(outdir.path())
+                .args(options)
+                .env("PYTHONUNBUFFERED", "1")
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::inherit());
+            let mut child = ChildGuard::spawn(&mut command, "aiosmtpd upstream");
+            let ready = outdir.path().join("ready");
+            let started = wait_until(UPSTREAM_STARTUP_TIMEOUT, || {
+                ready.exists() || child.try_wait().is_some()
+            });
+            assert!(
+                started && ready.exists(),
+                "the aiosmtpd upstream did not start on {address}; is aiosmtpd installed? \
+                 (scripts/test does: pip install aiosmtpd)"
+            );
+            Aiosmtpd {
+                _child: child,
+                address,
+                outdir,
+            }
+        }
+
+        pub fn address(&self) -> SocketAddr {
+            self.address
+        }
+
+        pub fn port(&self) -> u16 {
+            self.address.port()
+        }
+
+        pub fn outdir(&self) -> &Path {
+            self.outdir.path()
+        }
+
+        /// Every message stored so far, in arrival order.
+        pub fn received(&self) -> Vec<Received> {
+            let mut messages = Vec::new();
+            for number in 1.. {
+                let base = self.outdir.path().join(number.to_string());
+                let envelope_path = base.with_extension("json");
+                let Ok(envelope_text) = std::fs::read_to_string(&envelope_path) else {
+                    break;
+                };
+                let envelope: Value = serde_json::from_str(&envelope_text)
+                    .unwrap_or_else(|error| panic!("{}: {error}", envelope_path.display()));
+                let content = std::fs::read(base.with_extension("eml"))
+                    .unwrap_or_else(|error| panic!("{}.eml: {error}", base.display()));
+                messages.push(Received { envelope, content });
+            }
+            messages
+        }
+
+        /// Waits until at least `count` messages are stored; fails the test otherwise.
+        #[track_caller]
+        pub fn wait_for(&self, count: usize, timeout: Duration) -> Vec<Received> {
+            let arrived = wait_until(timeout, || self.received().len() >= count);
+            let received = self.received();
+            assert!(
+                arrived,
+                "the upstream received {} message(s) within {timeout:?}, expected {count}; events: {}",
+                received.len(),
+                self.events().join("; ")
+            );
+            received
+        }
+
+        /// Refusals so far (`reject ADDR`, `defer RCPTS`, `hang ADDR`).
+        pub fn events(&self) -> Vec<String> {
+            std::fs::read_to_string(self.outdir.path().join("events.log"))
+                .map(|text| text.lines().map(str::to_string).collect())
+                .unwrap_or_default()
+        }
+    }
+
+    /// Postfix's `smtp-sink`, dumping each message into a directory, killed when dropped.
+    #[derive(Debug)]
+    pub struct SmtpSink {
+        _child: ChildGuard,
+        address: SocketAddr,
+        dump: TempDir,
+    }
+
+    /// `smtp-sink`, or a failed test saying how to get it.
+    pub fn smtp_sink_program() -> PathBuf {
+        find_program("smtp-sink")
+            .or_else(|| {
+                let path = PathBuf::from("/usr/sbin/smtp-sink");
+                path.is_file().then_some(path)
+            })
+            .unwrap_or_else(|| {
+                panic!(
+                    "smtp-sink is not installed: it comes with Postfix \
+                     (scripts/test does: apt-get install postfix)"
+                )
+            })
+    }
+
+    impl SmtpSink {
+        #[track_caller]
+        pub fn start() -> SmtpSink {
+            let address = SocketAddr::from(([127, 0, 0, 1], free_port()));
+            let dump = tempfile::Builder::new()
+                .prefix("tsubame-smtp-sink-")
+                .tempdir()
+                .unwrap_or_else(|error| panic!("temporary directory: {error}"));
+            let mut command = Command::new(smtp_sink_program());
+            // -u: smtp-sink drops privileges to this user when run as root; the dump
+            // directory must stay writable, so keep root (tests run as root in CI).
+            let user = if rustix_is_root() { "root" } else { "nobody" };
+            command
+                .arg("-u")
+                .arg(user)
+                .arg("-d")
+                .arg(format!("{}/%M.", dump.path().display()))
+                .arg(address.to_string())
+                .arg("100")
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::inherit());
+            let child = ChildGuard::spawn(&mut command, "smtp-sink");
+            let listening = wait_until(UPSTREAM_STARTUP_TIMEOUT, || {
+                std::net::TcpStream::connect(address).is_ok()
+            });
+            assert!(listening, "smtp-sink did not start listening on {address}");
+            SmtpSink {
+                _child: child,
+                address,
+                dump,
+            }
+        }
+
+        pub fn address(&self) -> SocketAddr {
+            self.address
+        }
+
+        /// The dump files so far: smtp-sink's own headers, then the message.
+        pub fn dumps(&self) -> Vec<String> {
+            let mut files: Vec<PathBuf> = std::fs::read_dir(self.dump.path())
+                .map(|entries| entries.filter_map(|entry| entry.ok().map(|e| e.path())).collect())
+                .unwrap_or_default();
+            files.sort();
+            files
+                .iter()
+                .filter_map(|path| std::fs::read(path).ok())
+                .map(|bytes| String::from_utf8_lossy(&bytes).into_owned())
+                .collect()
+        }
+    }
+
+    fn rustix_is_root() -> bool {
+        std::env::var("USER").is_ok_and(|user| user == "root")
+            || Command::new("id")
+                .arg("-u")
+                .output()
+                .is_ok_and(|output| output.stdout.starts_with(b"0"))
+    }
+}

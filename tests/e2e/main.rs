@@ -12,6 +12,7 @@ mod basic;
 mod bench;
 mod cli;
 mod crash;
+mod delivery;
 mod disk_full;
 mod limits;
 mod relay;

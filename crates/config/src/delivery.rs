@@ -48,6 +48,43 @@ pub struct DeliveryConfig {
     /// 4–5 days).
     #[serde(default = "default_max_age_secs")]
     pub max_age_secs: u64,
+    /// The delay before the first retry of a deferred recipient; each later delay is
+    /// `retry_factor` times the one before, up to `retry_max_secs`.
+    #[serde(default = "default_retry_initial_secs")]
+    pub retry_initial_secs: u64,
+    #[serde(default = "default_retry_factor")]
+    pub retry_factor: f64,
+    #[serde(default = "default_retry_max_secs")]
+    pub retry_max_secs: u64,
+    /// An explicit schedule instead: the delay after attempt n is entry n (seconds); the
+    /// last entry repeats.
+    #[serde(default)]
+    pub retry_schedule_secs: Option<Vec<u64>>,
+    /// On SIGTERM, how long deliveries in progress may take to finish before tsubame
+    /// exits anyway (what they had not finished is tried again at the next start).
+    #[serde(default = "default_shutdown_timeout_secs")]
+    pub shutdown_timeout_secs: u64,
+}
+
+/// Postfix's `minimal_backoff_time` is 300 s, `maximal_backoff_time` 4000 s; RFC 5321
+/// §4.5.4.1 asks for at least 30 minutes between retries of one destination, which the
+/// doubling reaches by the third retry.
+fn default_retry_initial_secs() -> u64 {
+    300
+}
+
+fn default_retry_factor() -> f64 {
+    2.0
+}
+
+fn default_retry_max_secs() -> u64 {
+    3600
+}
+
+/// Enough for a transaction in progress to finish on a healthy upstream; short enough
+/// that a service manager's stop timeout (systemd's default is 90 s) is not reached.
+fn default_shutdown_timeout_secs() -> u64 {
+    30
 }
 
 fn default_upstream_name() -> String {
@@ -64,6 +101,11 @@ impl Default for DeliveryConfig {
             ehlo_name: None,
             default_upstream: default_upstream_name(),
             max_age_secs: default_max_age_secs(),
+            retry_initial_secs: default_retry_initial_secs(),
+            retry_factor: default_retry_factor(),
+            retry_max_secs: default_retry_max_secs(),
+            retry_schedule_secs: None,
+            shutdown_timeout_secs: default_shutdown_timeout_secs(),
         }
     }
 }
@@ -133,6 +175,25 @@ pub struct UpstreamConfig {
     /// `mx` only: the DNS server to ask (host:port), instead of the system's resolvers.
     #[serde(default)]
     pub nameserver: Option<std::net::SocketAddr>,
+    /// Caps every wait on this upstream (connect, each reply, each write). Default: the
+    /// RFC 5321 §4.5.3.2 values (up to 10 minutes for the reply after the content).
+    #[serde(default)]
+    pub timeout_secs: Option<u64>,
+    /// Most transactions started per second on this upstream; unlimited when absent.
+    #[serde(default)]
+    pub rate_per_second: Option<f64>,
+    /// Recipients sent in one transaction; a message with more is sent in several.
+    #[serde(default = "default_max_recipients_per_transaction")]
+    pub max_recipients_per_transaction: usize,
+    /// The name we say in EHLO to this upstream; default `[delivery] ehlo_name`.
+    #[serde(default)]
+    pub ehlo_name: Option<String>,
+}
+
+/// Postfix's `smtp_destination_recipient_limit` default; RFC 5321 §4.5.3.1.8 requires
+/// servers to take at least 100, so 50 is safe everywhere.
+fn default_max_recipients_per_transaction() -> usize {
+    50
 }
 
 /// Enough parallel connections to keep a relay busy; relay services typically allow
@@ -171,6 +232,10 @@ impl UpstreamConfig {
             max_messages_per_connection: default_max_messages_per_connection(),
             idle_timeout_secs: default_idle_timeout_secs(),
             nameserver: None,
+            timeout_secs: None,
+            rate_per_second: None,
+            max_recipients_per_transaction: default_max_recipients_per_transaction(),
+            ehlo_name: None,
         }
     }
 
@@ -251,6 +316,11 @@ impl UpstreamConfig {
                 self.max_messages_per_connection as u64,
             ),
             ("idle_timeout_secs", self.idle_timeout_secs),
+            ("timeout_secs", self.timeout_secs.unwrap_or(1)),
+            (
+                "max_recipients_per_transaction",
+                self.max_recipients_per_transaction as u64,
+            ),
         ] {
             if value == 0 {
                 return Err((
@@ -259,7 +329,51 @@ impl UpstreamConfig {
                 ));
             }
         }
+        if let Some(rate) = self.rate_per_second
+            && (!rate.is_finite() || rate <= 0.0)
+        {
+            return Err((
+                "rate_per_second",
+                format!("upstream {name:?}: rate_per_second must be a positive number"),
+            ));
+        }
         Ok(())
+    }
+
+    /// The password from wherever the configuration says it is, or `None` when no
+    /// password is configured. Errors name the file or variable, never the value.
+    pub fn password(&self) -> Result<Option<Secret>, String> {
+        if let Some(password) = &self.password_inline {
+            return Ok(Some(password.clone()));
+        }
+        if let Some(path) = &self.password_file {
+            let text = std::fs::read_to_string(path).map_err(|error| {
+                format!(
+                    "upstream {:?}: cannot read password_file {}: {error}",
+                    self.name,
+                    path.display()
+                )
+            })?;
+            let first_line = text.lines().next().unwrap_or("");
+            if first_line.is_empty() {
+                return Err(format!(
+                    "upstream {:?}: password_file {} is empty",
+                    self.name,
+                    path.display()
+                ));
+            }
+            return Ok(Some(Secret::new(first_line.to_string())));
+        }
+        if let Some(variable) = &self.password_env {
+            return match std::env::var(variable) {
+                Ok(value) if !value.is_empty() => Ok(Some(Secret::new(value))),
+                _ => Err(format!(
+                    "upstream {:?}: environment variable {variable} (password_env) is not set",
+                    self.name
+                )),
+            };
+        }
+        Ok(None)
     }
 }
 

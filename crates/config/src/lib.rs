@@ -109,6 +109,11 @@ pub const COMMAND_LINE_BYTES_MIN: u64 = 512;
 pub const TEXT_LINE_BYTES_MIN: u64 = 1000;
 /// RFC 5321 §4.5.3.1.8: at least 100 recipients per message must be accepted.
 pub const RECIPIENTS_MIN: u64 = 100;
+/// Longest retry delay: the scheduler's own cap (`tsubame_queue::MAX_RETRY_DELAY_MS`),
+/// 30 days, far past any sensible `max_age_secs`.
+pub const RETRY_DELAY_SECS_MAX: u64 = 30 * 24 * 3600;
+/// Most entries in `retry_schedule_secs`: the scheduler's `MAX_SCHEDULE_ENTRIES`.
+pub const RETRY_SCHEDULE_ENTRIES_MAX: usize = 64;
 
 impl Default for SpoolConfig {
     fn default() -> Self {
@@ -256,6 +261,13 @@ impl Config {
                 }
             })?;
         Ok(config)
+    }
+
+    /// Checks a configuration changed after loading (command-line overrides) again.
+    pub fn revalidate(&self) -> Result<(), String> {
+        self.validate()
+            .map_err(|(_, message)| message)
+            .and_then(|()| self.validate_delivery().map_err(|(_, message)| message))
     }
 
     /// Checks what types alone cannot. Returns the offending key and a message.
@@ -412,6 +424,52 @@ impl Config {
                 Place::Key("max_age_secs"),
                 "max_age_secs must be greater than 0".to_string(),
             ));
+        }
+        let delivery = &self.delivery;
+        if delivery.retry_initial_secs == 0 {
+            return Err((
+                Place::Key("retry_initial_secs"),
+                "retry_initial_secs must be greater than 0".to_string(),
+            ));
+        }
+        if !delivery.retry_factor.is_finite() || delivery.retry_factor < 1.0 {
+            return Err((
+                Place::Key("retry_factor"),
+                "retry_factor must be a number of at least 1".to_string(),
+            ));
+        }
+        if delivery.retry_max_secs < delivery.retry_initial_secs {
+            return Err((
+                Place::Key("retry_max_secs"),
+                "retry_max_secs must be at least retry_initial_secs".to_string(),
+            ));
+        }
+        if delivery.retry_max_secs > RETRY_DELAY_SECS_MAX {
+            return Err((
+                Place::Key("retry_max_secs"),
+                format!("retry_max_secs must be at most {RETRY_DELAY_SECS_MAX} (30 days)"),
+            ));
+        }
+        if let Some(schedule) = &delivery.retry_schedule_secs {
+            if schedule.is_empty() || schedule.len() > RETRY_SCHEDULE_ENTRIES_MAX {
+                return Err((
+                    Place::Key("retry_schedule_secs"),
+                    format!(
+                        "retry_schedule_secs needs 1 to {RETRY_SCHEDULE_ENTRIES_MAX} entries"
+                    ),
+                ));
+            }
+            if schedule
+                .iter()
+                .any(|&delay| delay == 0 || delay > RETRY_DELAY_SECS_MAX)
+            {
+                return Err((
+                    Place::Key("retry_schedule_secs"),
+                    format!(
+                        "each retry_schedule_secs entry must be between 1 and {RETRY_DELAY_SECS_MAX}"
+                    ),
+                ));
+            }
         }
         Ok(())
     }

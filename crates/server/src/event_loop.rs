@@ -12,7 +12,9 @@ use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token, Waker};
 use slab::Slab;
 use tsubame_config::Config;
-use tsubame_spool::{CommitNotice, Envelope, MessageId, SpoolError};
+use tsubame_spool::{
+    CommitNotice, Envelope, MessageState, RecipientState, SpoolError, SpooledMessage,
+};
 
 use crate::session::{Event, Session, SessionContext, Waiting, replies};
 use crate::{ServerError, Shared};
@@ -128,11 +130,9 @@ struct Pending {
     token: Token,
     /// Guards against the slab key being reused by a later connection.
     connection_id: u64,
-    message_id: MessageId,
-    /// For the "message accepted" log line, written once the message is durable.
-    mail_from: String,
-    recipients: usize,
-    size_bytes: usize,
+    /// What the handoff gets once the message is durable; also the "message accepted"
+    /// log line's fields.
+    message: SpooledMessage,
 }
 
 #[derive(Debug)]
@@ -554,11 +554,32 @@ impl EventLoop {
         }
     }
 
+    /// Tells the client how its message fared and, when it is durable, hands it to
+    /// delivery: also when the client has gone meanwhile, because the message is in the
+    /// spool either way.
     fn resolve(&mut self, done: Pending, notice: &CommitNotice) {
-        let Some(connection) = self.connections.get_mut(done.token.0) else {
+        let Pending {
+            token,
+            connection_id,
+            message,
+            ..
+        } = done;
+        let message_id = message.id;
+        let durable = notice.result.is_ok();
+        let log_fields = durable.then(|| {
+            (
+                message.mail_from.clone(),
+                message.recipients.len(),
+                message.body_size_bytes,
+            )
+        });
+        if durable {
+            (self.shared.handoff)(message);
+        }
+        let Some(connection) = self.connections.get_mut(token.0) else {
             return;
         };
-        if connection.id != done.connection_id {
+        if connection.id != connection_id {
             return;
         }
         let context = SessionContext {
@@ -568,20 +589,21 @@ impl EventLoop {
         };
         match &notice.result {
             Ok(()) => {
+                let (from, recipients, size_bytes) = log_fields.unwrap_or_default();
                 tracing::info!(
-                    id = %done.message_id,
+                    id = %message_id,
                     client = %connection.peer,
-                    from = done.mail_from,
-                    recipients = done.recipients,
-                    size_bytes = done.size_bytes,
+                    from,
+                    recipients,
+                    size_bytes,
                     "message accepted"
                 );
                 connection
                     .session
-                    .committed(&done.message_id.to_string(), &mut connection.output);
+                    .committed(&message_id.to_string(), &mut connection.output);
             }
             Err(reason) => {
-                tracing::error!(id = %done.message_id, client = %connection.peer, %reason, "spool sync failed; message refused with 451");
+                tracing::error!(id = %message_id, client = %connection.peer, %reason, "spool sync failed; message refused with 451");
                 connection.session.refuse_message(
                     replies::LOCAL_ERROR,
                     &mut connection.output,
@@ -590,7 +612,7 @@ impl EventLoop {
             }
         }
         connection.content_started = None;
-        self.drive(done.token);
+        self.drive(token);
     }
 
     fn sweep_timeouts(&mut self, now: Instant) {
@@ -714,10 +736,20 @@ fn after_process(
                 sequence: receipt.sequence,
                 token,
                 connection_id: connection.id,
-                message_id: receipt.id,
-                mail_from: parts.mail_from.to_string(),
-                recipients: parts.recipients.len(),
-                size_bytes: parts.body.len(),
+                message: SpooledMessage {
+                    id: receipt.id,
+                    location: receipt.location,
+                    received_at_unix_ms,
+                    client_address: connection.peer.to_string(),
+                    helo: parts.helo.to_string(),
+                    authenticated_user: None,
+                    mail_from: parts.mail_from.to_string(),
+                    mail_parameters: parts.mail_parameters.to_string(),
+                    recipients: parts.recipients.to_vec(),
+                    body_size_bytes: parts.body.len() as u64,
+                    state: MessageState::Queued,
+                    recipient_states: vec![RecipientState::default(); parts.recipients.len()],
+                },
             });
             connection.session.spooled();
             Event::AwaitingCommit

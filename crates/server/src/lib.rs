@@ -19,7 +19,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use tsubame_config::Config;
-use tsubame_spool::Spool;
+use tsubame_spool::{Spool, SpooledMessage};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -37,15 +37,26 @@ pub enum ServerError {
 }
 
 /// State every loop shares.
-#[derive(Debug)]
 pub(crate) struct Shared {
     pub config: Arc<Config>,
     pub spool: Spool,
+    /// Called once per message whose record is durable (its client heard or will hear
+    /// 250), from an event-loop thread: must not block.
+    pub handoff: Handoff,
     pub hostname: String,
     pub shutdown: AtomicBool,
     /// Connections open over all loops. Invariant: equals the sum of `per_ip`.
     pub connections: AtomicUsize,
     pub per_ip: Mutex<HashMap<IpAddr, usize>>,
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared")
+            .field("hostname", &self.hostname)
+            .field("connections", &self.connections)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Shared {
@@ -166,8 +177,22 @@ pub fn system_hostname() -> String {
     }
 }
 
-/// Binds every listener and starts the event loops.
-pub fn start(config: Arc<Config>, spool: Spool) -> Result<RunningServer, ServerError> {
+/// Where accepted messages go once durable: delivery's queue, or nowhere (tests of
+/// the accept path). Called on an event-loop thread; it must not block.
+pub type Handoff = Arc<dyn Fn(SpooledMessage) + Send + Sync>;
+
+/// A handoff that drops every message (they stay in the spool for the next start).
+pub fn discard_handoff() -> Handoff {
+    Arc::new(|_message: SpooledMessage| {})
+}
+
+/// Binds every listener and starts the event loops; every durable message goes to
+/// `handoff`.
+pub fn start(
+    config: Arc<Config>,
+    spool: Spool,
+    handoff: Handoff,
+) -> Result<RunningServer, ServerError> {
     let listeners = event_loop::bind_listeners(&config)?;
     let local_addresses: Vec<SocketAddr> = listeners
         .iter()
@@ -185,6 +210,7 @@ pub fn start(config: Arc<Config>, spool: Spool) -> Result<RunningServer, ServerE
     let shared = Arc::new(Shared {
         config,
         spool,
+        handoff,
         hostname,
         shutdown: AtomicBool::new(false),
         connections: AtomicUsize::new(0),

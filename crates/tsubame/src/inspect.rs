@@ -225,7 +225,7 @@ fn write_table(out: &mut impl Write, report: &ScanReport) -> std::io::Result<()>
 
 /// `2026-11-26T06:30:37.123Z`, computed without a date library (proleptic Gregorian,
 /// the days-to-civil algorithm).
-fn format_unix_ms(unix_ms: u64) -> String {
+pub(crate) fn format_unix_ms(unix_ms: u64) -> String {
     let seconds = unix_ms / 1000;
     let days = (seconds / 86_400) as i64;
     let second_of_day = seconds % 86_400;

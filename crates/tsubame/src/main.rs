@@ -4,6 +4,7 @@
 
 mod bench;
 mod inspect;
+mod queue;
 mod serve;
 mod sink;
 
@@ -27,6 +28,8 @@ use clap::{Parser, Subcommand};
         tsubame serve                                  start on the embedded default (127.0.0.1:2525)\n  \
         tsubame serve --config /etc/tsubame.toml\n  \
         tsubame check-config /etc/tsubame.toml\n  \
+        tsubame serve --upstream smtp+starttls://user@smtp.example.net\n  \
+        tsubame queue list --spool ./spool\n  \
         tsubame spool inspect --spool ./spool --json\n  \
         tsubame sink --listen 127.0.0.1:2526 --tempfail-rate 0.05\n  \
         tsubame bench --target 127.0.0.1:2525 -n 20000 -s 1024 -c 50\n\n\
@@ -55,6 +58,9 @@ enum Command {
     /// A counting SMTP sink that can inject failures, for benchmarks and tests. Prints
     /// its counts when it stops (SIGINT, SIGTERM, or --count reached).
     Sink(sink::SinkArgs),
+    /// Look at and act on a running server's delivery queue (list, show, flush,
+    /// delete), through the control socket in its spool directory.
+    Queue(queue::QueueArgs),
     /// Look at a spool offline.
     Spool {
         #[command(subcommand)]
@@ -79,6 +85,7 @@ fn main() -> ExitCode {
         Command::CheckConfig { file } => check_config(&file),
         Command::Sink(args) => sink::run(args),
         Command::Bench(args) => bench::run(args),
+        Command::Queue(args) => queue::run(args),
         Command::Spool {
             command: SpoolCommand::Inspect(args),
         } => inspect::run(args),

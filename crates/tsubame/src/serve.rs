@@ -33,6 +33,13 @@ pub struct ServeArgs {
     /// Log filter (info, debug, ...), instead of the configured one. RUST_LOG also works.
     #[arg(long, value_name = "FILTER")]
     log_level: Option<String>,
+    /// Deliver everything through this upstream instead of the configured routes:
+    /// smtp://[user[:pass]@]host[:port] (STARTTLS when offered, port 25),
+    /// smtp+starttls://... (STARTTLS required, port 587), smtps://... (implicit TLS,
+    /// port 465), or mx: (direct delivery by MX lookup). The password may also come from
+    /// TSUBAME_UPSTREAM_PASSWORD, which keeps it out of the process list.
+    #[arg(long, value_name = "URL")]
+    upstream: Option<String>,
 }
 
 pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
@@ -40,13 +47,9 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         Some(path) => (Config::load(path)?, path.display().to_string()),
         None => (Config::embedded_default()?, "embedded default".to_string()),
     };
-    apply_overrides(&mut config, &args);
+    apply_overrides(&mut config, &args)?;
     // Dropping the guard (at return) flushes the log lines still buffered.
     let _log_guard = init_logging(&config, args.log_level.as_deref())?;
-    tracing::warn!(
-        "this release accepts and spools mail but does not deliver it yet; \
-         [[upstream]] and [[route]] are checked but not used"
-    );
     if args.config.is_none() {
         tracing::info!(
             "no --config given: running on the embedded default configuration (loopback only); \
@@ -78,8 +81,29 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         "spool recovered"
     );
 
+    let hostname = config
+        .server
+        .hostname
+        .clone()
+        .unwrap_or_else(tsubame_server::system_hostname);
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |elapsed| elapsed.as_nanos() as u64);
+    let relay = tsubame_relay::start(
+        &config,
+        spool.clone(),
+        report.messages,
+        tsubame_relay::RelayOptions { hostname, seed },
+    )
+    .context("cannot start delivery")?;
+    tracing::info!(
+        control_socket = %tsubame_relay::control::socket_path(&directory).display(),
+        default_upstream = config.delivery.default_upstream,
+        routes = config.routes.len(),
+        "delivery started"
+    );
     let config = Arc::new(config);
-    let server = tsubame_server::start(Arc::clone(&config), spool.clone())?;
+    let server = tsubame_server::start(Arc::clone(&config), spool.clone(), relay.handoff())?;
     let shutdown = server.shutdown_handle();
     std::thread::Builder::new()
         .name("signals".to_string())
@@ -90,13 +114,18 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
             }
         })
         .context("cannot start the signal thread")?;
+    // Stop order: no new clients and finish their transactions; then let deliveries in
+    // progress finish (bounded); then the final sync.
     server.wait();
+    relay.shutdown(std::time::Duration::from_secs(
+        config.delivery.shutdown_timeout_secs,
+    ));
     spool.shutdown();
     tracing::info!("stopped");
     Ok(ExitCode::SUCCESS)
 }
 
-fn apply_overrides(config: &mut Config, args: &ServeArgs) {
+fn apply_overrides(config: &mut Config, args: &ServeArgs) -> anyhow::Result<()> {
     if !args.listen.is_empty() {
         let relay_networks = config
             .listeners
@@ -124,6 +153,23 @@ fn apply_overrides(config: &mut Config, args: &ServeArgs) {
     if let Some(threads) = args.threads {
         config.server.threads = threads;
     }
+    if let Some(url) = &args.upstream {
+        let mut upstream =
+            tsubame_config::parse_upstream_url(url).map_err(|message| anyhow::anyhow!("--upstream: {message}"))?;
+        if upstream.username.is_some()
+            && upstream.password_inline.is_none()
+            && let Ok(password) = std::env::var("TSUBAME_UPSTREAM_PASSWORD")
+        {
+            upstream.password_inline = Some(tsubame_config::Secret::new(password));
+        }
+        config.upstreams.retain(|configured| configured.name != upstream.name);
+        config.delivery.default_upstream = upstream.name.clone();
+        config.upstreams.push(upstream);
+        // The flag means "everything goes there".
+        config.routes.clear();
+        config.revalidate().map_err(|message| anyhow::anyhow!("--upstream: {message}"))?;
+    }
+    Ok(())
 }
 
 /// Logs go to standard error through a writer thread that batches lines: the event

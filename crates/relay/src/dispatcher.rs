@@ -1,0 +1,758 @@
+//! The dispatcher: one thread that owns the scheduler and the table of queued
+//! messages. It takes accepted messages from the event loops, hands jobs to the
+//! upstreams' workers, journals what comes back, spools bounces, writes message-done
+//! records, reclaims spool segments and answers the control socket. Everything that
+//! changes queue state happens here, so none of it needs a lock.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, Sender, select};
+use tsubame_queue::{
+    Event, Job, MessageKey, Outcome, RecipientIndex, RecoveredRecipient, RetrySchedule, RouteId,
+    Scheduler, Timestamp,
+};
+use tsubame_spool::format::{DoneReason, OutcomeKind};
+use tsubame_spool::{Envelope, MessageId, Spool, SpooledMessage};
+
+use crate::control::{ControlRequest, ControlResponse, MessageSummary, RecipientSummary};
+use crate::job::{MessageMeta, RecipientReport, Report, WorkItem};
+use crate::routing::{RouteInput, Router};
+use crate::upstream::Upstream;
+use crate::{bounce, now_unix_ms};
+
+/// Longest the dispatcher sleeps with nothing to do: the bound on how late a reclaim
+/// pass or a shutdown deadline check can be.
+const IDLE_WAKEUP: Duration = Duration::from_secs(1);
+
+/// Messages or reports handled per channel before the dispatcher looks at the other
+/// channel and hands out jobs: keeps a burst of arrivals from starving the workers.
+const BATCH_MAX: usize = 4096;
+
+/// How often reclaim runs while messages are finishing.
+const RECLAIM_INTERVAL: Duration = Duration::from_millis(500);
+
+/// What the dispatcher is asked to do by other threads.
+pub(crate) enum Command {
+    /// A message is durable in the spool; schedule it.
+    Accepted(SpooledMessage),
+    Control(ControlRequest, Sender<ControlResponse>),
+    /// Stop handing out jobs; wait for those in flight until `deadline`; then return.
+    Shutdown { deadline: Instant },
+}
+
+impl std::fmt::Debug for Command {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Accepted(message) => write!(f, "Accepted({})", message.id),
+            Self::Control(request, _) => write!(f, "Control({request:?})"),
+            Self::Shutdown { .. } => f.write_str("Shutdown"),
+        }
+    }
+}
+
+/// Where one recipient stands, for `queue list` and bounces.
+#[derive(Debug, Clone)]
+struct RecipientStatus {
+    upstream: usize,
+    attempts: u32,
+    state: RecipientPhase,
+    last_detail: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RecipientPhase {
+    Queued,
+    Sending,
+    Deferred,
+    Delivered,
+    Failed,
+}
+
+impl RecipientPhase {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Queued => "queued",
+            Self::Sending => "sending",
+            Self::Deferred => "deferred",
+            Self::Delivered => "delivered",
+            Self::Failed => "failed",
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Entry {
+    meta: Arc<MessageMeta>,
+    /// Invariant: one per recipient of the message.
+    recipients: Vec<RecipientStatus>,
+}
+
+pub(crate) struct Dispatcher {
+    pub scheduler: Scheduler,
+    pub spool: Spool,
+    pub upstreams: Vec<Arc<Upstream>>,
+    /// Per upstream, the channel its workers take jobs from. Dropped at shutdown so the
+    /// workers end.
+    pub job_senders: Vec<Sender<WorkItem>>,
+    pub router: Router,
+    pub commands: Receiver<Command>,
+    pub reports: Receiver<Report>,
+    /// Our name: Reporting-MTA of bounces and the HELO recorded for them.
+    pub hostname: String,
+    messages: HashMap<MessageKey, Entry>,
+    /// Messages finished since the last reclaim pass.
+    done_since_reclaim: usize,
+    last_reclaim: Instant,
+    /// Set by `Command::Shutdown`.
+    shutdown_deadline: Option<Instant>,
+    /// Counts bounces made by this process, for their Message-IDs.
+    bounces_made: u64,
+    /// The scheduler's schedule, to work out when a recovered recipient is due.
+    retry: RetrySchedule,
+}
+
+impl std::fmt::Debug for Dispatcher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Dispatcher")
+            .field("messages", &self.messages.len())
+            .finish_non_exhaustive()
+    }
+}
+
+fn timestamp(unix_ms: u64) -> Timestamp {
+    Timestamp::from_unix_ms(unix_ms)
+}
+
+impl Dispatcher {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        scheduler: Scheduler,
+        spool: Spool,
+        upstreams: Vec<Arc<Upstream>>,
+        job_senders: Vec<Sender<WorkItem>>,
+        router: Router,
+        commands: Receiver<Command>,
+        reports: Receiver<Report>,
+        hostname: String,
+        retry: RetrySchedule,
+    ) -> Self {
+        Self {
+            scheduler,
+            spool,
+            upstreams,
+            job_senders,
+            router,
+            commands,
+            reports,
+            hostname,
+            messages: HashMap::new(),
+            done_since_reclaim: 0,
+            last_reclaim: Instant::now(),
+            shutdown_deadline: None,
+            bounces_made: 0,
+            retry,
+        }
+    }
+
+    /// Puts the messages recovery found back in the queue, with their journal's
+    /// attempts and the retry time those imply.
+    pub fn recover(&mut self, messages: Vec<SpooledMessage>) {
+        let now_ms = now_unix_ms();
+        let mut queued = 0usize;
+        let mut finished = 0usize;
+        for message in messages {
+            if message.state == tsubame_spool::MessageState::Done {
+                continue;
+            }
+            let key = MessageKey(message.id.0);
+            let meta = Arc::new(MessageMeta::new(message));
+            let message = &meta.message;
+            let mut statuses = Vec::with_capacity(message.recipients.len());
+            let mut pending = Vec::new();
+            for (index, (recipient, state)) in message
+                .recipients
+                .iter()
+                .zip(&message.recipient_states)
+                .enumerate()
+            {
+                let upstream = self.route(message, recipient);
+                let phase = match state.final_outcome {
+                    Some(OutcomeKind::Delivered) => RecipientPhase::Delivered,
+                    Some(_) => RecipientPhase::Failed,
+                    None if state.attempts > 0 => RecipientPhase::Deferred,
+                    None => RecipientPhase::Queued,
+                };
+                statuses.push(RecipientStatus {
+                    upstream,
+                    attempts: state.attempts,
+                    state: phase,
+                    last_detail: None,
+                });
+                if state.final_outcome.is_none() {
+                    let next_attempt_at = state.last_attempt_unix_ms.map(|last| {
+                        timestamp(last.saturating_add(
+                            self.scheduler_retry_delay_ms(state.attempts),
+                        ))
+                    });
+                    pending.push(RecoveredRecipient {
+                        recipient: RecipientIndex(index as u32),
+                        route: RouteId(upstream as u32),
+                        attempts: state.attempts,
+                        next_attempt_at,
+                    });
+                }
+            }
+            if pending.is_empty() {
+                // Every recipient is final but the done record did not make it to disk.
+                self.message_done(message.id);
+                finished += 1;
+                continue;
+            }
+            match self.scheduler.insert_recovered(
+                key,
+                timestamp(message.received_at_unix_ms),
+                &pending,
+                timestamp(now_ms),
+            ) {
+                Ok(()) => {
+                    queued += 1;
+                    self.messages.insert(
+                        key,
+                        Entry {
+                            meta: Arc::clone(&meta),
+                            recipients: statuses,
+                        },
+                    );
+                }
+                Err(error) => {
+                    tracing::error!(id = %message.id, %error, "cannot queue a recovered message");
+                }
+            }
+        }
+        if queued > 0 || finished > 0 {
+            tracing::info!(queued, finished, "delivery queue rebuilt from the spool");
+        }
+    }
+
+    fn scheduler_retry_delay_ms(&self, attempts: u32) -> u64 {
+        self.retry.delay_ms(attempts)
+    }
+
+    fn route(&self, message: &SpooledMessage, recipient: &str) -> usize {
+        let client_ip = message
+            .client_address
+            .parse::<std::net::SocketAddr>()
+            .ok()
+            .map(|address| address.ip());
+        self.router.route(&RouteInput {
+            mail_from: &message.mail_from,
+            recipient,
+            authenticated_user: message.authenticated_user.as_deref(),
+            client_ip,
+        })
+    }
+
+    /// Runs until shut down (or until every command sender is gone).
+    pub fn run(mut self) {
+        loop {
+            let timeout = self.sleep_for();
+            select! {
+                recv(self.commands) -> command => match command {
+                    Ok(command) => self.command(command),
+                    Err(_) => self.begin_shutdown(Instant::now()),
+                },
+                recv(self.reports) -> report => {
+                    if let Ok(report) = report {
+                        self.report(report);
+                    }
+                },
+                default(timeout) => {},
+            }
+            for _ in 0..BATCH_MAX {
+                match self.reports.try_recv() {
+                    Ok(report) => self.report(report),
+                    Err(_) => break,
+                }
+            }
+            for _ in 0..BATCH_MAX {
+                match self.commands.try_recv() {
+                    Ok(command) => self.command(command),
+                    Err(_) => break,
+                }
+            }
+            let now = timestamp(now_unix_ms());
+            let events = self.scheduler.advance(now);
+            self.events(events, now);
+            if self.shutdown_deadline.is_none() {
+                self.dispatch(now);
+            }
+            self.maybe_reclaim();
+            if let Some(deadline) = self.shutdown_deadline {
+                let in_flight = self.in_flight();
+                if in_flight == 0 {
+                    break;
+                }
+                if Instant::now() >= deadline {
+                    tracing::warn!(
+                        in_flight,
+                        "shutdown timeout: deliveries still in progress are left; they are tried again at the next start"
+                    );
+                    break;
+                }
+            }
+        }
+        // Closing the job channels ends the workers once their current job is done.
+        self.job_senders.clear();
+        self.reclaim();
+    }
+
+    fn in_flight(&self) -> usize {
+        (0..self.upstreams.len())
+            .map(|route| self.scheduler.in_flight(RouteId(route as u32)))
+            .sum()
+    }
+
+    fn sleep_for(&self) -> Duration {
+        let now_ms = now_unix_ms();
+        let mut sleep = IDLE_WAKEUP;
+        if let Some(wakeup) = self.scheduler.next_wakeup() {
+            let wakeup_ms = wakeup.unix_ms;
+            sleep = sleep.min(Duration::from_millis(wakeup_ms.saturating_sub(now_ms)));
+        }
+        if self.done_since_reclaim > 0 {
+            sleep = sleep.min(RECLAIM_INTERVAL.saturating_sub(self.last_reclaim.elapsed()));
+        }
+        sleep
+    }
+
+    fn begin_shutdown(&mut self, deadline: Instant) {
+        if self.shutdown_deadline.is_none() {
+            tracing::info!(
+                in_flight = self.in_flight(),
+                queued = self.messages.len(),
+                "delivery stopping: no new attempts; waiting for those in progress"
+            );
+            self.shutdown_deadline = Some(deadline);
+        }
+    }
+
+    fn command(&mut self, command: Command) {
+        match command {
+            Command::Accepted(message) => self.accept(message),
+            Command::Control(request, reply) => {
+                let response = self.control(request);
+                let _ = reply.send(response);
+            }
+            Command::Shutdown { deadline } => self.begin_shutdown(deadline),
+        }
+    }
+
+    fn accept(&mut self, message: SpooledMessage) {
+        let key = MessageKey(message.id.0);
+        let meta = Arc::new(MessageMeta::new(message));
+        let message = &meta.message;
+        let mut recipients = Vec::with_capacity(message.recipients.len());
+        let mut statuses = Vec::with_capacity(message.recipients.len());
+        for (index, recipient) in message.recipients.iter().enumerate() {
+            let upstream = self.route(message, recipient);
+            recipients.push((RecipientIndex(index as u32), RouteId(upstream as u32)));
+            statuses.push(RecipientStatus {
+                upstream,
+                attempts: 0,
+                state: RecipientPhase::Queued,
+                last_detail: None,
+            });
+        }
+        let now = timestamp(now_unix_ms());
+        match self.scheduler.insert(
+            key,
+            timestamp(message.received_at_unix_ms),
+            &recipients,
+            now,
+        ) {
+            Ok(()) => {
+                self.messages.insert(
+                    key,
+                    Entry {
+                        meta: Arc::clone(&meta),
+                        recipients: statuses,
+                    },
+                );
+            }
+            Err(error) => {
+                // Stays in the spool; the next start queues it from there.
+                tracing::error!(id = %message.id, %error, "cannot queue an accepted message");
+            }
+        }
+    }
+
+    /// Hands out every job the scheduler allows now.
+    fn dispatch(&mut self, now: Timestamp) {
+        for (route, upstream) in self.upstreams.iter().enumerate() {
+            let max_recipients = upstream.config.max_recipients_per_transaction;
+            loop {
+                let job = match self
+                    .scheduler
+                    .next_job(RouteId(route as u32), now, max_recipients)
+                {
+                    Ok(Some(job)) => job,
+                    Ok(None) => break,
+                    Err(error) => {
+                        tracing::error!(%error, "scheduler refused a route");
+                        break;
+                    }
+                };
+                let Job {
+                    id,
+                    message,
+                    recipients,
+                    ..
+                } = job;
+                let Some(entry) = self.messages.get_mut(&message) else {
+                    // Cannot happen: the scheduler only knows messages we inserted.
+                    tracing::error!(?message, "job for a message the dispatcher does not know");
+                    continue;
+                };
+                for job_recipient in &recipients {
+                    if let Some(status) = entry.recipients.get_mut(job_recipient.recipient.0 as usize)
+                    {
+                        status.state = RecipientPhase::Sending;
+                        status.attempts = job_recipient.attempt;
+                    }
+                }
+                let item = WorkItem {
+                    job: id,
+                    meta: Arc::clone(&entry.meta),
+                    recipients: recipients
+                        .iter()
+                        .map(|recipient| (recipient.recipient, recipient.attempt))
+                        .collect(),
+                };
+                if let Some(sender) = self.job_senders.get(route)
+                    && sender.send(item).is_err()
+                {
+                    tracing::error!(upstream = upstream.name(), "delivery workers are gone");
+                }
+            }
+        }
+    }
+
+    fn report(&mut self, report: Report) {
+        let now_ms = now_unix_ms();
+        let now = timestamp(now_ms);
+        let id = report.message.message.id;
+        let upstream_name = self
+            .upstreams
+            .get(report.upstream)
+            .map_or("?", |upstream| upstream.name())
+            .to_string();
+        // A permanent failure is final only once its bounce is in the spool: spool the
+        // bounce first, so a crash cannot leave a journalled failure without one.
+        let failed: Vec<&RecipientReport> = report
+            .recipients
+            .iter()
+            .filter(|recipient| recipient.outcome == Outcome::Failed)
+            .collect();
+        let bounce_spooled = failed.is_empty() || self.bounce(&report.message, &failed, now_ms);
+        let mut events = Vec::new();
+        for recipient in &report.recipients {
+            let mut outcome = recipient.outcome;
+            if outcome == Outcome::Failed && !bounce_spooled {
+                outcome = Outcome::Deferred;
+            }
+            let address = report
+                .message
+                .message
+                .recipients
+                .get(recipient.recipient.0 as usize)
+                .map_or("", String::as_str);
+            let kind = match outcome {
+                Outcome::Delivered => {
+                    tracing::info!(%id, to = address, upstream = upstream_name, remote = recipient.remote.as_deref().unwrap_or(""), reply = recipient.detail, "delivered");
+                    OutcomeKind::Delivered
+                }
+                Outcome::Deferred => {
+                    tracing::info!(%id, to = address, upstream = upstream_name, reason = recipient.detail, "deferred");
+                    OutcomeKind::Deferred
+                }
+                Outcome::Failed => {
+                    tracing::info!(%id, to = address, upstream = upstream_name, reply = recipient.detail, "bounced");
+                    OutcomeKind::Failed
+                }
+            };
+            self.journal(id, recipient.recipient, kind, now_ms, &recipient.detail);
+            if let Some(entry) = self.messages.get_mut(&MessageKey(id.0))
+                && let Some(status) = entry.recipients.get_mut(recipient.recipient.0 as usize)
+            {
+                status.state = match outcome {
+                    Outcome::Delivered => RecipientPhase::Delivered,
+                    Outcome::Deferred => RecipientPhase::Deferred,
+                    Outcome::Failed => RecipientPhase::Failed,
+                };
+                status.last_detail = Some(recipient.detail.clone());
+            }
+            match self
+                .scheduler
+                .complete(report.job, recipient.recipient, outcome, now)
+            {
+                Ok(more) => events.extend(more),
+                Err(error) => tracing::error!(%id, %error, "scheduler refused an outcome"),
+            }
+        }
+        self.events(events, now);
+    }
+
+    fn journal(
+        &self,
+        id: MessageId,
+        recipient: RecipientIndex,
+        kind: OutcomeKind,
+        at_unix_ms: u64,
+        detail: &str,
+    ) {
+        if let Err(error) =
+            self.spool
+                .append_recipient_outcome(id, recipient.0, kind, at_unix_ms, detail)
+        {
+            // Without the record a restart repeats the attempt: a duplicate at worst.
+            tracing::error!(%id, %error, "cannot journal a delivery outcome");
+        }
+    }
+
+    fn events(&mut self, events: Vec<Event>, now: Timestamp) {
+        let mut expired: HashMap<MessageKey, Vec<RecipientIndex>> = HashMap::new();
+        let mut done = Vec::new();
+        for event in events {
+            match event {
+                Event::Expired { message, recipient } => {
+                    expired.entry(message).or_default().push(recipient)
+                }
+                Event::MessageDone { message } => done.push(message),
+            }
+        }
+        let now_ms = now.unix_ms;
+        for (key, recipients) in expired {
+            let Some(entry) = self.messages.get_mut(&key) else {
+                continue;
+            };
+            let meta = Arc::clone(&entry.meta);
+            let mut reports = Vec::new();
+            for recipient in recipients {
+                let last = entry
+                    .recipients
+                    .get(recipient.0 as usize)
+                    .and_then(|status| status.last_detail.clone())
+                    .unwrap_or_else(|| "no attempt succeeded".to_string());
+                let detail = format!("message expired after the maximum queue time; last: {last}");
+                if let Some(status) = entry.recipients.get_mut(recipient.0 as usize) {
+                    status.state = RecipientPhase::Failed;
+                    status.last_detail = Some(detail.clone());
+                }
+                reports.push(RecipientReport {
+                    recipient,
+                    outcome: Outcome::Failed,
+                    detail,
+                    // RFC 3463: 4.4.7 delivery time expired, final here.
+                    status: "4.4.7".to_string(),
+                    remote: None,
+                });
+            }
+            let failed: Vec<&RecipientReport> = reports.iter().collect();
+            if !self.bounce(&meta, &failed, now_ms) {
+                tracing::error!(id = %meta.message.id, "cannot spool the bounce for an expired message; it is lost");
+            }
+            for report in &reports {
+                tracing::info!(id = %meta.message.id, to = meta.message.recipients.get(report.recipient.0 as usize).map_or("", String::as_str), reason = report.detail, "expired");
+                self.journal(
+                    meta.message.id,
+                    report.recipient,
+                    OutcomeKind::Expired,
+                    now_ms,
+                    &report.detail,
+                );
+            }
+        }
+        for key in done {
+            if let Some(entry) = self.messages.remove(&key) {
+                self.message_done(entry.meta.message.id);
+            }
+        }
+    }
+
+    fn message_done(&mut self, id: MessageId) {
+        match self
+            .spool
+            .append_message_done(id, now_unix_ms(), DoneReason::AllRecipientsFinal)
+        {
+            Ok(_) => self.done_since_reclaim += 1,
+            Err(error) => tracing::error!(%id, %error, "cannot journal that a message is done"),
+        }
+    }
+
+    /// Spools one bounce for `failed` recipients of `meta`'s message; true when it is
+    /// in the spool (or none is due: the null sender never gets one).
+    fn bounce(&mut self, meta: &Arc<MessageMeta>, failed: &[&RecipientReport], now_ms: u64) -> bool {
+        let original = &meta.message;
+        if !bounce::is_bounceable(&original.mail_from) {
+            return true;
+        }
+        self.bounces_made += 1;
+        let content = match bounce::build(
+            &self.spool,
+            &self.hostname,
+            meta,
+            failed,
+            now_ms,
+            self.bounces_made,
+        ) {
+            Ok(content) => content,
+            Err(error) => {
+                tracing::error!(id = %original.id, %error, "cannot read the original for its bounce");
+                return false;
+            }
+        };
+        let recipients = vec![original.mail_from.clone()];
+        let client_address: std::net::SocketAddr =
+            std::net::SocketAddr::from(([127, 0, 0, 1], 0));
+        let envelope = Envelope {
+            received_at_unix_ms: now_ms,
+            client_address,
+            helo: &self.hostname,
+            authenticated_user: None,
+            mail_from: "",
+            mail_parameters: "",
+            recipients: &recipients,
+        };
+        match self.spool.append_message(&envelope, &content) {
+            Ok(receipt) => {
+                tracing::info!(id = %original.id, bounce = %receipt.id, to = original.mail_from, "bounce queued");
+                // Scheduled at once: delivering it before its sync is harmless (nobody
+                // was promised anything), and the original's failure records come after
+                // it in the spool, so they are never durable without it.
+                self.accept(SpooledMessage {
+                    id: receipt.id,
+                    location: receipt.location,
+                    received_at_unix_ms: now_ms,
+                    client_address: client_address.to_string(),
+                    helo: self.hostname.clone(),
+                    authenticated_user: None,
+                    mail_from: String::new(),
+                    mail_parameters: String::new(),
+                    recipients,
+                    body_size_bytes: content.len() as u64,
+                    state: tsubame_spool::MessageState::Queued,
+                    recipient_states: vec![tsubame_spool::RecipientState::default()],
+                });
+                true
+            }
+            Err(error) => {
+                tracing::error!(id = %original.id, %error, "cannot spool a bounce; the failure is retried instead");
+                false
+            }
+        }
+    }
+
+    fn maybe_reclaim(&mut self) {
+        if self.done_since_reclaim > 0 && self.last_reclaim.elapsed() >= RECLAIM_INTERVAL {
+            self.reclaim();
+        }
+    }
+
+    fn reclaim(&mut self) {
+        self.done_since_reclaim = 0;
+        self.last_reclaim = Instant::now();
+        crate::reclaim::run(&self.spool);
+    }
+
+    fn control(&mut self, request: ControlRequest) -> ControlResponse {
+        match request {
+            ControlRequest::List => {
+                let mut messages: Vec<MessageSummary> =
+                    self.messages.values().map(|entry| self.summary(entry)).collect();
+                messages.sort_by(|a, b| a.id.cmp(&b.id));
+                ControlResponse::Messages { messages }
+            }
+            ControlRequest::Show { id } => match self.find(&id) {
+                Ok(key) => match self.messages.get(&key) {
+                    Some(entry) => ControlResponse::Messages {
+                        messages: vec![self.summary(entry)],
+                    },
+                    None => ControlResponse::error(format!("message {id} is not queued")),
+                },
+                Err(response) => response,
+            },
+            ControlRequest::Flush => {
+                let moved = self.scheduler.flush();
+                tracing::info!(recipients = moved, "queue flushed by an operator");
+                ControlResponse::Flushed { recipients: moved }
+            }
+            ControlRequest::Delete { id } => match self.find(&id) {
+                Ok(key) => match self.scheduler.remove_message(key) {
+                    Ok(recipients) => {
+                        self.messages.remove(&key);
+                        let id = MessageId(key.0);
+                        match self.spool.append_message_done(
+                            id,
+                            now_unix_ms(),
+                            DoneReason::Deleted,
+                        ) {
+                            Ok(_) => {
+                                self.done_since_reclaim += 1;
+                                tracing::info!(%id, recipients, "message deleted by an operator");
+                                ControlResponse::Deleted {
+                                    id: id.to_string(),
+                                    recipients,
+                                }
+                            }
+                            Err(error) => ControlResponse::error(format!(
+                                "message {id} removed from the queue, but the spool could not record it ({error}); it comes back at the next start"
+                            )),
+                        }
+                    }
+                    Err(error) => ControlResponse::error(format!("message {id}: {error}")),
+                },
+                Err(response) => response,
+            },
+        }
+    }
+
+    fn find(&self, id: &str) -> Result<MessageKey, ControlResponse> {
+        let parsed: MessageId = id
+            .parse()
+            .map_err(|_| ControlResponse::error(format!("{id:?} is not a message id (16 hex digits)")))?;
+        let key = MessageKey(parsed.0);
+        if self.messages.contains_key(&key) {
+            Ok(key)
+        } else {
+            Err(ControlResponse::error(format!("message {id} is not queued")))
+        }
+    }
+
+    fn summary(&self, entry: &Entry) -> MessageSummary {
+        let message = &entry.meta.message;
+        MessageSummary {
+            id: message.id.to_string(),
+            mail_from: message.mail_from.clone(),
+            received_at_unix_ms: message.received_at_unix_ms,
+            size_bytes: message.body_size_bytes,
+            recipients: message
+                .recipients
+                .iter()
+                .zip(&entry.recipients)
+                .map(|(address, status)| RecipientSummary {
+                    address: address.clone(),
+                    upstream: self
+                        .upstreams
+                        .get(status.upstream)
+                        .map_or("?", |upstream| upstream.name())
+                        .to_string(),
+                    state: status.state.as_str().to_string(),
+                    attempts: status.attempts,
+                    last_reply: status.last_detail.clone(),
+                })
+                .collect(),
+        }
+    }
+}

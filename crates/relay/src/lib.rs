@@ -1,0 +1,211 @@
+//! tsubame's delivery engine: what happens to a message after the client heard 250.
+//!
+//! ```text
+//! event loops ──Accepted──► dispatcher (owns the scheduler) ──WorkItem──► workers (per upstream)
+//!                               ▲   │ journal, bounces, message done, reclaim  │
+//!                               └───┴────────────────Report────────────────────┘
+//! control socket ──Control──► dispatcher
+//! ```
+//!
+//! * [`routing`](mod@routing): which upstream each recipient goes to.
+//! * `dispatcher`: one thread, the only owner of queue state.
+//! * `worker`: blocking delivery threads, `max_connections` per upstream, with
+//!   connection reuse.
+//! * [`control`]: the queue control socket and its client.
+//!
+//! Durability: the dispatcher journals every outcome in the spool but never waits for
+//! those records' sync. A crash may lose the latest outcomes; the messages are then
+//! tried again (duplicates after a crash are allowed; loss is not). A bounce is spooled
+//! before the failure it reports, so the failure is never durable without it.
+
+#![forbid(unsafe_code)]
+
+mod body;
+mod bounce;
+mod connect;
+pub mod control;
+mod dispatcher;
+mod job;
+mod mx;
+mod reclaim;
+mod routing;
+mod upstream;
+mod worker;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::Sender;
+use tsubame_config::Config;
+use tsubame_queue::{RetrySchedule, Scheduler, SchedulerConfig};
+use tsubame_spool::{Spool, SpooledMessage};
+
+use crate::dispatcher::{Command, Dispatcher};
+use crate::worker::WorkerContext;
+
+/// What can stop the engine from starting.
+#[derive(Debug, thiserror::Error)]
+pub enum RelayError {
+    #[error("{message}")]
+    Upstream { message: String },
+    #[error("invalid delivery settings: {0}")]
+    Scheduler(#[from] tsubame_queue::Error),
+    #[error("cannot start a delivery thread: {0}")]
+    Thread(std::io::Error),
+    #[error("cannot open the control socket {path}: {source}")]
+    ControlSocket {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// What [`start`] needs beyond the configuration.
+#[derive(Debug, Clone)]
+pub struct RelayOptions {
+    /// Our host name: the default EHLO name and the Reporting-MTA of bounces.
+    pub hostname: String,
+    /// Seed for retry jitter.
+    pub seed: u64,
+}
+
+/// The running engine.
+#[derive(Debug)]
+pub struct Relay {
+    commands: Sender<Command>,
+    dispatcher: Option<std::thread::JoinHandle<()>>,
+    workers: Vec<std::thread::JoinHandle<()>>,
+    control: Option<control::ControlServer>,
+}
+
+/// Milliseconds since the Unix epoch.
+pub(crate) fn now_unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |elapsed| elapsed.as_millis() as u64)
+}
+
+/// Starts the dispatcher, the workers and the control socket, and queues `recovered`
+/// (the messages the spool's recovery found).
+pub fn start(
+    config: &Config,
+    spool: Spool,
+    recovered: Vec<SpooledMessage>,
+    options: RelayOptions,
+) -> Result<Relay, RelayError> {
+    let upstreams = upstream::build_table(config, &options.hostname)?;
+    let names: Vec<String> = upstreams
+        .iter()
+        .map(|upstream| upstream.name().to_string())
+        .collect();
+    let router = routing::Router::new(config, |name| names.iter().position(|n| n == name));
+    let delivery = &config.delivery;
+    let retry = match &delivery.retry_schedule_secs {
+        Some(delays) => RetrySchedule::Explicit {
+            delays_ms: delays.iter().map(|secs| secs.saturating_mul(1000)).collect(),
+        },
+        None => RetrySchedule::Exponential {
+            initial_ms: delivery.retry_initial_secs.saturating_mul(1000),
+            factor: delivery.retry_factor,
+            max_ms: delivery.retry_max_secs.saturating_mul(1000),
+        },
+    };
+    let scheduler = Scheduler::new(SchedulerConfig {
+        retry: retry.clone(),
+        max_age_ms: delivery.max_age_secs.saturating_mul(1000),
+        jitter_fraction: tsubame_queue::DEFAULT_JITTER_FRACTION,
+        seed: options.seed,
+        routes: upstreams.iter().map(|upstream| upstream.route_limits()).collect(),
+    })?;
+
+    let (commands, command_receiver) = crossbeam_channel::unbounded();
+    let (report_sender, reports) = crossbeam_channel::unbounded();
+    let context = Arc::new(WorkerContext {
+        spool: spool.clone(),
+        spool_directory: config.spool.directory.clone(),
+        reports: report_sender,
+    });
+    let mut job_senders = Vec::with_capacity(upstreams.len());
+    let mut workers = Vec::new();
+    for upstream in &upstreams {
+        // The scheduler never has more than max_connections jobs in flight per upstream,
+        // so this channel never holds more than that.
+        let (jobs, job_receiver) = crossbeam_channel::unbounded();
+        job_senders.push(jobs);
+        for number in 0..upstream.config.max_connections {
+            let upstream = Arc::clone(upstream);
+            let jobs = job_receiver.clone();
+            let context = Arc::clone(&context);
+            let thread = std::thread::Builder::new()
+                .name(format!("deliver-{}-{number}", upstream.name()))
+                .spawn(move || worker::run(upstream, jobs, context))
+                .map_err(RelayError::Thread)?;
+            workers.push(thread);
+        }
+    }
+    drop(context);
+
+    let mut dispatcher = Dispatcher::new(
+        scheduler,
+        spool,
+        upstreams,
+        job_senders,
+        router,
+        command_receiver,
+        reports,
+        options.hostname,
+        retry,
+    );
+    dispatcher.recover(recovered);
+    let dispatcher = std::thread::Builder::new()
+        .name("dispatcher".to_string())
+        .spawn(move || dispatcher.run())
+        .map_err(RelayError::Thread)?;
+    let control = control::ControlServer::start(&config.spool.directory, commands.clone())
+        .map_err(|source| RelayError::ControlSocket {
+            path: control::socket_path(&config.spool.directory),
+            source,
+        })?;
+    Ok(Relay {
+        commands,
+        dispatcher: Some(dispatcher),
+        workers,
+        control: Some(control),
+    })
+}
+
+impl Relay {
+    /// The server's handoff: queues a message once it is durable. Never blocks.
+    pub fn handoff(&self) -> Arc<dyn Fn(SpooledMessage) + Send + Sync> {
+        let commands = self.commands.clone();
+        Arc::new(move |message: SpooledMessage| {
+            // Fails only once the dispatcher has stopped (shutdown): the message stays in
+            // the spool and is queued at the next start.
+            let _ = commands.send(Command::Accepted(message));
+        })
+    }
+
+    /// Stops delivery: no new attempts; those in progress get until `timeout` to finish
+    /// (their outcomes are journalled), then the threads are left to the process exit.
+    /// Whatever did not finish is tried again at the next start.
+    pub fn shutdown(mut self, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        if let Some(mut control) = self.control.take() {
+            control.stop();
+        }
+        let _ = self.commands.send(Command::Shutdown { deadline });
+        if let Some(dispatcher) = self.dispatcher.take() {
+            let _ = dispatcher.join();
+        }
+        // The job channels are closed: idle workers end at once, busy ones after their
+        // job. Wait for them only until the deadline.
+        for worker in self.workers.drain(..) {
+            while !worker.is_finished() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            if worker.is_finished() {
+                let _ = worker.join();
+            }
+        }
+    }
+}

@@ -1,0 +1,95 @@
+//! The relay's table of upstreams: every configured `[[upstream]]` plus the built-in
+//! `mx`, each with what its workers need resolved once at start (EHLO name, timeouts,
+//! password, TLS configuration, resolver).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tsubame_config::{BUILTIN_MX_UPSTREAM, Config, UpstreamConfig, UpstreamKind};
+use tsubame_delivery::Timeouts;
+use tsubame_queue::RouteLimits;
+
+use crate::RelayError;
+
+/// One upstream, ready for workers. Shared (`Arc`) by its workers.
+#[derive(Debug)]
+pub(crate) struct Upstream {
+    /// Position in the table; also the scheduler's `RouteId`.
+    pub index: usize,
+    pub config: UpstreamConfig,
+    pub helo_name: String,
+    pub timeouts: Timeouts,
+    pub password: Option<tsubame_config::Secret>,
+}
+
+impl Upstream {
+    pub fn name(&self) -> &str {
+        &self.config.name
+    }
+
+    pub fn route_limits(&self) -> RouteLimits {
+        RouteLimits {
+            max_concurrent: self.config.max_connections,
+            rate_per_second: self.config.rate_per_second,
+        }
+    }
+
+    pub fn idle_timeout(&self) -> Duration {
+        Duration::from_secs(self.config.idle_timeout_secs)
+    }
+}
+
+/// Builds the table: configured upstreams in file order, then `mx` if not configured.
+pub(crate) fn build_table(config: &Config, hostname: &str) -> Result<Vec<Arc<Upstream>>, RelayError> {
+    let mut configs: Vec<UpstreamConfig> = config.upstreams.clone();
+    if !configs.iter().any(|upstream| upstream.name == BUILTIN_MX_UPSTREAM) {
+        configs.push(UpstreamConfig::mx(BUILTIN_MX_UPSTREAM));
+    }
+    let default_helo = config
+        .delivery
+        .ehlo_name
+        .clone()
+        .unwrap_or_else(|| hostname.to_string());
+    configs
+        .into_iter()
+        .enumerate()
+        .map(|(index, upstream)| {
+            let password = upstream
+                .password()
+                .map_err(|message| RelayError::Upstream { message })?;
+            let timeouts = match upstream.timeout_secs {
+                Some(seconds) => cap_timeouts(Timeouts::default(), Duration::from_secs(seconds)),
+                None => Timeouts::default(),
+            };
+            let helo_name = upstream
+                .ehlo_name
+                .clone()
+                .unwrap_or_else(|| default_helo.clone());
+            if upstream.kind == UpstreamKind::Smtp && upstream.host.is_none() {
+                return Err(RelayError::Upstream {
+                    message: format!("upstream {:?} has no host", upstream.name),
+                });
+            }
+            Ok(Arc::new(Upstream {
+                index,
+                config: upstream,
+                helo_name,
+                timeouts,
+                password,
+            }))
+        })
+        .collect()
+}
+
+/// Every wait at most `cap` (an upstream's `timeout_secs`).
+fn cap_timeouts(timeouts: Timeouts, cap: Duration) -> Timeouts {
+    Timeouts {
+        connect: timeouts.connect.min(cap),
+        greeting: timeouts.greeting.min(cap),
+        mail: timeouts.mail.min(cap),
+        rcpt: timeouts.rcpt.min(cap),
+        data_initiation: timeouts.data_initiation.min(cap),
+        data_block: timeouts.data_block.min(cap),
+        data_termination: timeouts.data_termination.min(cap),
+    }
+}

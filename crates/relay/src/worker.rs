@@ -1,0 +1,378 @@
+//! Delivery workers: plain threads, `max_connections` per upstream, fed by that
+//! upstream's crossbeam channel. Each keeps at most one connection open and reuses it
+//! for the next job to the same address (RSET between, in the client state machine),
+//! up to `max_messages_per_connection`, closing it after `idle_timeout_secs` without
+//! work. Blocking I/O is fine here: every wait has a timeout, and the event loop never
+//! waits on a worker.
+
+use std::collections::BTreeMap;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::sync::Arc;
+use std::time::Instant;
+
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+use tsubame_config::UpstreamKind;
+use tsubame_delivery::{
+    DeliveryError, LocalFailure, Message, Reason, RecipientOutcome, Reply, UpstreamConnection,
+};
+use tsubame_queue::Outcome;
+use tsubame_spool::Spool;
+
+use crate::job::{RecipientReport, Report, WorkItem};
+use crate::routing::domain_of;
+use crate::upstream::Upstream;
+
+/// What every worker shares.
+#[derive(Debug)]
+pub(crate) struct WorkerContext {
+    pub spool: Spool,
+    pub spool_directory: std::path::PathBuf,
+    pub reports: Sender<Report>,
+}
+
+/// An open connection and how much it has carried.
+#[derive(Debug)]
+struct Cached {
+    connection: UpstreamConnection,
+    messages_sent: usize,
+}
+
+/// Runs one worker until its channel closes.
+pub(crate) fn run(upstream: Arc<Upstream>, jobs: Receiver<WorkItem>, context: Arc<WorkerContext>) {
+    let mut cached: Option<Cached> = None;
+    loop {
+        match jobs.recv_timeout(upstream.idle_timeout()) {
+            Ok(item) => {
+                let report = deliver(&upstream, &context, &mut cached, item);
+                if context.reports.send(report).is_err() {
+                    break;
+                }
+            }
+            Err(RecvTimeoutError::Timeout) => close(&mut cached),
+            Err(RecvTimeoutError::Disconnected) => break,
+        }
+    }
+    close(&mut cached);
+}
+
+fn close(cached: &mut Option<Cached>) {
+    if let Some(cached) = cached.take() {
+        let address = cached.connection.address();
+        if let Err(error) = cached.connection.quit() {
+            tracing::debug!(%address, %error, "closing an idle connection");
+        }
+    }
+}
+
+fn deliver(
+    upstream: &Upstream,
+    context: &WorkerContext,
+    cached: &mut Option<Cached>,
+    item: WorkItem,
+) -> Report {
+    let started = Instant::now();
+    let message = &item.meta.message;
+    let body = match crate::body::load(&context.spool, &context.spool_directory, message) {
+        Ok(body) => body,
+        Err(error) => {
+            // The record was readable at start or when accepted; a failure now is a disk
+            // problem. Defer: the next attempt reads it again.
+            tracing::error!(id = %message.id, %error, "cannot read the message body from the spool");
+            return report_all(
+                upstream,
+                &item,
+                Outcome::Deferred,
+                &format!("local error reading the spool: {error}"),
+                "4.3.0",
+                None,
+            );
+        }
+    };
+    let mut results: Vec<RecipientReport> = Vec::with_capacity(item.recipients.len());
+    // Recipients per destination: one group for a smarthost, one per domain for MX.
+    let mut groups: BTreeMap<String, Vec<(tsubame_queue::RecipientIndex, String)>> =
+        BTreeMap::new();
+    for &(recipient, _attempt) in &item.recipients {
+        let address = message
+            .recipients
+            .get(recipient.0 as usize)
+            .cloned()
+            .unwrap_or_default();
+        let key = match upstream.config.kind {
+            UpstreamKind::Smtp => String::new(),
+            UpstreamKind::Mx => domain_of(&address).unwrap_or("").to_ascii_lowercase(),
+        };
+        groups.entry(key).or_default().push((recipient, address));
+    }
+    for (domain, recipients) in groups {
+        let addresses: Vec<String> = recipients.iter().map(|(_, address)| address.clone()).collect();
+        let outcome = match targets(upstream, &domain) {
+            Ok(targets) => send_to_first_reachable(
+                upstream,
+                cached,
+                &targets,
+                Message {
+                    mail_from: &message.mail_from,
+                    recipients: &addresses,
+                    body_type: item.meta.body_type,
+                    smtputf8: item.meta.smtputf8,
+                    body: &body,
+                },
+            ),
+            Err(failure) => Err(failure),
+        };
+        match outcome {
+            Ok((remote, result)) => {
+                for ((recipient, _), outcome) in recipients.iter().zip(result) {
+                    results.push(recipient_report(*recipient, &outcome, &remote));
+                }
+            }
+            Err(failure) => {
+                for (recipient, _) in &recipients {
+                    results.push(RecipientReport {
+                        recipient: *recipient,
+                        outcome: failure.outcome,
+                        detail: failure.detail.clone(),
+                        status: failure.status.to_string(),
+                        remote: None,
+                    });
+                }
+            }
+        }
+    }
+    tracing::debug!(
+        id = %message.id,
+        upstream = upstream.name(),
+        recipients = results.len(),
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "job finished"
+    );
+    Report {
+        job: item.job,
+        message: Arc::clone(&item.meta),
+        upstream: upstream.index,
+        recipients: results,
+    }
+}
+
+/// Why no transaction could be had for a group of recipients.
+#[derive(Debug, Clone)]
+pub(crate) struct GroupFailure {
+    pub outcome: Outcome,
+    pub detail: String,
+    pub status: &'static str,
+}
+
+/// A host to try: its name (for TLS and reports) and addresses.
+#[derive(Debug, Clone)]
+pub(crate) struct Target {
+    pub name: String,
+    pub addresses: Vec<SocketAddr>,
+}
+
+/// Where to connect for a group, in the order to try.
+fn targets(upstream: &Upstream, domain: &str) -> Result<Vec<Target>, GroupFailure> {
+    let port = upstream.config.port_number();
+    match upstream.config.kind {
+        UpstreamKind::Smtp => {
+            let host = upstream.config.host.clone().unwrap_or_default();
+            let addresses: Vec<SocketAddr> = (host.as_str(), port)
+                .to_socket_addrs()
+                .map_err(|error| GroupFailure {
+                    outcome: Outcome::Deferred,
+                    detail: format!("cannot resolve {host}: {error}"),
+                    status: "4.4.3",
+                })?
+                .collect();
+            Ok(vec![Target {
+                name: host,
+                addresses,
+            }])
+        }
+        UpstreamKind::Mx => crate::mx::targets(upstream, domain, port),
+    }
+}
+
+/// Opens (or reuses) a connection to the first target address that answers and sends
+/// the message there. Connection-level failures move on to the next address (RFC 5321
+/// §5.1: try the next MX); once a transaction has run, its outcomes stand.
+fn send_to_first_reachable(
+    upstream: &Upstream,
+    cached: &mut Option<Cached>,
+    targets: &[Target],
+    message: Message<'_>,
+) -> Result<(String, Vec<RecipientOutcome>), GroupFailure> {
+    let mut last_error: Option<DeliveryError> = None;
+    for target in targets {
+        for &address in &target.addresses {
+            let reusable = cached.as_ref().is_some_and(|cached| {
+                cached.connection.address() == address
+                    && cached.connection.is_usable()
+                    && cached.messages_sent < upstream.config.max_messages_per_connection
+            });
+            if !reusable {
+                close(cached);
+                match crate::connect::open(upstream, &target.name, address) {
+                    Ok(connection) => {
+                        *cached = Some(Cached {
+                            connection,
+                            messages_sent: 0,
+                        })
+                    }
+                    Err(error) => {
+                        tracing::info!(upstream = upstream.name(), %address, %error, "cannot open a session");
+                        last_error = Some(error);
+                        continue;
+                    }
+                }
+            }
+            let Some(open) = cached.as_mut() else {
+                continue;
+            };
+            match open.connection.send(message) {
+                Ok(result) => {
+                    open.messages_sent += 1;
+                    let remote = format!("{} ({address})", target.name);
+                    if !open.connection.is_usable() {
+                        *cached = None;
+                    }
+                    return Ok((remote, result.outcomes));
+                }
+                Err(error) => {
+                    // Nothing was sent (the connection had gone stale, or the envelope is
+                    // invalid); a fresh connection gets one more chance below.
+                    *cached = None;
+                    if let DeliveryError::Protocol { .. } = error {
+                        return Err(GroupFailure {
+                            outcome: Outcome::Failed,
+                            detail: error.to_string(),
+                            status: "5.1.3",
+                        });
+                    }
+                    last_error = Some(error);
+                }
+            }
+        }
+    }
+    Err(GroupFailure {
+        outcome: Outcome::Deferred,
+        detail: match last_error {
+            Some(error) => error.to_string(),
+            None => "no address to connect to".to_string(),
+        },
+        status: "4.4.1",
+    })
+}
+
+fn recipient_report(
+    recipient: tsubame_queue::RecipientIndex,
+    outcome: &RecipientOutcome,
+    remote: &str,
+) -> RecipientReport {
+    let (outcome, reason_text, status) = match outcome {
+        RecipientOutcome::Delivered { reply } => {
+            (Outcome::Delivered, reply_text(reply), status_of(reply, "2.0.0"))
+        }
+        RecipientOutcome::Deferred(reason) => {
+            let (text, status) = reason_detail(reason, "4.0.0");
+            (Outcome::Deferred, text, status)
+        }
+        RecipientOutcome::Failed(reason) => {
+            let (text, status) = reason_detail(reason, "5.0.0");
+            (Outcome::Failed, text, status)
+        }
+    };
+    RecipientReport {
+        recipient,
+        outcome,
+        detail: reason_text,
+        status,
+        remote: Some(remote.to_string()),
+    }
+}
+
+fn reason_detail(reason: &Reason, default_status: &str) -> (String, String) {
+    match reason {
+        Reason::Reply { reply, .. } => (reply_text(reply), status_of(reply, default_status)),
+        Reason::Local(failure) => {
+            let status = match failure {
+                // RFC 3463: 5.6.3 conversion required and prohibited / not supported.
+                LocalFailure::EightBitMimeNotOffered => "5.6.3",
+                // RFC 6531 §3.5: 5.6.7 non-ASCII addresses not permitted.
+                LocalFailure::SmtpUtf8NotOffered => "5.6.7",
+                // RFC 3463: 5.3.4 message too big for system.
+                LocalFailure::MessageTooLarge { .. } => "5.3.4",
+                LocalFailure::NoReply | LocalFailure::ConnectionLost { .. } => "4.4.2",
+            };
+            (local_text(failure), status.to_string())
+        }
+    }
+}
+
+fn local_text(failure: &LocalFailure) -> String {
+    match failure {
+        LocalFailure::EightBitMimeNotOffered => {
+            "the message is 8-bit MIME and the upstream does not offer 8BITMIME".to_string()
+        }
+        LocalFailure::SmtpUtf8NotOffered => {
+            "the message needs SMTPUTF8 and the upstream does not offer it".to_string()
+        }
+        LocalFailure::MessageTooLarge {
+            message_bytes,
+            max_message_bytes,
+        } => format!(
+            "the message ({message_bytes} bytes) is larger than the upstream's limit ({max_message_bytes} bytes)"
+        ),
+        LocalFailure::NoReply => "the upstream ended the transaction before answering".to_string(),
+        LocalFailure::ConnectionLost { detail } => format!("connection lost: {detail}"),
+    }
+}
+
+/// `550 5.1.1 no such user`, all lines joined by spaces.
+pub(crate) fn reply_text(reply: &Reply) -> String {
+    let mut text = reply.code.to_string();
+    if let Some(enhanced) = reply.enhanced {
+        text.push_str(&format!(
+            " {}.{}.{}",
+            enhanced.class, enhanced.subject, enhanced.detail
+        ));
+    }
+    for line in &reply.lines {
+        text.push(' ');
+        text.push_str(line);
+    }
+    text
+}
+
+fn status_of(reply: &Reply, default_status: &str) -> String {
+    match reply.enhanced {
+        Some(enhanced) => format!("{}.{}.{}", enhanced.class, enhanced.subject, enhanced.detail),
+        None => default_status.to_string(),
+    }
+}
+
+fn report_all(
+    upstream: &Upstream,
+    item: &WorkItem,
+    outcome: Outcome,
+    detail: &str,
+    status: &str,
+    remote: Option<String>,
+) -> Report {
+    Report {
+        job: item.job,
+        message: Arc::clone(&item.meta),
+        upstream: upstream.index,
+        recipients: item
+            .recipients
+            .iter()
+            .map(|&(recipient, _)| RecipientReport {
+                recipient,
+                outcome,
+                detail: detail.to_string(),
+                status: status.to_string(),
+                remote: remote.clone(),
+            })
+            .collect(),
+    }
+}

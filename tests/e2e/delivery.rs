@@ -1,0 +1,313 @@
+//! Delivery end to end: clients (smtplib, swaks) → tsubame → upstreams nobody here wrote
+//! (aiosmtpd through `tests/peers/upstream.py`, Postfix's smtp-sink).
+
+use std::time::Duration;
+
+use serde_json::Value;
+use tsubame_tests::cli::tsubame;
+use tsubame_tests::peers::Smtplib;
+use tsubame_tests::process::hard_limit;
+use tsubame_tests::server::{Server, ServerOptions};
+use tsubame_tests::upstream::{Aiosmtpd, SmtpSink, free_port, wait_until};
+
+/// Long enough for a delivery on a loaded CI machine; a healthy one takes milliseconds.
+const DELIVERY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A config whose only upstream is `host:port` without TLS, retrying after 1 s.
+pub fn upstream_config(port: u16, extra_upstream_keys: &str) -> String {
+    format!(
+        "[[listener]]\naddress = \"127.0.0.1:2525\"\n\
+         [delivery]\ndefault_upstream = \"sink\"\nretry_schedule_secs = [1]\n\
+         [[upstream]]\nname = \"sink\"\nkind = \"smtp\"\nhost = \"127.0.0.1\"\nport = {port}\n\
+         tls = \"none\"\ntimeout_secs = 5\n{extra_upstream_keys}\n"
+    )
+}
+
+fn message(subject: &str, body: &str) -> Vec<u8> {
+    tsubame_tests::crlf(&format!(
+        "From: sender@example.com\nTo: rcpt@example.net\nSubject: {subject}\n\
+         Message-Id: <{subject}@delivery.tsubame.test>\n\n{body}"
+    ))
+}
+
+#[track_caller]
+fn send(server: &Server, from: &str, recipients: &[&str], content: &[u8]) -> String {
+    let mut session = Smtplib::new(server.address()).ehlo().mail(from, &[]);
+    for recipient in recipients {
+        session = session.rcpt(recipient, &[]);
+    }
+    let outcomes = session.data(content).quit().run();
+    let data = outcomes
+        .get(2 + recipients.len())
+        .unwrap_or_else(|| panic!("smtplib session ended early: {outcomes:?}"));
+    data.expect(250, "2.0.0", "DATA");
+    data.queued_id()
+}
+
+/// `tsubame queue list --json` against the running server.
+fn queue_list(server: &Server) -> Value {
+    let spool = server.spool().display().to_string();
+    let run = tsubame(&["queue", "list", "--json", "--spool", &spool]);
+    run.assert_code(0);
+    serde_json::from_str(&run.stdout_text())
+        .unwrap_or_else(|error| panic!("queue list --json: {error}\n{}", run.describe()))
+}
+
+fn queued_messages(server: &Server) -> usize {
+    queue_list(server)["messages"]
+        .as_array()
+        .map_or(0, Vec::len)
+}
+
+#[test]
+fn message_arrives_byte_exact_at_aiosmtpd() {
+    let _limit = hard_limit(Duration::from_secs(90));
+    let upstream = Aiosmtpd::start(&[]);
+    let server = Server::start(&ServerOptions::new().config(&upstream_config(upstream.port(), "")));
+    // Dot lines, 8-bit text, a long line: what the body must survive unchanged.
+    let content = message(
+        "byte-exact",
+        "line one\n.starts with a dot\n..two dots\n.\nnot the end\nbjörk ünïcode\n",
+    );
+    let id = send(&server, "sender@example.com", &["rcpt@example.net"], &content);
+    let received = upstream.wait_for(1, DELIVERY_TIMEOUT);
+    assert_eq!(received.len(), 1);
+    tsubame_tests::assert_bytes_eq(&received[0].content, &content, "delivered content");
+    assert_eq!(received[0].mail_from(), "sender@example.com");
+    assert_eq!(received[0].recipients(), vec!["rcpt@example.net".to_string()]);
+    assert!(
+        wait_until(DELIVERY_TIMEOUT, || server.log().contains(&format!("delivered id={id}"))),
+        "no delivered line for {id}:\n{}",
+        server.log()
+    );
+    assert!(wait_until(DELIVERY_TIMEOUT, || queued_messages(&server) == 0));
+    server.stop();
+}
+
+#[test]
+fn smtp_sink_receives_with_the_envelope_given_by_swaks() {
+    let _limit = hard_limit(Duration::from_secs(90));
+    let sink = SmtpSink::start();
+    let server = Server::start(
+        &ServerOptions::new()
+            .arg("--upstream")
+            .arg(&format!("smtp://{}", sink.address())),
+    );
+    let run = tsubame_tests::peers::swaks(&[
+        "--server",
+        &server.address().to_string(),
+        "--from",
+        "device@example.com",
+        "--to",
+        "one@example.net,two@example.org",
+        "--header",
+        "Subject: via smtp-sink",
+        "--body",
+        "printed page attached",
+    ]);
+    run.assert_code(0);
+    assert!(
+        wait_until(DELIVERY_TIMEOUT, || !sink.dumps().is_empty()),
+        "smtp-sink received nothing:\n{}",
+        server.log()
+    );
+    let dump = &sink.dumps()[0];
+    for expected in [
+        "X-Mail-Args: <device@example.com>",
+        "X-Rcpt-Args: <one@example.net>",
+        "X-Rcpt-Args: <two@example.org>",
+        "Subject: via smtp-sink",
+        "printed page attached",
+    ] {
+        assert!(dump.contains(expected), "{expected:?} missing from the dump:\n{dump}");
+    }
+    server.stop();
+}
+
+#[test]
+fn temporary_failure_then_acceptance_delivers_exactly_once() {
+    let _limit = hard_limit(Duration::from_secs(90));
+    let upstream = Aiosmtpd::start(&["--defer-first", "1"]);
+    let server = Server::start(&ServerOptions::new().config(&upstream_config(upstream.port(), "")));
+    let content = message("deferred-once", "first attempt gets 451\n");
+    let id = send(&server, "sender@example.com", &["rcpt@example.net"], &content);
+    let received = upstream.wait_for(1, DELIVERY_TIMEOUT);
+    tsubame_tests::assert_bytes_eq(&received[0].content, &content, "content after retry");
+    assert_eq!(upstream.events(), vec!["defer rcpt@example.net".to_string()]);
+    assert!(server.log().contains(&format!("deferred id={id}")));
+    // No second copy turns up.
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(upstream.received().len(), 1, "delivered more than once");
+    assert_eq!(queued_messages(&server), 0);
+    server.stop();
+}
+
+#[test]
+fn permanent_failure_bounces_a_dsn_to_the_sender() {
+    let _limit = hard_limit(Duration::from_secs(90));
+    let upstream = Aiosmtpd::start(&["--reject", "nobody@example.net"]);
+    let server = Server::start(&ServerOptions::new().config(&upstream_config(upstream.port(), "")));
+    let content = message("bounce-me", "one good, one bad recipient\n");
+    let id = send(
+        &server,
+        "sender@example.com",
+        &["good@example.net", "nobody@example.net"],
+        &content,
+    );
+    // The original (for the good recipient) and the bounce (to the sender, from <>).
+    let received = upstream.wait_for(2, DELIVERY_TIMEOUT);
+    let original = received
+        .iter()
+        .find(|message| message.mail_from() == "sender@example.com")
+        .unwrap_or_else(|| panic!("original not delivered: {received:?}"));
+    assert_eq!(original.recipients(), vec!["good@example.net".to_string()]);
+    let bounce = received
+        .iter()
+        .find(|message| message.mail_from().is_empty())
+        .unwrap_or_else(|| panic!("no bounce with MAIL FROM:<> arrived: {received:?}"));
+    assert_eq!(bounce.recipients(), vec!["sender@example.com".to_string()]);
+    let text = bounce.text();
+    for expected in [
+        "nobody@example.net",
+        "550",
+        "5.1.1",
+        "no such user here",
+        "Subject: bounce-me",
+    ] {
+        assert!(text.contains(expected), "{expected:?} missing from the bounce:\n{text}");
+    }
+    assert!(!text.contains("good@example.net\r\nAction"), "the delivered recipient must not be reported");
+    assert!(server.log().contains(&format!("bounced id={id}")));
+    assert!(wait_until(DELIVERY_TIMEOUT, || queued_messages(&server) == 0));
+    server.stop();
+}
+
+#[test]
+fn a_null_sender_message_is_never_bounced() {
+    let _limit = hard_limit(Duration::from_secs(90));
+    let upstream = Aiosmtpd::start(&["--reject", "nobody@example.net"]);
+    let server = Server::start(&ServerOptions::new().config(&upstream_config(upstream.port(), "")));
+    let content = message("null-sender", "a bounce that bounces\n");
+    let id = send(&server, "", &["nobody@example.net"], &content);
+    assert!(
+        wait_until(DELIVERY_TIMEOUT, || server.log().contains(&format!("bounced id={id}"))),
+        "{}",
+        server.log()
+    );
+    assert!(wait_until(DELIVERY_TIMEOUT, || queued_messages(&server) == 0));
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(upstream.received().is_empty(), "something was sent for a null-sender failure");
+    assert!(!server.log().contains("bounce queued"), "{}", server.log());
+    server.stop();
+}
+
+#[test]
+fn hanging_upstream_times_out_and_the_message_is_delivered_when_it_answers() {
+    let _limit = hard_limit(Duration::from_secs(90));
+    // The first transaction stalls for 20 s; tsubame's timeout for this upstream is 2 s.
+    let upstream = Aiosmtpd::start(&["--hang-first", "1", "--hang-secs", "20"]);
+    let config = upstream_config(upstream.port(), "").replace("timeout_secs = 5", "timeout_secs = 2");
+    let server = Server::start(&ServerOptions::new().config(&config));
+    let content = message("hang", "the upstream stalls first\n");
+    let id = send(&server, "sender@example.com", &["rcpt@example.net"], &content);
+    let received = upstream.wait_for(1, DELIVERY_TIMEOUT);
+    tsubame_tests::assert_bytes_eq(&received[0].content, &content, "content after the stall");
+    let log = server.log();
+    assert!(
+        log.contains(&format!("deferred id={id}")) && log.contains("timed out"),
+        "the stall must show as a timeout and a deferral:\n{log}"
+    );
+    server.stop();
+}
+
+#[test]
+fn upstream_down_then_up_is_delivered_and_queue_commands_see_it() {
+    let _limit = hard_limit(Duration::from_secs(120));
+    let port = free_port();
+    // A long retry delay: only `queue flush` makes the next attempt happen soon.
+    let config = upstream_config(port, "").replace("retry_schedule_secs = [1]", "retry_schedule_secs = [600]");
+    let server = Server::start(&ServerOptions::new().config(&config));
+    let content = message("down-up", "nobody listens yet\n");
+    let id = send(&server, "sender@example.com", &["rcpt@example.net"], &content);
+    assert!(wait_until(DELIVERY_TIMEOUT, || {
+        queue_list(&server)["messages"][0]["recipients"][0]["state"] == "deferred"
+    }));
+    let list = queue_list(&server);
+    assert_eq!(list["messages"][0]["id"], id.as_str());
+    let last = list["messages"][0]["recipients"][0]["last_reply"].as_str().unwrap_or("");
+    assert!(last.contains("refused"), "last reply should say the connection was refused: {last}");
+    let spool = server.spool().display().to_string();
+    let show = tsubame(&["queue", "show", &id, "--spool", &spool]);
+    show.assert_code(0);
+    assert!(show.stdout_text().contains("rcpt@example.net"), "{}", show.describe());
+    let unknown = tsubame(&["queue", "show", "00000000000000ff", "--spool", &spool]);
+    unknown.assert_code(1);
+    assert!(unknown.stderr_text().contains("not queued"), "{}", unknown.describe());
+
+    let upstream = Aiosmtpd::start_on(std::net::SocketAddr::from(([127, 0, 0, 1], port)), &[]);
+    tsubame(&["queue", "flush", "--spool", &spool]).assert_code(0);
+    let received = upstream.wait_for(1, DELIVERY_TIMEOUT);
+    tsubame_tests::assert_bytes_eq(&received[0].content, &content, "content after the upstream came up");
+    assert!(wait_until(DELIVERY_TIMEOUT, || queued_messages(&server) == 0));
+    server.stop();
+}
+
+#[test]
+fn queue_delete_removes_a_message_without_delivering_it() {
+    let _limit = hard_limit(Duration::from_secs(90));
+    let port = free_port();
+    let config = upstream_config(port, "").replace("retry_schedule_secs = [1]", "retry_schedule_secs = [600]");
+    let server = Server::start(&ServerOptions::new().config(&config));
+    let id = send(&server, "sender@example.com", &["rcpt@example.net"], &message("delete", "x\n"));
+    assert!(wait_until(DELIVERY_TIMEOUT, || queued_messages(&server) == 1));
+    let spool = server.spool().display().to_string();
+    let deleted = tsubame(&["queue", "delete", &id, "--spool", &spool, "--json"]);
+    deleted.assert_code(0);
+    let answer: Value = serde_json::from_str(&deleted.stdout_text()).unwrap();
+    assert_eq!(answer["status"], "deleted");
+    assert_eq!(answer["id"], id.as_str());
+    assert_eq!(queued_messages(&server), 0);
+    let upstream = Aiosmtpd::start_on(std::net::SocketAddr::from(([127, 0, 0, 1], port)), &[]);
+    tsubame(&["queue", "flush", "--spool", &spool]).assert_code(0);
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(upstream.received().is_empty(), "a deleted message was delivered");
+    // The deletion is journalled: a restart does not bring it back.
+    let spool_path = server.spool().to_path_buf();
+    server.stop();
+    let restarted = Server::start(&ServerOptions::new().config(&config).spool(&spool_path));
+    assert_eq!(queued_messages(&restarted), 0);
+    restarted.stop();
+}
+
+#[test]
+fn recipients_on_two_routes_go_to_their_own_upstreams() {
+    let _limit = hard_limit(Duration::from_secs(90));
+    let corporate = Aiosmtpd::start(&[]);
+    let everything_else = Aiosmtpd::start(&[]);
+    let config = format!(
+        "{}\n[[upstream]]\nname = \"corp\"\nkind = \"smtp\"\nhost = \"127.0.0.1\"\nport = {}\ntls = \"none\"\n\
+         [[route]]\nrecipient_domains = [\"corp.example\"]\nupstream = \"corp\"\n",
+        upstream_config(everything_else.port(), ""),
+        corporate.port()
+    );
+    let server = Server::start(&ServerOptions::new().config(&config));
+    let content = message("two-routes", "split me\n");
+    send(
+        &server,
+        "sender@example.com",
+        &["alice@corp.example", "bob@elsewhere.example", "carol@CORP.example"],
+        &content,
+    );
+    let corporate_received = corporate.wait_for(1, DELIVERY_TIMEOUT);
+    let other_received = everything_else.wait_for(1, DELIVERY_TIMEOUT);
+    assert_eq!(
+        corporate_received[0].recipients(),
+        vec!["alice@corp.example".to_string(), "carol@CORP.example".to_string()]
+    );
+    assert_eq!(other_received[0].recipients(), vec!["bob@elsewhere.example".to_string()]);
+    tsubame_tests::assert_bytes_eq(&corporate_received[0].content, &content, "corp copy");
+    tsubame_tests::assert_bytes_eq(&other_received[0].content, &content, "other copy");
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(corporate.received().len() + everything_else.received().len(), 2);
+    server.stop();
+}

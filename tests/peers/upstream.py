@@ -1,0 +1,114 @@
+"""An SMTP upstream for tsubame's delivery tests, on aiosmtpd (a server nobody here wrote).
+
+Usage: upstream.py --port P --outdir DIR [options]
+
+Each accepted message is written to DIR as N.eml (the content exactly as received,
+after dot-unstuffing) and then N.json (envelope, written last and atomically: its
+presence means the message is complete). DIR/ready appears once the server listens.
+Every refusal is counted in DIR/events.log, one line per event.
+
+Options:
+  --bind ADDR          address to listen on (default 127.0.0.1)
+  --reject ADDR        RCPT for ADDR gets 550 5.1.1 (repeatable)
+  --defer-first N      the first N messages get 451 4.3.0 at end of data (not stored)
+  --hang-first N       the first N transactions stall at RCPT for --hang-secs, then 451
+  --hang-secs S        (default 30)
+  --delay-ms D         wait D ms before answering end of data (a slow upstream)
+"""
+
+import argparse
+import asyncio
+import json
+import os
+import threading
+
+from aiosmtpd.controller import Controller
+
+
+class Handler:
+    def __init__(self, args):
+        self.args = args
+        self.outdir = args.outdir
+        self.lock = threading.Lock()
+        self.stored = 0
+        self.deferred = 0
+        self.hung = 0
+
+    def event(self, text):
+        with self.lock:
+            with open(os.path.join(self.outdir, "events.log"), "a") as log:
+                log.write(text + "\n")
+
+    async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
+        with self.lock:
+            hang = self.hung < self.args.hang_first
+            if hang:
+                self.hung += 1
+        if hang:
+            self.event("hang " + address)
+            await asyncio.sleep(self.args.hang_secs)
+            return "451 4.4.2 stalled on purpose"
+        if address in (self.args.reject or []):
+            self.event("reject " + address)
+            return "550 5.1.1 <%s>: no such user here" % address
+        envelope.rcpt_tos.append(address)
+        envelope.rcpt_options.extend(rcpt_options)
+        return "250 2.1.5 OK"
+
+    async def handle_DATA(self, server, session, envelope):
+        if self.args.delay_ms:
+            await asyncio.sleep(self.args.delay_ms / 1000.0)
+        with self.lock:
+            defer = self.deferred < self.args.defer_first
+            if defer:
+                self.deferred += 1
+            else:
+                self.stored += 1
+                number = self.stored
+        if defer:
+            self.event("defer " + ",".join(envelope.rcpt_tos))
+            return "451 4.3.0 try again later"
+        base = os.path.join(self.outdir, str(number))
+        with open(base + ".eml", "wb") as content:
+            content.write(envelope.original_content)
+        record = {
+            "mail_from": envelope.mail_from,
+            "mail_options": envelope.mail_options,
+            "rcpt_tos": envelope.rcpt_tos,
+            "tls": session.ssl is not None,
+        }
+        with open(base + ".json.tmp", "w", encoding="utf-8") as out:
+            json.dump(record, out, ensure_ascii=False)
+        os.rename(base + ".json.tmp", base + ".json")
+        return "250 2.0.0 OK queued as %d" % number
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--outdir", required=True)
+    parser.add_argument("--bind", default="127.0.0.1")
+    parser.add_argument("--reject", action="append")
+    parser.add_argument("--defer-first", type=int, default=0)
+    parser.add_argument("--hang-first", type=int, default=0)
+    parser.add_argument("--hang-secs", type=float, default=30.0)
+    parser.add_argument("--delay-ms", type=int, default=0)
+    args = parser.parse_args()
+    controller = Controller(
+        Handler(args),
+        hostname=args.bind,
+        port=args.port,
+        enable_SMTPUTF8=True,
+        decode_data=False,
+        # Large enough for the benchmark-sized and reclaim test messages.
+        data_size_limit=64 * 1024 * 1024,
+    )
+    controller.start()
+    with open(os.path.join(args.outdir, "ready"), "w") as ready:
+        ready.write("ready\n")
+    # Run until killed by the test's guard.
+    threading.Event().wait()
+
+
+if __name__ == "__main__":
+    main()
