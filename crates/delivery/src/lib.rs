@@ -1,9 +1,9 @@
 //! The SMTP protocol as seen by a client delivering to an upstream, as functions over
 //! bytes.
 //!
-//! Outside [`connection`], nothing here opens a socket, reads a clock, resolves a name
-//! or spawns a thread: the caller writes the bytes that come out and feeds back the
-//! replies it reads.
+//! Outside [`connection`] and [`mx`], nothing here opens a socket, reads a clock,
+//! resolves a name or spawns a thread: the caller writes the bytes that come out and
+//! feeds back the replies it reads.
 //!
 //! * [`reply`]: parses server replies incrementally (multi-line, enhanced codes, limits).
 //! * [`ehlo`]: the capabilities an EHLO reply advertises.
@@ -15,6 +15,7 @@
 //! * [`auth`]: AUTH PLAIN and AUTH LOGIN client exchanges.
 //! * [`connection`]: the one place with I/O, a blocking TCP driver that runs the
 //!   session and transactions above over a socket, with RFC 5321 timeouts.
+//! * [`mx`]: MX lookup (RFC 5321 §5.1), blocking calls served by one resolver thread.
 #![forbid(unsafe_code)]
 
 pub mod auth;
