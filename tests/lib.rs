@@ -21,9 +21,10 @@ use std::time::Duration;
 
 /// How long a server gets to print its `listening` line.
 pub const STARTUP_TIMEOUT: Duration = Duration::from_secs(20);
-/// How long a server gets to stop after SIGTERM. The server's own grace period for
-/// sessions waiting on a commit is 10 s (`SHUTDOWN_GRACE` in crates/server).
-pub const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long a server gets to stop after SIGTERM: its grace period for sessions waiting
+/// on a commit (10 s, `SHUTDOWN_GRACE` in crates/server) plus the time deliveries in
+/// progress get (`[delivery] shutdown_timeout_secs`, 30 s by default).
+pub const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(45);
 /// Read timeout of raw SMTP connections: far above any reply delay of a healthy server.
 pub const REPLY_TIMEOUT: Duration = Duration::from_secs(15);
 /// Timeout of one CLI run (`check-config`, `spool inspect`, a swaks or smtplib session).
@@ -455,6 +456,10 @@ pub mod server {
         /// Pass `--listen 127.0.0.1:0` and `--spool`. Off only for the embedded-default
         /// test, which runs `tsubame serve` with no arguments at all.
         overrides: bool,
+        /// Deliver what is accepted. Off by default: the accept-path tests look at the
+        /// spool's records, which delivery's journal records would interleave, and must
+        /// not depend on DNS; they run `serve --hold`.
+        deliver: bool,
         extra_arguments: Vec<String>,
     }
 
@@ -472,6 +477,7 @@ pub mod server {
                 spool: None,
                 current_directory: None,
                 overrides: true,
+                deliver: false,
                 extra_arguments: Vec::new(),
             }
         }
@@ -492,6 +498,12 @@ pub mod server {
         /// One more command-line argument after `serve`.
         pub fn arg(mut self, argument: &str) -> Self {
             self.extra_arguments.push(argument.to_string());
+            self
+        }
+
+        /// Deliver accepted mail (no `--hold`).
+        pub fn deliver(mut self) -> Self {
+            self.deliver = true;
             self
         }
 
@@ -568,6 +580,9 @@ pub mod server {
                 command
                     .args(["--listen", "127.0.0.1:0", "--spool"])
                     .arg(&spool);
+                if !options.deliver {
+                    command.arg("--hold");
+                }
             }
             command.args(&options.extra_arguments);
             if let Some(directory) = &options.current_directory {

@@ -63,7 +63,7 @@ fn queued_messages(server: &Server) -> usize {
 fn message_arrives_byte_exact_at_aiosmtpd() {
     let _limit = hard_limit(Duration::from_secs(90));
     let upstream = Aiosmtpd::start(&[]);
-    let server = Server::start(&ServerOptions::new().config(&upstream_config(upstream.port(), "")));
+    let server = Server::start(&ServerOptions::new().deliver().config(&upstream_config(upstream.port(), "")));
     // Dot lines, 8-bit text, a long line: what the body must survive unchanged.
     let content = message(
         "byte-exact",
@@ -89,7 +89,7 @@ fn smtp_sink_receives_with_the_envelope_given_by_swaks() {
     let _limit = hard_limit(Duration::from_secs(90));
     let sink = SmtpSink::start();
     let server = Server::start(
-        &ServerOptions::new()
+        &ServerOptions::new().deliver()
             .arg("--upstream")
             .arg(&format!("smtp://{}", sink.address())),
     );
@@ -128,7 +128,7 @@ fn smtp_sink_receives_with_the_envelope_given_by_swaks() {
 fn temporary_failure_then_acceptance_delivers_exactly_once() {
     let _limit = hard_limit(Duration::from_secs(90));
     let upstream = Aiosmtpd::start(&["--defer-first", "1"]);
-    let server = Server::start(&ServerOptions::new().config(&upstream_config(upstream.port(), "")));
+    let server = Server::start(&ServerOptions::new().deliver().config(&upstream_config(upstream.port(), "")));
     let content = message("deferred-once", "first attempt gets 451\n");
     let id = send(&server, "sender@example.com", &["rcpt@example.net"], &content);
     let received = upstream.wait_for(1, DELIVERY_TIMEOUT);
@@ -146,7 +146,7 @@ fn temporary_failure_then_acceptance_delivers_exactly_once() {
 fn permanent_failure_bounces_a_dsn_to_the_sender() {
     let _limit = hard_limit(Duration::from_secs(90));
     let upstream = Aiosmtpd::start(&["--reject", "nobody@example.net"]);
-    let server = Server::start(&ServerOptions::new().config(&upstream_config(upstream.port(), "")));
+    let server = Server::start(&ServerOptions::new().deliver().config(&upstream_config(upstream.port(), "")));
     let content = message("bounce-me", "one good, one bad recipient\n");
     let id = send(
         &server,
@@ -186,7 +186,7 @@ fn permanent_failure_bounces_a_dsn_to_the_sender() {
 fn a_null_sender_message_is_never_bounced() {
     let _limit = hard_limit(Duration::from_secs(90));
     let upstream = Aiosmtpd::start(&["--reject", "nobody@example.net"]);
-    let server = Server::start(&ServerOptions::new().config(&upstream_config(upstream.port(), "")));
+    let server = Server::start(&ServerOptions::new().deliver().config(&upstream_config(upstream.port(), "")));
     let content = message("null-sender", "a bounce that bounces\n");
     let id = send(&server, "", &["nobody@example.net"], &content);
     assert!(
@@ -207,7 +207,7 @@ fn hanging_upstream_times_out_and_the_message_is_delivered_when_it_answers() {
     // The first transaction stalls for 20 s; tsubame's timeout for this upstream is 2 s.
     let upstream = Aiosmtpd::start(&["--hang-first", "1", "--hang-secs", "20"]);
     let config = upstream_config(upstream.port(), "").replace("timeout_secs = 5", "timeout_secs = 2");
-    let server = Server::start(&ServerOptions::new().config(&config));
+    let server = Server::start(&ServerOptions::new().deliver().config(&config));
     let content = message("hang", "the upstream stalls first\n");
     let id = send(&server, "sender@example.com", &["rcpt@example.net"], &content);
     let received = upstream.wait_for(1, DELIVERY_TIMEOUT);
@@ -226,7 +226,7 @@ fn upstream_down_then_up_is_delivered_and_queue_commands_see_it() {
     let port = free_port();
     // A long retry delay: only `queue flush` makes the next attempt happen soon.
     let config = upstream_config(port, "").replace("retry_schedule_secs = [1]", "retry_schedule_secs = [600]");
-    let server = Server::start(&ServerOptions::new().config(&config));
+    let server = Server::start(&ServerOptions::new().deliver().config(&config));
     let content = message("down-up", "nobody listens yet\n");
     let id = send(&server, "sender@example.com", &["rcpt@example.net"], &content);
     assert!(wait_until(DELIVERY_TIMEOUT, || {
@@ -257,7 +257,7 @@ fn queue_delete_removes_a_message_without_delivering_it() {
     let _limit = hard_limit(Duration::from_secs(90));
     let port = free_port();
     let config = upstream_config(port, "").replace("retry_schedule_secs = [1]", "retry_schedule_secs = [600]");
-    let server = Server::start(&ServerOptions::new().config(&config));
+    let server = Server::start(&ServerOptions::new().deliver().config(&config));
     let id = send(&server, "sender@example.com", &["rcpt@example.net"], &message("delete", "x\n"));
     assert!(wait_until(DELIVERY_TIMEOUT, || queued_messages(&server) == 1));
     let spool = server.spool().display().to_string();
@@ -274,7 +274,7 @@ fn queue_delete_removes_a_message_without_delivering_it() {
     // The deletion is journalled: a restart does not bring it back.
     let spool_path = server.spool().to_path_buf();
     server.stop();
-    let restarted = Server::start(&ServerOptions::new().config(&config).spool(&spool_path));
+    let restarted = Server::start(&ServerOptions::new().deliver().config(&config).spool(&spool_path));
     assert_eq!(queued_messages(&restarted), 0);
     restarted.stop();
 }
@@ -290,7 +290,7 @@ fn recipients_on_two_routes_go_to_their_own_upstreams() {
         upstream_config(everything_else.port(), ""),
         corporate.port()
     );
-    let server = Server::start(&ServerOptions::new().config(&config));
+    let server = Server::start(&ServerOptions::new().deliver().config(&config));
     let content = message("two-routes", "split me\n");
     send(
         &server,

@@ -111,6 +111,8 @@ pub(crate) struct Dispatcher {
     bounces_made: u64,
     /// The scheduler's schedule, to work out when a recovered recipient is due.
     retry: RetrySchedule,
+    /// `serve --hold`: hand out no jobs.
+    hold: bool,
 }
 
 impl std::fmt::Debug for Dispatcher {
@@ -137,7 +139,11 @@ impl Dispatcher {
         reports: Receiver<Report>,
         hostname: String,
         retry: RetrySchedule,
+        hold: bool,
     ) -> Self {
+        if hold {
+            tracing::warn!("delivery is on hold (--hold): mail is accepted and queued, nothing is sent");
+        }
         Self {
             scheduler,
             spool,
@@ -153,6 +159,7 @@ impl Dispatcher {
             shutdown_deadline: None,
             bounces_made: 0,
             retry,
+            hold,
         }
     }
 
@@ -285,7 +292,7 @@ impl Dispatcher {
             let now = timestamp(now_unix_ms());
             let events = self.scheduler.advance(now);
             self.events(events, now);
-            if self.shutdown_deadline.is_none() {
+            if self.shutdown_deadline.is_none() && !self.hold {
                 self.dispatch(now);
             }
             self.maybe_reclaim();

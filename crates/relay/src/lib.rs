@@ -67,6 +67,8 @@ pub struct RelayOptions {
     pub hostname: String,
     /// Seed for retry jitter.
     pub seed: u64,
+    /// Queue everything, deliver nothing (`serve --hold`).
+    pub hold: bool,
 }
 
 /// The running engine.
@@ -132,7 +134,12 @@ pub fn start(
         // so this channel never holds more than that.
         let (jobs, job_receiver) = crossbeam_channel::unbounded();
         job_senders.push(jobs);
-        for number in 0..upstream.config.max_connections {
+        let worker_count = if upstream.used {
+            upstream.config.max_connections
+        } else {
+            0
+        };
+        for number in 0..worker_count {
             let upstream = Arc::clone(upstream);
             let jobs = job_receiver.clone();
             let context = Arc::clone(&context);
@@ -155,6 +162,7 @@ pub fn start(
         reports,
         options.hostname,
         retry,
+        options.hold,
     );
     dispatcher.recover(recovered);
     let dispatcher = std::thread::Builder::new()

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use tsubame_config::{BUILTIN_MX_UPSTREAM, Config, UpstreamConfig, UpstreamKind};
 use tsubame_delivery::Timeouts;
+use tsubame_delivery::mx::{MxResolver, ResolverOptions};
 use tsubame_queue::RouteLimits;
 
 use crate::RelayError;
@@ -20,6 +21,11 @@ pub(crate) struct Upstream {
     pub helo_name: String,
     pub timeouts: Timeouts,
     pub password: Option<tsubame_config::Secret>,
+    /// `mx` upstreams: the DNS resolver (one thread per upstream, shared by its workers).
+    pub resolver: Option<MxResolver>,
+    /// Named by `default_upstream` or a route. Unused upstreams get no workers and no
+    /// resolver (a smarthost-only setup needs no /etc/resolv.conf).
+    pub used: bool,
 }
 
 impl Upstream {
@@ -70,12 +76,28 @@ pub(crate) fn build_table(config: &Config, hostname: &str) -> Result<Vec<Arc<Ups
                     message: format!("upstream {:?} has no host", upstream.name),
                 });
             }
+            let used = upstream.name == config.delivery.default_upstream
+                || config.routes.iter().any(|route| route.upstream == upstream.name);
+            let resolver = match upstream.kind {
+                UpstreamKind::Mx if used => Some(
+                    MxResolver::new(ResolverOptions {
+                        nameserver: upstream.nameserver,
+                        ..ResolverOptions::default()
+                    })
+                    .map_err(|error| RelayError::Upstream {
+                        message: format!("upstream {:?}: {error}", upstream.name),
+                    })?,
+                ),
+                UpstreamKind::Mx | UpstreamKind::Smtp => None,
+            };
             Ok(Arc::new(Upstream {
                 index,
                 config: upstream,
                 helo_name,
                 timeouts,
                 password,
+                resolver,
+                used,
             }))
         })
         .collect()

@@ -40,6 +40,11 @@ pub struct ServeArgs {
     /// TSUBAME_UPSTREAM_PASSWORD, which keeps it out of the process list.
     #[arg(long, value_name = "URL")]
     upstream: Option<String>,
+    /// Accept and spool mail but deliver nothing until restarted without this flag
+    /// (maintenance, or collecting mail before the upstream is set up). `tsubame queue
+    /// list` still shows the queue.
+    #[arg(long)]
+    hold: bool,
 }
 
 pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
@@ -93,7 +98,11 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         &config,
         spool.clone(),
         report.messages,
-        tsubame_relay::RelayOptions { hostname, seed },
+        tsubame_relay::RelayOptions {
+            hostname,
+            seed,
+            hold: args.hold,
+        },
     )
     .context("cannot start delivery")?;
     tracing::info!(
