@@ -1804,7 +1804,11 @@ pub mod upstream {
         /// The dump files so far: smtp-sink's own headers, then the message.
         pub fn dumps(&self) -> Vec<String> {
             let mut files: Vec<PathBuf> = std::fs::read_dir(self.dump.path())
-                .map(|entries| entries.filter_map(|entry| entry.ok().map(|e| e.path())).collect())
+                .map(|entries| {
+                    entries
+                        .filter_map(|entry| entry.ok().map(|e| e.path()))
+                        .collect()
+                })
                 .unwrap_or_default();
             files.sort();
             files
@@ -1821,5 +1825,86 @@ pub mod upstream {
                 .arg("-u")
                 .output()
                 .is_ok_and(|output| output.stdout.starts_with(b"0"))
+    }
+}
+
+/// A local authoritative DNS server for MX tests: dnslib through
+/// `crates/delivery/tests/peers/dns_zone.py` (the same peer the resolver's own tests use).
+pub mod dns {
+    use std::io::{BufRead, BufReader};
+    use std::net::SocketAddr;
+    use std::process::{Command, Stdio};
+    use std::sync::mpsc;
+    use std::time::Duration;
+
+    use tempfile::TempDir;
+
+    use crate::peers::python3;
+    use crate::process::ChildGuard;
+
+    /// How long the server may take to print its port.
+    const DNS_STARTUP_TIMEOUT: Duration = Duration::from_secs(20);
+    /// It exits by itself after this long, should its guard never run.
+    const DNS_LIFETIME_SECS: u32 = 600;
+
+    #[derive(Debug)]
+    pub struct DnsZone {
+        _child: ChildGuard,
+        address: SocketAddr,
+        _directory: TempDir,
+    }
+
+    impl DnsZone {
+        /// Serves `zone` (master-file lines) on 127.0.0.1, UDP and TCP.
+        #[track_caller]
+        pub fn start(zone: &str) -> DnsZone {
+            let directory = tempfile::Builder::new()
+                .prefix("tsubame-dns-")
+                .tempdir()
+                .unwrap_or_else(|error| panic!("temporary directory: {error}"));
+            let zone_path = directory.path().join("zone.txt");
+            std::fs::write(&zone_path, zone).unwrap_or_else(|error| panic!("zone file: {error}"));
+            let script =
+                crate::workspace_directory().join("crates/delivery/tests/peers/dns_zone.py");
+            let mut command = Command::new(python3());
+            command
+                .arg(script)
+                .arg(&zone_path)
+                .arg("--lifetime")
+                .arg(DNS_LIFETIME_SECS.to_string())
+                .env("PYTHONUNBUFFERED", "1")
+                // Kept open by the guard's child handle: the server exits when it closes.
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::inherit());
+            let mut child = ChildGuard::spawn(&mut command, "dnslib zone server");
+            let stdout = child
+                .take_stdout()
+                .unwrap_or_else(|| panic!("dns_zone.py: no stdout"));
+            let (sender, receiver) = mpsc::channel();
+            std::thread::spawn(move || {
+                let mut line = String::new();
+                let _ = BufReader::new(stdout).read_line(&mut line);
+                let _ = sender.send(line);
+            });
+            let line = receiver
+                .recv_timeout(DNS_STARTUP_TIMEOUT)
+                .unwrap_or_default();
+            let port: u16 = line.trim().parse().unwrap_or_else(|_| {
+                panic!(
+                    "the dnslib zone server did not start (got {line:?}); is dnslib installed? \
+                     (scripts/test does: pip install dnslib)"
+                )
+            });
+            DnsZone {
+                _child: child,
+                address: SocketAddr::from(([127, 0, 0, 1], port)),
+                _directory: directory,
+            }
+        }
+
+        pub fn address(&self) -> SocketAddr {
+            self.address
+        }
     }
 }

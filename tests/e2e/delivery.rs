@@ -63,20 +63,34 @@ fn queued_messages(server: &Server) -> usize {
 fn message_arrives_byte_exact_at_aiosmtpd() {
     let _limit = hard_limit(Duration::from_secs(90));
     let upstream = Aiosmtpd::start(&[]);
-    let server = Server::start(&ServerOptions::new().deliver().config(&upstream_config(upstream.port(), "")));
+    let server = Server::start(
+        &ServerOptions::new()
+            .deliver()
+            .config(&upstream_config(upstream.port(), "")),
+    );
     // Dot lines, 8-bit text, a long line: what the body must survive unchanged.
     let content = message(
         "byte-exact",
         "line one\n.starts with a dot\n..two dots\n.\nnot the end\nbjörk ünïcode\n",
     );
-    let id = send(&server, "sender@example.com", &["rcpt@example.net"], &content);
+    let id = send(
+        &server,
+        "sender@example.com",
+        &["rcpt@example.net"],
+        &content,
+    );
     let received = upstream.wait_for(1, DELIVERY_TIMEOUT);
     assert_eq!(received.len(), 1);
     tsubame_tests::assert_bytes_eq(&received[0].content, &content, "delivered content");
     assert_eq!(received[0].mail_from(), "sender@example.com");
-    assert_eq!(received[0].recipients(), vec!["rcpt@example.net".to_string()]);
+    assert_eq!(
+        received[0].recipients(),
+        vec!["rcpt@example.net".to_string()]
+    );
     assert!(
-        wait_until(DELIVERY_TIMEOUT, || server.log().contains(&format!("delivered id={id}"))),
+        wait_until(DELIVERY_TIMEOUT, || server
+            .log()
+            .contains(&format!("delivered id={id}"))),
         "no delivered line for {id}:\n{}",
         server.log()
     );
@@ -89,7 +103,8 @@ fn smtp_sink_receives_with_the_envelope_given_by_swaks() {
     let _limit = hard_limit(Duration::from_secs(90));
     let sink = SmtpSink::start();
     let server = Server::start(
-        &ServerOptions::new().deliver()
+        &ServerOptions::new()
+            .deliver()
             .arg("--upstream")
             .arg(&format!("smtp://{}", sink.address())),
     );
@@ -119,7 +134,10 @@ fn smtp_sink_receives_with_the_envelope_given_by_swaks() {
         "Subject: via smtp-sink",
         "printed page attached",
     ] {
-        assert!(dump.contains(expected), "{expected:?} missing from the dump:\n{dump}");
+        assert!(
+            dump.contains(expected),
+            "{expected:?} missing from the dump:\n{dump}"
+        );
     }
     server.stop();
 }
@@ -128,12 +146,24 @@ fn smtp_sink_receives_with_the_envelope_given_by_swaks() {
 fn temporary_failure_then_acceptance_delivers_exactly_once() {
     let _limit = hard_limit(Duration::from_secs(90));
     let upstream = Aiosmtpd::start(&["--defer-first", "1"]);
-    let server = Server::start(&ServerOptions::new().deliver().config(&upstream_config(upstream.port(), "")));
+    let server = Server::start(
+        &ServerOptions::new()
+            .deliver()
+            .config(&upstream_config(upstream.port(), "")),
+    );
     let content = message("deferred-once", "first attempt gets 451\n");
-    let id = send(&server, "sender@example.com", &["rcpt@example.net"], &content);
+    let id = send(
+        &server,
+        "sender@example.com",
+        &["rcpt@example.net"],
+        &content,
+    );
     let received = upstream.wait_for(1, DELIVERY_TIMEOUT);
     tsubame_tests::assert_bytes_eq(&received[0].content, &content, "content after retry");
-    assert_eq!(upstream.events(), vec!["defer rcpt@example.net".to_string()]);
+    assert_eq!(
+        upstream.events(),
+        vec!["defer rcpt@example.net".to_string()]
+    );
     assert!(server.log().contains(&format!("deferred id={id}")));
     // No second copy turns up.
     std::thread::sleep(Duration::from_secs(2));
@@ -146,7 +176,11 @@ fn temporary_failure_then_acceptance_delivers_exactly_once() {
 fn permanent_failure_bounces_a_dsn_to_the_sender() {
     let _limit = hard_limit(Duration::from_secs(90));
     let upstream = Aiosmtpd::start(&["--reject", "nobody@example.net"]);
-    let server = Server::start(&ServerOptions::new().deliver().config(&upstream_config(upstream.port(), "")));
+    let server = Server::start(
+        &ServerOptions::new()
+            .deliver()
+            .config(&upstream_config(upstream.port(), "")),
+    );
     let content = message("bounce-me", "one good, one bad recipient\n");
     let id = send(
         &server,
@@ -168,15 +202,22 @@ fn permanent_failure_bounces_a_dsn_to_the_sender() {
     assert_eq!(bounce.recipients(), vec!["sender@example.com".to_string()]);
     let text = bounce.text();
     for expected in [
-        "nobody@example.net",
-        "550",
-        "5.1.1",
-        "no such user here",
+        "Content-Type: multipart/report; report-type=delivery-status",
+        "Final-Recipient: rfc822; nobody@example.net",
+        "Action: failed",
+        "Status: 5.1.1",
+        "Diagnostic-Code: smtp; 550 5.1.1 <nobody@example.net>: no such user here",
         "Subject: bounce-me",
     ] {
-        assert!(text.contains(expected), "{expected:?} missing from the bounce:\n{text}");
+        assert!(
+            text.contains(expected),
+            "{expected:?} missing from the bounce:\n{text}"
+        );
     }
-    assert!(!text.contains("good@example.net\r\nAction"), "the delivered recipient must not be reported");
+    assert!(
+        !text.contains("Final-Recipient: rfc822; good@example.net"),
+        "the delivered recipient must not be reported:\n{text}"
+    );
     assert!(server.log().contains(&format!("bounced id={id}")));
     assert!(wait_until(DELIVERY_TIMEOUT, || queued_messages(&server) == 0));
     server.stop();
@@ -186,17 +227,26 @@ fn permanent_failure_bounces_a_dsn_to_the_sender() {
 fn a_null_sender_message_is_never_bounced() {
     let _limit = hard_limit(Duration::from_secs(90));
     let upstream = Aiosmtpd::start(&["--reject", "nobody@example.net"]);
-    let server = Server::start(&ServerOptions::new().deliver().config(&upstream_config(upstream.port(), "")));
+    let server = Server::start(
+        &ServerOptions::new()
+            .deliver()
+            .config(&upstream_config(upstream.port(), "")),
+    );
     let content = message("null-sender", "a bounce that bounces\n");
     let id = send(&server, "", &["nobody@example.net"], &content);
     assert!(
-        wait_until(DELIVERY_TIMEOUT, || server.log().contains(&format!("bounced id={id}"))),
+        wait_until(DELIVERY_TIMEOUT, || server
+            .log()
+            .contains(&format!("bounced id={id}"))),
         "{}",
         server.log()
     );
     assert!(wait_until(DELIVERY_TIMEOUT, || queued_messages(&server) == 0));
     std::thread::sleep(Duration::from_secs(1));
-    assert!(upstream.received().is_empty(), "something was sent for a null-sender failure");
+    assert!(
+        upstream.received().is_empty(),
+        "something was sent for a null-sender failure"
+    );
     assert!(!server.log().contains("bounce queued"), "{}", server.log());
     server.stop();
 }
@@ -206,10 +256,16 @@ fn hanging_upstream_times_out_and_the_message_is_delivered_when_it_answers() {
     let _limit = hard_limit(Duration::from_secs(90));
     // The first transaction stalls for 20 s; tsubame's timeout for this upstream is 2 s.
     let upstream = Aiosmtpd::start(&["--hang-first", "1", "--hang-secs", "20"]);
-    let config = upstream_config(upstream.port(), "").replace("timeout_secs = 5", "timeout_secs = 2");
+    let config =
+        upstream_config(upstream.port(), "").replace("timeout_secs = 5", "timeout_secs = 2");
     let server = Server::start(&ServerOptions::new().deliver().config(&config));
     let content = message("hang", "the upstream stalls first\n");
-    let id = send(&server, "sender@example.com", &["rcpt@example.net"], &content);
+    let id = send(
+        &server,
+        "sender@example.com",
+        &["rcpt@example.net"],
+        &content,
+    );
     let received = upstream.wait_for(1, DELIVERY_TIMEOUT);
     tsubame_tests::assert_bytes_eq(&received[0].content, &content, "content after the stall");
     let log = server.log();
@@ -225,29 +281,52 @@ fn upstream_down_then_up_is_delivered_and_queue_commands_see_it() {
     let _limit = hard_limit(Duration::from_secs(120));
     let port = free_port();
     // A long retry delay: only `queue flush` makes the next attempt happen soon.
-    let config = upstream_config(port, "").replace("retry_schedule_secs = [1]", "retry_schedule_secs = [600]");
+    let config = upstream_config(port, "")
+        .replace("retry_schedule_secs = [1]", "retry_schedule_secs = [600]");
     let server = Server::start(&ServerOptions::new().deliver().config(&config));
     let content = message("down-up", "nobody listens yet\n");
-    let id = send(&server, "sender@example.com", &["rcpt@example.net"], &content);
+    let id = send(
+        &server,
+        "sender@example.com",
+        &["rcpt@example.net"],
+        &content,
+    );
     assert!(wait_until(DELIVERY_TIMEOUT, || {
         queue_list(&server)["messages"][0]["recipients"][0]["state"] == "deferred"
     }));
     let list = queue_list(&server);
     assert_eq!(list["messages"][0]["id"], id.as_str());
-    let last = list["messages"][0]["recipients"][0]["last_reply"].as_str().unwrap_or("");
-    assert!(last.contains("refused"), "last reply should say the connection was refused: {last}");
+    let last = list["messages"][0]["recipients"][0]["last_reply"]
+        .as_str()
+        .unwrap_or("");
+    assert!(
+        last.contains("refused"),
+        "last reply should say the connection was refused: {last}"
+    );
     let spool = server.spool().display().to_string();
     let show = tsubame(&["queue", "show", &id, "--spool", &spool]);
     show.assert_code(0);
-    assert!(show.stdout_text().contains("rcpt@example.net"), "{}", show.describe());
+    assert!(
+        show.stdout_text().contains("rcpt@example.net"),
+        "{}",
+        show.describe()
+    );
     let unknown = tsubame(&["queue", "show", "00000000000000ff", "--spool", &spool]);
     unknown.assert_code(1);
-    assert!(unknown.stderr_text().contains("not queued"), "{}", unknown.describe());
+    assert!(
+        unknown.stderr_text().contains("not queued"),
+        "{}",
+        unknown.describe()
+    );
 
     let upstream = Aiosmtpd::start_on(std::net::SocketAddr::from(([127, 0, 0, 1], port)), &[]);
     tsubame(&["queue", "flush", "--spool", &spool]).assert_code(0);
     let received = upstream.wait_for(1, DELIVERY_TIMEOUT);
-    tsubame_tests::assert_bytes_eq(&received[0].content, &content, "content after the upstream came up");
+    tsubame_tests::assert_bytes_eq(
+        &received[0].content,
+        &content,
+        "content after the upstream came up",
+    );
     assert!(wait_until(DELIVERY_TIMEOUT, || queued_messages(&server) == 0));
     server.stop();
 }
@@ -256,9 +335,15 @@ fn upstream_down_then_up_is_delivered_and_queue_commands_see_it() {
 fn queue_delete_removes_a_message_without_delivering_it() {
     let _limit = hard_limit(Duration::from_secs(90));
     let port = free_port();
-    let config = upstream_config(port, "").replace("retry_schedule_secs = [1]", "retry_schedule_secs = [600]");
+    let config = upstream_config(port, "")
+        .replace("retry_schedule_secs = [1]", "retry_schedule_secs = [600]");
     let server = Server::start(&ServerOptions::new().deliver().config(&config));
-    let id = send(&server, "sender@example.com", &["rcpt@example.net"], &message("delete", "x\n"));
+    let id = send(
+        &server,
+        "sender@example.com",
+        &["rcpt@example.net"],
+        &message("delete", "x\n"),
+    );
     assert!(wait_until(DELIVERY_TIMEOUT, || queued_messages(&server) == 1));
     let spool = server.spool().display().to_string();
     let deleted = tsubame(&["queue", "delete", &id, "--spool", &spool, "--json"]);
@@ -270,11 +355,19 @@ fn queue_delete_removes_a_message_without_delivering_it() {
     let upstream = Aiosmtpd::start_on(std::net::SocketAddr::from(([127, 0, 0, 1], port)), &[]);
     tsubame(&["queue", "flush", "--spool", &spool]).assert_code(0);
     std::thread::sleep(Duration::from_secs(2));
-    assert!(upstream.received().is_empty(), "a deleted message was delivered");
+    assert!(
+        upstream.received().is_empty(),
+        "a deleted message was delivered"
+    );
     // The deletion is journalled: a restart does not bring it back.
     let spool_path = server.spool().to_path_buf();
     server.stop();
-    let restarted = Server::start(&ServerOptions::new().deliver().config(&config).spool(&spool_path));
+    let restarted = Server::start(
+        &ServerOptions::new()
+            .deliver()
+            .config(&config)
+            .spool(&spool_path),
+    );
     assert_eq!(queued_messages(&restarted), 0);
     restarted.stop();
 }
@@ -295,19 +388,144 @@ fn recipients_on_two_routes_go_to_their_own_upstreams() {
     send(
         &server,
         "sender@example.com",
-        &["alice@corp.example", "bob@elsewhere.example", "carol@CORP.example"],
+        &[
+            "alice@corp.example",
+            "bob@elsewhere.example",
+            "carol@CORP.example",
+        ],
         &content,
     );
     let corporate_received = corporate.wait_for(1, DELIVERY_TIMEOUT);
     let other_received = everything_else.wait_for(1, DELIVERY_TIMEOUT);
     assert_eq!(
         corporate_received[0].recipients(),
-        vec!["alice@corp.example".to_string(), "carol@CORP.example".to_string()]
+        vec![
+            "alice@corp.example".to_string(),
+            "carol@CORP.example".to_string()
+        ]
     );
-    assert_eq!(other_received[0].recipients(), vec!["bob@elsewhere.example".to_string()]);
+    assert_eq!(
+        other_received[0].recipients(),
+        vec!["bob@elsewhere.example".to_string()]
+    );
     tsubame_tests::assert_bytes_eq(&corporate_received[0].content, &content, "corp copy");
     tsubame_tests::assert_bytes_eq(&other_received[0].content, &content, "other copy");
     std::thread::sleep(Duration::from_millis(500));
-    assert_eq!(corporate.received().len() + everything_else.received().len(), 2);
+    assert_eq!(
+        corporate.received().len() + everything_else.received().len(),
+        2
+    );
+    server.stop();
+}
+
+/// The zone for the MX tests: `pref.test` has two MX hosts (10 → 127.0.0.2, 20 →
+/// 127.0.0.1); `implicit.test` has only an A record; `nullmx.test` publishes a null MX
+/// (RFC 7505); anything else does not exist.
+const ZONE: &str = "\
+pref.test. 60 IN MX 10 mx1.pref.test.
+pref.test. 60 IN MX 20 mx2.pref.test.
+mx1.pref.test. 60 IN A 127.0.0.2
+mx2.pref.test. 60 IN A 127.0.0.1
+implicit.test. 60 IN A 127.0.0.1
+nullmx.test. 60 IN MX 0 .
+";
+
+fn mx_config(nameserver: std::net::SocketAddr, port: u16) -> String {
+    format!(
+        "[[listener]]\naddress = \"127.0.0.1:2525\"\n\
+         [delivery]\ndefault_upstream = \"direct\"\nretry_schedule_secs = [1]\n\
+         [[upstream]]\nname = \"direct\"\nkind = \"mx\"\nport = {port}\ntls = \"none\"\n\
+         nameserver = \"{nameserver}\"\ntimeout_secs = 5\n"
+    )
+}
+
+#[test]
+fn mx_lookup_uses_the_preferred_host_when_it_answers() {
+    let _limit = hard_limit(Duration::from_secs(90));
+    let dns = tsubame_tests::dns::DnsZone::start(ZONE);
+    let port = free_port();
+    let preferred = Aiosmtpd::start_on(std::net::SocketAddr::from(([127, 0, 0, 2], port)), &[]);
+    let backup = Aiosmtpd::start_on(std::net::SocketAddr::from(([127, 0, 0, 1], port)), &[]);
+    let server = Server::start(
+        &ServerOptions::new()
+            .deliver()
+            .config(&mx_config(dns.address(), port)),
+    );
+    let content = message("mx-preferred", "to the lowest preference\n");
+    send(&server, "sender@pref.test", &["rcpt@pref.test"], &content);
+    let received = preferred.wait_for(1, DELIVERY_TIMEOUT);
+    tsubame_tests::assert_bytes_eq(&received[0].content, &content, "content at mx1");
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        backup.received().is_empty(),
+        "the backup MX got mail while mx1 answered"
+    );
+    server.stop();
+}
+
+#[test]
+fn mx_lookup_falls_back_to_the_next_host_and_to_the_address_record() {
+    let _limit = hard_limit(Duration::from_secs(90));
+    let dns = tsubame_tests::dns::DnsZone::start(ZONE);
+    let port = free_port();
+    // Nothing listens on mx1 (127.0.0.2): the connection is refused, mx2 takes it.
+    let backup = Aiosmtpd::start_on(std::net::SocketAddr::from(([127, 0, 0, 1], port)), &[]);
+    let server = Server::start(
+        &ServerOptions::new()
+            .deliver()
+            .config(&mx_config(dns.address(), port)),
+    );
+    let first = message("mx-fallback", "mx1 is down\n");
+    send(&server, "sender@pref.test", &["rcpt@pref.test"], &first);
+    let received = backup.wait_for(1, DELIVERY_TIMEOUT);
+    tsubame_tests::assert_bytes_eq(&received[0].content, &first, "content at mx2");
+    // A domain without MX records is its own mail host (RFC 5321 §5.1).
+    let second = message("mx-implicit", "no MX, an A record\n");
+    send(
+        &server,
+        "sender@pref.test",
+        &["rcpt@implicit.test"],
+        &second,
+    );
+    let received = backup.wait_for(2, DELIVERY_TIMEOUT);
+    assert_eq!(
+        received[1].recipients(),
+        vec!["rcpt@implicit.test".to_string()]
+    );
+    server.stop();
+}
+
+#[test]
+fn mx_permanent_dns_failures_bounce_with_the_reason() {
+    let _limit = hard_limit(Duration::from_secs(90));
+    let dns = tsubame_tests::dns::DnsZone::start(ZONE);
+    let port = free_port();
+    let sender_host = Aiosmtpd::start_on(std::net::SocketAddr::from(([127, 0, 0, 1], port)), &[]);
+    let server = Server::start(
+        &ServerOptions::new()
+            .deliver()
+            .config(&mx_config(dns.address(), port)),
+    );
+    send(
+        &server,
+        "sender@implicit.test",
+        &["a@nowhere.test", "b@nullmx.test"],
+        &message("mx-bounce", "two undeliverable domains\n"),
+    );
+    // One bounce, delivered to the sender's domain, naming both recipients.
+    let received = sender_host.wait_for(1, DELIVERY_TIMEOUT);
+    let bounce = &received[0];
+    assert_eq!(bounce.mail_from(), "");
+    assert_eq!(
+        bounce.recipients(),
+        vec!["sender@implicit.test".to_string()]
+    );
+    let text = bounce.text();
+    for expected in ["a@nowhere.test", "5.1.2", "b@nullmx.test", "5.1.10"] {
+        assert!(
+            text.contains(expected),
+            "{expected:?} missing from the bounce:\n{text}"
+        );
+    }
     server.stop();
 }

@@ -454,9 +454,7 @@ impl Config {
             if schedule.is_empty() || schedule.len() > RETRY_SCHEDULE_ENTRIES_MAX {
                 return Err((
                     Place::Key("retry_schedule_secs"),
-                    format!(
-                        "retry_schedule_secs needs 1 to {RETRY_SCHEDULE_ENTRIES_MAX} entries"
-                    ),
+                    format!("retry_schedule_secs needs 1 to {RETRY_SCHEDULE_ENTRIES_MAX} entries"),
                 ));
             }
             if schedule

@@ -3,11 +3,12 @@
 
 use tsubame_spool::{Spool, SpoolError, SpooledMessage};
 
-pub(crate) fn load(
-    spool: &Spool,
-    directory: &std::path::Path,
-    message: &SpooledMessage,
-) -> Result<Vec<u8>, SpoolError> {
+pub(crate) fn load(spool: &Spool, message: &SpooledMessage) -> Result<Vec<u8>, SpoolError> {
     let _ = spool;
-    tsubame_spool::read_body(directory, message)
+    let directory = SPOOL_DIRECTORY.get().cloned().unwrap_or_default();
+    tsubame_spool::read_body(&directory, message)
 }
+
+/// Set once at start (temporary, until the spool reads bodies itself).
+pub(crate) static SPOOL_DIRECTORY: std::sync::OnceLock<std::path::PathBuf> =
+    std::sync::OnceLock::new();

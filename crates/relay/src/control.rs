@@ -50,10 +50,19 @@ pub enum ControlRequest {
 #[serde(tag = "status", rename_all = "lowercase")]
 pub enum ControlResponse {
     #[serde(rename = "ok")]
-    Messages { messages: Vec<MessageSummary> },
-    Flushed { recipients: usize },
-    Deleted { id: String, recipients: usize },
-    Error { message: String },
+    Messages {
+        messages: Vec<MessageSummary>,
+    },
+    Flushed {
+        recipients: usize,
+    },
+    Deleted {
+        id: String,
+        recipients: usize,
+    },
+    Error {
+        message: String,
+    },
 }
 
 impl ControlResponse {
@@ -88,7 +97,10 @@ pub fn socket_path(spool_directory: &Path) -> PathBuf {
 }
 
 /// Sends one request to a running server and returns its answer.
-pub fn request(spool_directory: &Path, request: &ControlRequest) -> Result<ControlResponse, String> {
+pub fn request(
+    spool_directory: &Path,
+    request: &ControlRequest,
+) -> Result<ControlResponse, String> {
     let path = socket_path(spool_directory);
     let mut stream = UnixStream::connect(&path).map_err(|error| {
         format!(

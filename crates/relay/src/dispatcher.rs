@@ -39,7 +39,9 @@ pub(crate) enum Command {
     Accepted(SpooledMessage),
     Control(ControlRequest, Sender<ControlResponse>),
     /// Stop handing out jobs; wait for those in flight until `deadline`; then return.
-    Shutdown { deadline: Instant },
+    Shutdown {
+        deadline: Instant,
+    },
 }
 
 impl std::fmt::Debug for Command {
@@ -142,7 +144,9 @@ impl Dispatcher {
         hold: bool,
     ) -> Self {
         if hold {
-            tracing::warn!("delivery is on hold (--hold): mail is accepted and queued, nothing is sent");
+            tracing::warn!(
+                "delivery is on hold (--hold): mail is accepted and queued, nothing is sent"
+            );
         }
         Self {
             scheduler,
@@ -199,9 +203,9 @@ impl Dispatcher {
                 });
                 if state.final_outcome.is_none() {
                     let next_attempt_at = state.last_attempt_unix_ms.map(|last| {
-                        timestamp(last.saturating_add(
-                            self.scheduler_retry_delay_ms(state.attempts),
-                        ))
+                        timestamp(
+                            last.saturating_add(self.scheduler_retry_delay_ms(state.attempts)),
+                        )
                     });
                     pending.push(RecoveredRecipient {
                         recipient: RecipientIndex(index as u32),
@@ -423,7 +427,8 @@ impl Dispatcher {
                     continue;
                 };
                 for job_recipient in &recipients {
-                    if let Some(status) = entry.recipients.get_mut(job_recipient.recipient.0 as usize)
+                    if let Some(status) =
+                        entry.recipients.get_mut(job_recipient.recipient.0 as usize)
                     {
                         status.state = RecipientPhase::Sending;
                         status.attempts = job_recipient.attempt;
@@ -600,13 +605,18 @@ impl Dispatcher {
 
     /// Spools one bounce for `failed` recipients of `meta`'s message; true when it is
     /// in the spool (or none is due: the null sender never gets one).
-    fn bounce(&mut self, meta: &Arc<MessageMeta>, failed: &[&RecipientReport], now_ms: u64) -> bool {
+    fn bounce(
+        &mut self,
+        meta: &Arc<MessageMeta>,
+        failed: &[&RecipientReport],
+        now_ms: u64,
+    ) -> bool {
         let original = &meta.message;
         if !bounce::is_bounceable(&original.mail_from) {
             return true;
         }
         self.bounces_made += 1;
-        let content = match bounce::build(
+        let bounce = match bounce::build(
             &self.spool,
             &self.hostname,
             meta,
@@ -614,25 +624,24 @@ impl Dispatcher {
             now_ms,
             self.bounces_made,
         ) {
-            Ok(content) => content,
+            Ok(bounce) => bounce,
             Err(error) => {
                 tracing::error!(id = %original.id, %error, "cannot read the original for its bounce");
                 return false;
             }
         };
         let recipients = vec![original.mail_from.clone()];
-        let client_address: std::net::SocketAddr =
-            std::net::SocketAddr::from(([127, 0, 0, 1], 0));
+        let client_address: std::net::SocketAddr = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
         let envelope = Envelope {
             received_at_unix_ms: now_ms,
             client_address,
             helo: &self.hostname,
             authenticated_user: None,
             mail_from: "",
-            mail_parameters: "",
+            mail_parameters: bounce.mail_parameters,
             recipients: &recipients,
         };
-        match self.spool.append_message(&envelope, &content) {
+        match self.spool.append_message(&envelope, &bounce.content) {
             Ok(receipt) => {
                 tracing::info!(id = %original.id, bounce = %receipt.id, to = original.mail_from, "bounce queued");
                 // Scheduled at once: delivering it before its sync is harmless (nobody
@@ -646,9 +655,9 @@ impl Dispatcher {
                     helo: self.hostname.clone(),
                     authenticated_user: None,
                     mail_from: String::new(),
-                    mail_parameters: String::new(),
+                    mail_parameters: bounce.mail_parameters.to_string(),
                     recipients,
-                    body_size_bytes: content.len() as u64,
+                    body_size_bytes: bounce.content.len() as u64,
                     state: tsubame_spool::MessageState::Queued,
                     recipient_states: vec![tsubame_spool::RecipientState::default()],
                 });
@@ -676,8 +685,11 @@ impl Dispatcher {
     fn control(&mut self, request: ControlRequest) -> ControlResponse {
         match request {
             ControlRequest::List => {
-                let mut messages: Vec<MessageSummary> =
-                    self.messages.values().map(|entry| self.summary(entry)).collect();
+                let mut messages: Vec<MessageSummary> = self
+                    .messages
+                    .values()
+                    .map(|entry| self.summary(entry))
+                    .collect();
                 messages.sort_by(|a, b| a.id.cmp(&b.id));
                 ControlResponse::Messages { messages }
             }
@@ -700,11 +712,10 @@ impl Dispatcher {
                     Ok(recipients) => {
                         self.messages.remove(&key);
                         let id = MessageId(key.0);
-                        match self.spool.append_message_done(
-                            id,
-                            now_unix_ms(),
-                            DoneReason::Deleted,
-                        ) {
+                        match self
+                            .spool
+                            .append_message_done(id, now_unix_ms(), DoneReason::Deleted)
+                        {
                             Ok(_) => {
                                 self.done_since_reclaim += 1;
                                 tracing::info!(%id, recipients, "message deleted by an operator");
@@ -726,14 +737,16 @@ impl Dispatcher {
     }
 
     fn find(&self, id: &str) -> Result<MessageKey, ControlResponse> {
-        let parsed: MessageId = id
-            .parse()
-            .map_err(|_| ControlResponse::error(format!("{id:?} is not a message id (16 hex digits)")))?;
+        let parsed: MessageId = id.parse().map_err(|_| {
+            ControlResponse::error(format!("{id:?} is not a message id (16 hex digits)"))
+        })?;
         let key = MessageKey(parsed.0);
         if self.messages.contains_key(&key) {
             Ok(key)
         } else {
-            Err(ControlResponse::error(format!("message {id} is not queued")))
+            Err(ControlResponse::error(format!(
+                "message {id} is not queued"
+            )))
         }
     }
 

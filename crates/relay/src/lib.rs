@@ -95,6 +95,7 @@ pub fn start(
     recovered: Vec<SpooledMessage>,
     options: RelayOptions,
 ) -> Result<Relay, RelayError> {
+    let _ = body::SPOOL_DIRECTORY.set(config.spool.directory.clone());
     let upstreams = upstream::build_table(config, &options.hostname)?;
     let names: Vec<String> = upstreams
         .iter()
@@ -104,7 +105,10 @@ pub fn start(
     let delivery = &config.delivery;
     let retry = match &delivery.retry_schedule_secs {
         Some(delays) => RetrySchedule::Explicit {
-            delays_ms: delays.iter().map(|secs| secs.saturating_mul(1000)).collect(),
+            delays_ms: delays
+                .iter()
+                .map(|secs| secs.saturating_mul(1000))
+                .collect(),
         },
         None => RetrySchedule::Exponential {
             initial_ms: delivery.retry_initial_secs.saturating_mul(1000),
@@ -117,14 +121,16 @@ pub fn start(
         max_age_ms: delivery.max_age_secs.saturating_mul(1000),
         jitter_fraction: tsubame_queue::DEFAULT_JITTER_FRACTION,
         seed: options.seed,
-        routes: upstreams.iter().map(|upstream| upstream.route_limits()).collect(),
+        routes: upstreams
+            .iter()
+            .map(|upstream| upstream.route_limits())
+            .collect(),
     })?;
 
     let (commands, command_receiver) = crossbeam_channel::unbounded();
     let (report_sender, reports) = crossbeam_channel::unbounded();
     let context = Arc::new(WorkerContext {
         spool: spool.clone(),
-        spool_directory: config.spool.directory.clone(),
         reports: report_sender,
     });
     let mut job_senders = Vec::with_capacity(upstreams.len());

@@ -7,7 +7,11 @@ use tsubame_queue::Outcome;
 use crate::upstream::Upstream;
 use crate::worker::{GroupFailure, Target};
 
-pub(crate) fn targets(upstream: &Upstream, domain: &str, port: u16) -> Result<Vec<Target>, GroupFailure> {
+pub(crate) fn targets(
+    upstream: &Upstream,
+    domain: &str,
+    port: u16,
+) -> Result<Vec<Target>, GroupFailure> {
     let Some(resolver) = &upstream.resolver else {
         return Err(GroupFailure {
             outcome: Outcome::Deferred,

@@ -144,7 +144,11 @@ mod tests {
             ("", "u@other.example", "10.1.2.3", 2),
         ];
         for (from, to, ip, want) in cases {
-            assert_eq!(router.route(&input(from, to, ip)), want, "{from} -> {to} from {ip}");
+            assert_eq!(
+                router.route(&input(from, to, ip)),
+                want,
+                "{from} -> {to} from {ip}"
+            );
         }
     }
 

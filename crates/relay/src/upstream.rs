@@ -20,6 +20,7 @@ pub(crate) struct Upstream {
     pub config: UpstreamConfig,
     pub helo_name: String,
     pub timeouts: Timeouts,
+    #[expect(dead_code, reason = "AUTH is wired in with the TLS client")]
     pub password: Option<tsubame_config::Secret>,
     /// `mx` upstreams: the DNS resolver (one thread per upstream, shared by its workers).
     pub resolver: Option<MxResolver>,
@@ -46,9 +47,15 @@ impl Upstream {
 }
 
 /// Builds the table: configured upstreams in file order, then `mx` if not configured.
-pub(crate) fn build_table(config: &Config, hostname: &str) -> Result<Vec<Arc<Upstream>>, RelayError> {
+pub(crate) fn build_table(
+    config: &Config,
+    hostname: &str,
+) -> Result<Vec<Arc<Upstream>>, RelayError> {
     let mut configs: Vec<UpstreamConfig> = config.upstreams.clone();
-    if !configs.iter().any(|upstream| upstream.name == BUILTIN_MX_UPSTREAM) {
+    if !configs
+        .iter()
+        .any(|upstream| upstream.name == BUILTIN_MX_UPSTREAM)
+    {
         configs.push(UpstreamConfig::mx(BUILTIN_MX_UPSTREAM));
     }
     let default_helo = config
@@ -77,7 +84,10 @@ pub(crate) fn build_table(config: &Config, hostname: &str) -> Result<Vec<Arc<Ups
                 });
             }
             let used = upstream.name == config.delivery.default_upstream
-                || config.routes.iter().any(|route| route.upstream == upstream.name);
+                || config
+                    .routes
+                    .iter()
+                    .any(|route| route.upstream == upstream.name);
             let resolver = match upstream.kind {
                 UpstreamKind::Mx if used => Some(
                     MxResolver::new(ResolverOptions {

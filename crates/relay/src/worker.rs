@@ -26,7 +26,6 @@ use crate::upstream::Upstream;
 #[derive(Debug)]
 pub(crate) struct WorkerContext {
     pub spool: Spool,
-    pub spool_directory: std::path::PathBuf,
     pub reports: Sender<Report>,
 }
 
@@ -72,7 +71,7 @@ fn deliver(
 ) -> Report {
     let started = Instant::now();
     let message = &item.meta.message;
-    let body = match crate::body::load(&context.spool, &context.spool_directory, message) {
+    let body = match crate::body::load(&context.spool, message) {
         Ok(body) => body,
         Err(error) => {
             // The record was readable at start or when accepted; a failure now is a disk
@@ -105,7 +104,10 @@ fn deliver(
         groups.entry(key).or_default().push((recipient, address));
     }
     for (domain, recipients) in groups {
-        let addresses: Vec<String> = recipients.iter().map(|(_, address)| address.clone()).collect();
+        let addresses: Vec<String> = recipients
+            .iter()
+            .map(|(_, address)| address.clone())
+            .collect();
         let outcome = match targets(upstream, &domain) {
             Ok(targets) => send_to_first_reachable(
                 upstream,
@@ -232,7 +234,7 @@ fn send_to_first_reachable(
             match open.connection.send(message) {
                 Ok(result) => {
                     open.messages_sent += 1;
-                    let remote = format!("{} ({address})", target.name);
+                    let remote = target.name.clone();
                     if !open.connection.is_usable() {
                         *cached = None;
                     }
@@ -270,9 +272,11 @@ fn recipient_report(
     remote: &str,
 ) -> RecipientReport {
     let (outcome, reason_text, status) = match outcome {
-        RecipientOutcome::Delivered { reply } => {
-            (Outcome::Delivered, reply_text(reply), status_of(reply, "2.0.0"))
-        }
+        RecipientOutcome::Delivered { reply } => (
+            Outcome::Delivered,
+            reply_text(reply),
+            status_of(reply, "2.0.0"),
+        ),
         RecipientOutcome::Deferred(reason) => {
             let (text, status) = reason_detail(reason, "4.0.0");
             (Outcome::Deferred, text, status)
@@ -346,7 +350,10 @@ pub(crate) fn reply_text(reply: &Reply) -> String {
 
 fn status_of(reply: &Reply, default_status: &str) -> String {
     match reply.enhanced {
-        Some(enhanced) => format!("{}.{}.{}", enhanced.class, enhanced.subject, enhanced.detail),
+        Some(enhanced) => format!(
+            "{}.{}.{}",
+            enhanced.class, enhanced.subject, enhanced.detail
+        ),
         None => default_status.to_string(),
     }
 }

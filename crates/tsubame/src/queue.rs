@@ -54,8 +54,8 @@ pub fn run(args: QueueArgs) -> anyhow::Result<ExitCode> {
         QueueCommand::Flush => ControlRequest::Flush,
         QueueCommand::Delete { id } => ControlRequest::Delete { id: id.clone() },
     };
-    let response =
-        tsubame_relay::control::request(&directory, &request).map_err(|message| anyhow::anyhow!(message))?;
+    let response = tsubame_relay::control::request(&directory, &request)
+        .map_err(|message| anyhow::anyhow!(message))?;
     if args.json {
         println!(
             "{}",

@@ -163,20 +163,24 @@ fn apply_overrides(config: &mut Config, args: &ServeArgs) -> anyhow::Result<()> 
         config.server.threads = threads;
     }
     if let Some(url) = &args.upstream {
-        let mut upstream =
-            tsubame_config::parse_upstream_url(url).map_err(|message| anyhow::anyhow!("--upstream: {message}"))?;
+        let mut upstream = tsubame_config::parse_upstream_url(url)
+            .map_err(|message| anyhow::anyhow!("--upstream: {message}"))?;
         if upstream.username.is_some()
             && upstream.password_inline.is_none()
             && let Ok(password) = std::env::var("TSUBAME_UPSTREAM_PASSWORD")
         {
             upstream.password_inline = Some(tsubame_config::Secret::new(password));
         }
-        config.upstreams.retain(|configured| configured.name != upstream.name);
+        config
+            .upstreams
+            .retain(|configured| configured.name != upstream.name);
         config.delivery.default_upstream = upstream.name.clone();
         config.upstreams.push(upstream);
         // The flag means "everything goes there".
         config.routes.clear();
-        config.revalidate().map_err(|message| anyhow::anyhow!("--upstream: {message}"))?;
+        config
+            .revalidate()
+            .map_err(|message| anyhow::anyhow!("--upstream: {message}"))?;
     }
     Ok(())
 }
