@@ -398,9 +398,19 @@ enum Expected {
     Rcpt(usize),
     Data,
     Content,
-    /// The `.` sent after a 354 that came with no accepted recipient, or the RSET sent
-    /// after DATA was refused; the outcome is already decided.
+    /// The lone `.` sent after a 354 that came with no accepted recipient; the outcome
+    /// is already decided.
+    EmptyContent,
+    /// The RSET sent after DATA was refused or no recipient was accepted; the outcome
+    /// is already decided.
     Cleanup,
+}
+
+impl Expected {
+    /// True for the replies that decide no recipient.
+    fn is_cleanup(self) -> bool {
+        matches!(self, Self::EmptyContent | Self::Cleanup)
+    }
 }
 
 /// One mail transaction. Replies are recorded as they come; the outcomes are decided
@@ -437,7 +447,7 @@ impl<'a> Transaction<'a> {
         // command was.
         if reply.code == 421 {
             self.connection_usable = false;
-            if expected != Expected::Cleanup {
+            if !expected.is_cleanup() {
                 self.interruption = Some(Reason::Reply {
                     stage: stage_of(expected),
                     reply: reply.clone(),
@@ -480,12 +490,12 @@ impl<'a> Transaction<'a> {
                     // RFC 2920 §3.1: if no recipient was accepted but DATA still got
                     // 354, the client "should send a single dot": an empty message the
                     // server has no one to deliver to. Content is never sent.
-                    self.awaiting.push_back(Expected::Cleanup);
+                    self.awaiting.push_back(Expected::EmptyContent);
                     return Ok(TransactionStep::Write(b".\r\n".to_vec()));
                 }
                 return Ok(self.after_refused_data());
             }
-            Expected::Cleanup => {
+            Expected::EmptyContent | Expected::Cleanup => {
                 if !reply.is_positive_completion() {
                     self.connection_usable = false;
                 }
@@ -498,6 +508,20 @@ impl<'a> Transaction<'a> {
             return Ok(self.finish());
         }
         Ok(TransactionStep::Wait)
+    }
+
+    /// The command whose reply comes next: the oldest one written and not yet
+    /// answered. `None` when no reply is owed (the transaction is done, or has
+    /// something to write first).
+    ///
+    /// A driver reads each reply with this stage's timeout, so the replies of a
+    /// PIPELINING group each get their own (RFC 5321 §4.5.3.2: MAIL, RCPT and DATA
+    /// initiation have different limits), and names it when the reply never comes.
+    pub fn awaiting_stage(&self) -> Option<Stage> {
+        if self.finished {
+            return None;
+        }
+        self.awaiting.front().copied().map(stage_of)
     }
 
     /// Ends the transaction because the connection failed: every recipient whose
@@ -519,7 +543,7 @@ impl<'a> Transaction<'a> {
             }
             Expected::Data => self.data_reply = Some(reply),
             Expected::Content => self.content_reply = Some(reply),
-            Expected::Reset | Expected::Cleanup => {}
+            Expected::Reset | Expected::EmptyContent | Expected::Cleanup => {}
         }
     }
 
@@ -638,7 +662,7 @@ fn stage_of(expected: Expected) -> Stage {
         Expected::Mail => Stage::Mail,
         Expected::Rcpt(_) => Stage::Rcpt,
         Expected::Data => Stage::Data,
-        Expected::Content => Stage::Content,
+        Expected::Content | Expected::EmptyContent => Stage::Content,
     }
 }
 

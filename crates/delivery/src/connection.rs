@@ -233,6 +233,10 @@ pub struct UpstreamConnection {
     /// False once a read or write failed, a reply made no sense, or the upstream said
     /// 421: the session state is unknown and nothing more may be sent.
     usable: bool,
+    /// The socket's read and write timeouts as last set, so an unchanged timeout
+    /// costs no `setsockopt` per command. `None` until first set.
+    read_timeout: Option<Duration>,
+    write_timeout: Option<Duration>,
 }
 
 impl UpstreamConnection {
@@ -282,6 +286,8 @@ impl UpstreamConnection {
             timeouts,
             buffer: Vec::new(),
             usable: true,
+            read_timeout: None,
+            write_timeout: None,
         };
         connection.open_session()?;
         Ok(connection)
@@ -359,8 +365,13 @@ impl UpstreamConnection {
             .session
             .transaction(message)
             .map_err(|source| self.protocol_error(source))?;
-        let mut stage = ConnectionStage::Mail;
         loop {
+            // The stage (and so the timeout) of the next reply is whatever the
+            // transaction waits for: in a PIPELINING group, MAIL, each RCPT and DATA
+            // in turn, not the group's first command.
+            let stage = transaction
+                .awaiting_stage()
+                .map_or(ConnectionStage::Mail, ConnectionStage::from);
             let written = match step {
                 TransactionStep::Done(result) => {
                     if !result.connection_usable {
@@ -368,14 +379,8 @@ impl UpstreamConnection {
                     }
                     return Ok(result);
                 }
-                TransactionStep::Write(command) => {
-                    stage = command_stage(&command);
-                    self.write_command(&command, stage)
-                }
-                TransactionStep::WriteContent(content) => {
-                    stage = ConnectionStage::Content;
-                    self.write_content(content)
-                }
+                TransactionStep::Write(command) => self.write_command(&command, stage),
+                TransactionStep::WriteContent(content) => self.write_content(content),
                 TransactionStep::Wait => Ok(()),
             };
             if let Err(error) = written {
@@ -470,23 +475,37 @@ impl UpstreamConnection {
     }
 
     fn set_write_timeout(&mut self, timeout: Duration) -> Result<(), DeliveryError> {
+        if self.write_timeout == Some(timeout) {
+            return Ok(());
+        }
         self.stream
             .set_write_timeout(Some(timeout))
             .map_err(|source| DeliveryError::Socket {
                 address: self.address,
                 source,
-            })
+            })?;
+        self.write_timeout = Some(timeout);
+        Ok(())
     }
 
-    /// Reads until the buffer holds a whole reply, and returns it.
-    fn read_reply(&mut self, stage: ConnectionStage) -> Result<Reply, DeliveryError> {
-        let timeout = self.timeouts.for_stage(stage);
+    fn set_read_timeout(&mut self, timeout: Duration) -> Result<(), DeliveryError> {
+        if self.read_timeout == Some(timeout) {
+            return Ok(());
+        }
         self.stream
             .set_read_timeout(Some(timeout))
             .map_err(|source| DeliveryError::Socket {
                 address: self.address,
                 source,
             })?;
+        self.read_timeout = Some(timeout);
+        Ok(())
+    }
+
+    /// Reads until the buffer holds a whole reply, and returns it.
+    fn read_reply(&mut self, stage: ConnectionStage) -> Result<Reply, DeliveryError> {
+        let timeout = self.timeouts.for_stage(stage);
+        self.set_read_timeout(timeout)?;
         let mut chunk = [0_u8; READ_CHUNK_BYTES];
         loop {
             match parse_reply(&self.buffer) {
@@ -557,24 +576,6 @@ impl UpstreamConnection {
     }
 }
 
-/// The stage a transaction command starts; a PIPELINING group is named after its
-/// first command (its replies then share that command's timeout).
-fn command_stage(command: &[u8]) -> ConnectionStage {
-    let verb = command.get(..4).unwrap_or(command);
-    if verb.eq_ignore_ascii_case(b"RSET") {
-        ConnectionStage::Reset
-    } else if verb.eq_ignore_ascii_case(b"RCPT") {
-        ConnectionStage::Rcpt
-    } else if verb.eq_ignore_ascii_case(b"DATA") {
-        ConnectionStage::Data
-    } else if command.starts_with(b".") {
-        // The lone `.` after a 354 with no accepted recipient.
-        ConnectionStage::Content
-    } else {
-        ConnectionStage::Mail
-    }
-}
-
 /// Writes every slice in order with `write_vectored`, resuming after short writes.
 fn write_all_vectored(stream: &mut impl Write, slices: &[&[u8]]) -> io::Result<()> {
     let mut io_slices: Vec<IoSlice<'_>> = slices.iter().map(|slice| IoSlice::new(slice)).collect();
@@ -595,20 +596,6 @@ fn write_all_vectored(stream: &mut impl Write, slices: &[&[u8]]) -> io::Result<(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn command_stages() {
-        let cases: &[(&[u8], ConnectionStage)] = &[
-            (b"RSET\r\nMAIL FROM:<>\r\n", ConnectionStage::Reset),
-            (b"MAIL FROM:<a@b>\r\n", ConnectionStage::Mail),
-            (b"RCPT TO:<a@b>\r\n", ConnectionStage::Rcpt),
-            (b"DATA\r\n", ConnectionStage::Data),
-            (b".\r\n", ConnectionStage::Content),
-        ];
-        for (command, stage) in cases {
-            assert_eq!(command_stage(command), *stage);
-        }
-    }
 
     /// A writer that takes at most `limit` bytes per call, to exercise resumption.
     struct Trickle {

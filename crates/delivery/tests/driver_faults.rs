@@ -135,13 +135,17 @@ fn endless_reply_line_is_bounded() {
             }
         }
     });
-    let (_connection, result) = send_one(address);
+    let (connection, result) = send_one(address);
     for outcome in &result.outcomes {
         assert!(
             lost_detail(outcome).contains("invalid reply"),
             "{outcome:?}"
         );
     }
+    // Close the socket before joining: a shut-down socket still holds the server's
+    // unread bytes, so the server's writes block until its own timeout instead of
+    // failing at once.
+    drop(connection);
     server.join().unwrap();
 }
 
@@ -198,5 +202,54 @@ fn refused_greeting_is_an_error_with_context() {
         other => panic!("expected a refusal, got {other:?}"),
     }
     assert!(error.to_string().contains(&address.to_string()));
+    server.join().unwrap();
+}
+
+/// Regression: a PIPELINING group's replies were all read with the MAIL timeout and a
+/// missing 354 was reported "at Mail", so the DATA initiation timeout (RFC 5321
+/// §4.5.3.2.4) never applied.
+#[test]
+fn pipelined_data_reply_gets_the_data_initiation_timeout() {
+    let (address, server) = fake_server(|mut stream, reader| {
+        stream.write_all(b"220 fake ESMTP\r\n").unwrap();
+        let mut line = String::new();
+        reader.read_line(&mut line).unwrap();
+        assert!(line.starts_with("EHLO "), "{line:?}");
+        stream.write_all(b"250-fake\r\n250 PIPELINING\r\n").unwrap();
+        for expected in ["MAIL FROM:", "RCPT TO:", "DATA"] {
+            line.clear();
+            reader.read_line(&mut line).unwrap();
+            assert!(line.starts_with(expected), "{line:?}");
+        }
+        // MAIL and RCPT are answered; DATA never is.
+        stream.write_all(b"250 ok\r\n250 ok\r\n").unwrap();
+        line.clear();
+        let _ = reader.read_line(&mut line);
+    });
+    let long = Duration::from_secs(3);
+    let timeouts = Timeouts {
+        data_initiation: SHORT_TIMEOUT,
+        ..Timeouts::uniform(long)
+    };
+    let mut connection = UpstreamConnection::connect(address, "client.test", timeouts).unwrap();
+    let recipients = vec!["a@fake.test".to_owned()];
+    let started = std::time::Instant::now();
+    let result = connection
+        .send(Message {
+            mail_from: "sender@fake.test",
+            recipients: &recipients,
+            body_type: BodyType::SevenBit,
+            smtputf8: false,
+            body: b"Subject: x\r\n\r\nbody\r\n",
+        })
+        .unwrap();
+    let elapsed = started.elapsed();
+    let detail = lost_detail(&result.outcomes[0]);
+    assert!(
+        detail.contains(&format!("timed out after {SHORT_TIMEOUT:?} at Data")),
+        "{detail}"
+    );
+    assert!(elapsed < long, "waited {elapsed:?}, the MAIL timeout");
+    drop(connection);
     server.join().unwrap();
 }
