@@ -13,8 +13,11 @@
 //! * [`dot_stuff`]: the DATA content encoder (dot-stuffing, terminator) over borrowed
 //!   slices.
 //! * [`auth`]: AUTH PLAIN and AUTH LOGIN client exchanges.
-//! * [`connection`]: the one place with I/O, a blocking TCP driver that runs the
-//!   session and transactions above over a socket, with RFC 5321 timeouts.
+//! * [`tls`]: rustls client configurations (verifying, or opportunistic per RFC
+//!   7435), built once per upstream.
+//! * [`connection`]: the one place with I/O, a blocking driver that connects (plain,
+//!   implicit TLS or STARTTLS), authenticates over TLS, and runs the session and
+//!   transactions above over the socket, with RFC 5321 timeouts.
 #![forbid(unsafe_code)]
 
 pub mod auth;
@@ -33,7 +36,10 @@ pub use client::{
     BodyType, ClientError, LocalFailure, Message, Reason, RecipientOutcome, Session, SessionEvent,
     Stage, Transaction, TransactionResult, TransactionStep,
 };
-pub use connection::{ConnectionStage, DeliveryError, Timeouts, UpstreamConnection};
+pub use connection::{
+    ConnectOptions, ConnectionStage, Credentials, DeliveryError, Timeouts, UpstreamConnection,
+};
 pub use dot_stuff::DotStuffed;
 pub use ehlo::Capabilities;
 pub use reply::{MAX_REPLY_LINE_BYTES, MAX_REPLY_LINES, Reply, ReplyError, parse_reply};
+pub use tls::{TlsError, TlsSettings};

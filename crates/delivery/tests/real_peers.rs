@@ -275,18 +275,41 @@ fn smtp_sink_without_esmtp_gets_helo() {
 }
 
 #[test]
-fn tls_modes_that_need_tls_are_refused_before_connecting() {
-    // Nothing listens on this port; the refusal must come before any connect.
-    let address = SocketAddr::from(([127, 0, 0, 1], free_port()));
-    for mode in [TlsMode::Implicit, TlsMode::Required] {
-        let error = UpstreamConnection::connect_with_tls(address, HELO_NAME, mode, timeouts())
-            .expect_err("TLS modes must be refused");
-        assert!(
-            matches!(error, DeliveryError::TlsNotImplemented { .. }),
-            "{error:?}"
-        );
-        assert!(error.to_string().contains("TLS not implemented yet"));
-    }
+fn required_tls_without_starttls_sends_no_mail() {
+    let sink = start_smtp_sink(&[]);
+    let error = UpstreamConnection::connect_with_tls(
+        sink.address,
+        HELO_NAME,
+        TlsMode::Required,
+        timeouts(),
+    )
+    .expect_err("smtp-sink offers no STARTTLS");
+    assert!(
+        matches!(error, DeliveryError::StartTlsNotOffered { .. }),
+        "{error:?}"
+    );
+    assert!(error.to_string().contains("does not offer STARTTLS"));
+    // Nothing but EHLO and QUIT was said: no transaction reached the dump.
+    sleep(Duration::from_millis(200));
+    let dump = std::fs::read_to_string(&sink.dump).unwrap_or_default();
+    assert!(!dump.contains("X-Mail-Args"), "{dump}");
+}
+
+#[test]
+fn implicit_tls_against_a_plain_text_server_fails_the_handshake() {
+    // smtp-sink greets in plain text, which is no TLS record.
+    let sink = start_smtp_sink(&[]);
+    let error = UpstreamConnection::connect_with_tls(
+        sink.address,
+        HELO_NAME,
+        TlsMode::Implicit,
+        timeouts(),
+    )
+    .expect_err("no TLS on the other side");
+    assert!(
+        matches!(error, DeliveryError::TlsHandshake { .. }),
+        "{error:?}"
+    );
 }
 
 #[test]
@@ -299,6 +322,11 @@ fn opportunistic_tls_proceeds_in_plain_text() {
         timeouts(),
     )
     .expect("connect");
+    assert_eq!(
+        connection.tls_summary(),
+        None,
+        "smtp-sink offers no STARTTLS"
+    );
     let envelope = recipients(&["one@sink.test"]);
     let result = connection
         .send(message(&envelope, b"Subject: x\r\n\r\nbody\r\n"))

@@ -805,3 +805,74 @@ fn awaiting_stage_follows_each_reply_of_a_pipelined_group() {
     let stages = awaited_stages(&mut session, &envelope, &["250 reset\r\n", "250 ok\r\n"]);
     assert_eq!(stages, [Some(Reset), Some(Mail), Some(Rcpt)]);
 }
+
+#[test]
+fn starttls_then_ehlo_again_with_fresh_capabilities() {
+    let mut session = ready_session(&["STARTTLS", "PIPELINING", "AUTH CRAM-MD5"]);
+    assert_eq!(session.awaiting_stage(), None);
+    assert_eq!(session.starttls(), Ok(b"STARTTLS\r\n".to_vec()));
+    assert_eq!(session.awaiting_stage(), Some(Stage::StartTls));
+    assert!(!session.is_ready());
+    assert_eq!(
+        session.on_reply(reply("220 2.0.0 go ahead\r\n")),
+        Ok(SessionEvent::StartTls)
+    );
+    // RFC 3207 §4.2: nothing learned before TLS survives it.
+    assert_eq!(session.capabilities(), &Capabilities::default());
+    // A reply before the handshake is plain text injected after the 220.
+    assert!(matches!(
+        session.on_reply(reply("250 injected\r\n")),
+        Err(ClientError::UnexpectedReply { .. })
+    ));
+    assert_eq!(
+        session.tls_established(),
+        Ok(b"EHLO client.example\r\n".to_vec())
+    );
+    assert_eq!(session.awaiting_stage(), Some(Stage::Ehlo));
+    // A server that (wrongly) offers STARTTLS again after TLS.
+    assert_eq!(
+        session.on_reply(reply(&ehlo_reply(&["AUTH PLAIN LOGIN", "STARTTLS"]))),
+        Ok(SessionEvent::Ready)
+    );
+    assert!(session.capabilities().offers_auth("PLAIN"));
+    assert!(!session.capabilities().pipelining);
+    assert_eq!(session.starttls(), Err(ClientError::StartTlsNotAvailable));
+    assert_eq!(session.tls_established(), Err(ClientError::NotReady));
+}
+
+#[test]
+fn starttls_refusals() {
+    let mut plain = ready_session(&["PIPELINING"]);
+    assert_eq!(plain.starttls(), Err(ClientError::StartTlsNotAvailable));
+    assert!(plain.is_ready(), "a refused call changes nothing");
+
+    let mut not_ready = Session::new("client.example").unwrap();
+    assert_eq!(not_ready.starttls(), Err(ClientError::NotReady));
+    assert_eq!(not_ready.tls_established(), Err(ClientError::NotReady));
+
+    // 454 (RFC 3207 §4): the session goes on in plain text, capabilities kept.
+    let mut session = ready_session(&["STARTTLS", "PIPELINING"]);
+    session.starttls().unwrap();
+    assert_eq!(
+        session.on_reply(reply("454 4.7.0 TLS not available\r\n")),
+        Ok(SessionEvent::StartTlsRefused {
+            reply: reply("454 4.7.0 TLS not available\r\n")
+        })
+    );
+    assert!(session.is_ready());
+    assert!(session.capabilities().pipelining);
+    let envelope = recipients(&["a@x.example"]);
+    assert!(session.transaction(message(&envelope, b"x\r\n")).is_ok());
+
+    // 421 closes the session.
+    let mut session = ready_session(&["STARTTLS"]);
+    session.starttls().unwrap();
+    assert_eq!(
+        session.on_reply(reply("421 4.3.2 shutting down\r\n")),
+        Ok(SessionEvent::Rejected {
+            stage: Stage::StartTls,
+            reply: reply("421 4.3.2 shutting down\r\n")
+        })
+    );
+    assert!(!session.is_ready());
+}
