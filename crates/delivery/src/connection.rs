@@ -1172,6 +1172,75 @@ mod tests {
     }
 
     #[test]
+    fn only_an_invalid_envelope_is_permanent() {
+        let address = SocketAddr::from(([127, 0, 0, 1], 25));
+        let reply = parse_reply(b"554 5.7.1 go away\r\n")
+            .ok()
+            .flatten()
+            .map(|(reply, _)| reply)
+            .unwrap();
+        let protocol = |source| DeliveryError::Protocol { address, source };
+        let cases = [
+            (protocol(ClientError::InvalidAddress), true),
+            (protocol(ClientError::NoRecipients), true),
+            (protocol(ClientError::InvalidHeloName), false),
+            (protocol(ClientError::NotReady), false),
+            (
+                DeliveryError::Rejected {
+                    address,
+                    stage: Stage::Greeting,
+                    reply: reply.clone(),
+                },
+                false,
+            ),
+            (
+                DeliveryError::Auth {
+                    address,
+                    source: AuthError::Rejected(reply.clone()),
+                },
+                false,
+            ),
+            (
+                DeliveryError::StartTlsRefused {
+                    address,
+                    reply: reply.clone(),
+                },
+                false,
+            ),
+            (DeliveryError::StartTlsNotOffered { address }, false),
+            (
+                DeliveryError::TlsHandshake {
+                    address,
+                    server_name: "mx.example".to_owned(),
+                    reason: "invalid peer certificate".to_owned(),
+                },
+                false,
+            ),
+            (
+                DeliveryError::AuthMechanismUnsupported {
+                    address,
+                    offered: Vec::new(),
+                },
+                false,
+            ),
+        ];
+        for (error, permanent) in cases {
+            assert_eq!(error.is_permanent(), permanent, "{error}");
+        }
+    }
+
+    #[test]
+    fn credentials_debug_hides_the_password() {
+        let credentials = Credentials {
+            username: "user".to_owned(),
+            password: Secret::new("hunter2-secret"),
+        };
+        let debug = format!("{credentials:?}");
+        assert!(!debug.contains("hunter2"), "{debug}");
+        assert!(debug.contains("user"), "{debug}");
+    }
+
+    #[test]
     fn uniform_timeouts_are_never_zero() {
         let timeouts = Timeouts::uniform(Duration::ZERO);
         assert!(timeouts.for_stage(ConnectionStage::Content) > Duration::ZERO);
