@@ -797,11 +797,14 @@ impl UpstreamConnection {
         // Commands are small and each waits for its reply: do not let Nagle delay them.
         tcp.set_nodelay(true)
             .map_err(|source| DeliveryError::Socket { address, source })?;
+        // Implicit TLS starts before the greeting; STARTTLS after the first EHLO.
+        let (implicit_target, starttls_target) = match options.tls {
+            TlsMode::Implicit => (target, None),
+            TlsMode::Required | TlsMode::Opportunistic | TlsMode::None => (None, target),
+        };
         let mut wire = Wire::new(tcp, address, timeouts);
-        let mut starttls_target = None;
-        match (options.tls, target) {
-            (TlsMode::Implicit, Some(target)) => wire = wire.start_tls(target)?,
-            (_, target) => starttls_target = target,
+        if let Some(target) = implicit_target {
+            wire = wire.start_tls(target)?;
         }
 
         let mut connection = Self {

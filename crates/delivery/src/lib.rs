@@ -1,21 +1,22 @@
 //! The SMTP protocol as seen by a client delivering to an upstream, as functions over
 //! bytes.
 //!
-//! Outside [`connection`], nothing here opens a socket, reads a clock, resolves a name
-//! or spawns a thread: the caller writes the bytes that come out and feeds back the
-//! replies it reads.
+//! Outside [`connection`] (sockets), [`tls`] (which reads a CA file) and [`load`] (the
+//! bench's worker threads), nothing here opens a socket or file, reads a clock,
+//! resolves a name or spawns a thread: the caller writes the bytes that come out and
+//! feeds back the replies it reads.
 //!
 //! * [`reply`]: parses server replies incrementally (multi-line, enhanced codes, limits).
 //! * [`ehlo`]: the capabilities an EHLO reply advertises.
-//! * [`client`]: the session (greeting, EHLO/HELO, QUIT) and one mail transaction at a
-//!   time (MAIL, RCPT, DATA, with or without PIPELINING), ending in per-recipient
-//!   outcomes.
+//! * [`client`]: the session (greeting, EHLO/HELO, STARTTLS, QUIT) and one mail
+//!   transaction at a time (MAIL, RCPT, DATA, with or without PIPELINING), ending in
+//!   per-recipient outcomes.
 //! * [`dot_stuff`]: the DATA content encoder (dot-stuffing, terminator) over borrowed
 //!   slices.
 //! * [`auth`]: AUTH PLAIN and AUTH LOGIN client exchanges.
 //! * [`tls`]: rustls client configurations (verifying, or opportunistic per RFC
 //!   7435), built once per upstream.
-//! * [`connection`]: the one place with I/O, a blocking driver that connects (plain,
+//! * [`connection`]: the one place with network I/O, a blocking driver that connects (plain,
 //!   implicit TLS or STARTTLS), authenticates over TLS, and runs the session and
 //!   transactions above over the socket, with RFC 5321 timeouts.
 #![forbid(unsafe_code)]
