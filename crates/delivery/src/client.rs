@@ -2,7 +2,7 @@
 //! a time, with or without PIPELINING (RFC 2920).
 //!
 //! A [`Session`] handles the greeting, EHLO (falling back to HELO when EHLO gets a
-//! 5xx) and QUIT. Once it is ready, [`Session::transaction`] starts a [`Transaction`]
+//! 5xx), STARTTLS (RFC 3207) and QUIT. Once it is ready, [`Session::transaction`] starts a [`Transaction`]
 //! for one message; the caller writes what each [`TransactionStep`] says, feeds every
 //! reply to [`Transaction::on_reply`], and ends with a [`TransactionResult`]: one
 //! outcome per recipient, in the envelope's order.
@@ -55,6 +55,8 @@ pub enum Stage {
     Greeting,
     Ehlo,
     Helo,
+    /// STARTTLS (RFC 3207).
+    StartTls,
     /// The RSET before a message on a reused connection.
     Reset,
     Mail,
@@ -121,6 +123,8 @@ pub enum ClientError {
     InvalidAddress,
     #[error("the message has no recipients")]
     NoRecipients,
+    #[error("STARTTLS was not offered, or TLS is already on (RFC 3207 §4.2)")]
+    StartTlsNotAvailable,
 }
 
 /// What the caller does after a session reply.
@@ -134,6 +138,12 @@ pub enum SessionEvent {
     Rejected { stage: Stage, reply: Reply },
     /// The reply to QUIT came; close the connection.
     Closed,
+    /// 220 to STARTTLS: do the TLS handshake now, before reading anything more, then
+    /// call [`Session::tls_established`].
+    StartTls,
+    /// STARTTLS got a reply other than 220 (454, 501, ...). The session is still
+    /// ready, in plain text (RFC 3207 §4); whether to go on is the caller's call.
+    StartTlsRefused { reply: Reply },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -142,6 +152,11 @@ enum SessionState {
     Ehlo,
     Helo,
     Ready,
+    /// STARTTLS was sent; waiting for its reply.
+    StartTls,
+    /// 220 to STARTTLS came; the caller is doing the TLS handshake. No reply may
+    /// come in this state: one would be plain text injected before TLS.
+    TlsHandshake,
     Quitting,
     Closed,
 }
@@ -156,6 +171,8 @@ pub struct Session {
     capabilities: Capabilities,
     /// Transactions that wrote anything; from the second on, each starts with RSET.
     transactions_started: u64,
+    /// STARTTLS succeeded; it may not be sent again (RFC 3207 §4.2).
+    tls_started: bool,
 }
 
 impl Session {
@@ -173,6 +190,7 @@ impl Session {
             state: SessionState::Greeting,
             capabilities: Capabilities::default(),
             transactions_started: 0,
+            tls_started: false,
         })
     }
 
@@ -182,6 +200,51 @@ impl Session {
 
     pub fn is_ready(&self) -> bool {
         self.state == SessionState::Ready
+    }
+
+    /// The command whose reply the session waits for; `None` when it waits for none
+    /// (ready, closed, or during the TLS handshake) or for QUIT's.
+    pub fn awaiting_stage(&self) -> Option<Stage> {
+        match self.state {
+            SessionState::Greeting => Some(Stage::Greeting),
+            SessionState::Ehlo => Some(Stage::Ehlo),
+            SessionState::Helo => Some(Stage::Helo),
+            SessionState::StartTls => Some(Stage::StartTls),
+            SessionState::Ready
+            | SessionState::TlsHandshake
+            | SessionState::Quitting
+            | SessionState::Closed => None,
+        }
+    }
+
+    /// The STARTTLS command (RFC 3207 §4). Only when ready, offered in the EHLO reply,
+    /// and not already done: after TLS the server must not offer it again, and the
+    /// client must not send it again (§4.2).
+    ///
+    /// It must be the last command written before its reply (§4: STARTTLS ends a
+    /// PIPELINING group); nothing else is sent until the handshake is done.
+    pub fn starttls(&mut self) -> Result<Vec<u8>, ClientError> {
+        if self.state != SessionState::Ready {
+            return Err(ClientError::NotReady);
+        }
+        if !self.capabilities.starttls || self.tls_started {
+            return Err(ClientError::StartTlsNotAvailable);
+        }
+        self.state = SessionState::StartTls;
+        Ok(b"STARTTLS\r\n".to_vec())
+    }
+
+    /// The TLS handshake after [`SessionEvent::StartTls`] succeeded: forgets what the
+    /// plain-text EHLO said (RFC 3207 §4.2: the client MUST discard any knowledge
+    /// obtained from the server before TLS) and returns the EHLO to send over TLS.
+    pub fn tls_established(&mut self) -> Result<Vec<u8>, ClientError> {
+        if self.state != SessionState::TlsHandshake {
+            return Err(ClientError::NotReady);
+        }
+        self.tls_started = true;
+        self.capabilities = Capabilities::default();
+        self.state = SessionState::Ehlo;
+        Ok(self.command("EHLO"))
     }
 
     /// Feeds a reply to the greeting, EHLO, HELO or QUIT.
@@ -207,11 +270,27 @@ impl Session {
                 self.state = SessionState::Ready;
                 Ok(SessionEvent::Ready)
             }
-            SessionState::Greeting | SessionState::Ehlo | SessionState::Helo => {
+            SessionState::StartTls if reply.code == 220 => {
+                // Forget the plain-text capabilities now, so nothing learned before
+                // TLS can be used even if the caller skips `tls_established`.
+                self.capabilities = Capabilities::default();
+                self.state = SessionState::TlsHandshake;
+                Ok(SessionEvent::StartTls)
+            }
+            // RFC 5321 §3.8: 421 closes the session whatever the command was.
+            SessionState::StartTls if reply.code != 421 => {
+                self.state = SessionState::Ready;
+                Ok(SessionEvent::StartTlsRefused { reply })
+            }
+            SessionState::Greeting
+            | SessionState::Ehlo
+            | SessionState::Helo
+            | SessionState::StartTls => {
                 let stage = match self.state {
                     SessionState::Greeting => Stage::Greeting,
                     SessionState::Ehlo => Stage::Ehlo,
-                    _ => Stage::Helo,
+                    SessionState::Helo => Stage::Helo,
+                    _ => Stage::StartTls,
                 };
                 self.state = SessionState::Closed;
                 Ok(SessionEvent::Rejected { stage, reply })
@@ -220,7 +299,7 @@ impl Session {
                 self.state = SessionState::Closed;
                 Ok(SessionEvent::Closed)
             }
-            SessionState::Ready | SessionState::Closed => {
+            SessionState::Ready | SessionState::TlsHandshake | SessionState::Closed => {
                 Err(ClientError::UnexpectedReply { reply })
             }
         }
@@ -398,9 +477,19 @@ enum Expected {
     Rcpt(usize),
     Data,
     Content,
-    /// The `.` sent after a 354 that came with no accepted recipient, or the RSET sent
-    /// after DATA was refused; the outcome is already decided.
+    /// The lone `.` sent after a 354 that came with no accepted recipient; the outcome
+    /// is already decided.
+    EmptyContent,
+    /// The RSET sent after DATA was refused or no recipient was accepted; the outcome
+    /// is already decided.
     Cleanup,
+}
+
+impl Expected {
+    /// True for the replies that decide no recipient.
+    fn is_cleanup(self) -> bool {
+        matches!(self, Self::EmptyContent | Self::Cleanup)
+    }
 }
 
 /// One mail transaction. Replies are recorded as they come; the outcomes are decided
@@ -437,7 +526,7 @@ impl<'a> Transaction<'a> {
         // command was.
         if reply.code == 421 {
             self.connection_usable = false;
-            if expected != Expected::Cleanup {
+            if !expected.is_cleanup() {
                 self.interruption = Some(Reason::Reply {
                     stage: stage_of(expected),
                     reply: reply.clone(),
@@ -480,12 +569,12 @@ impl<'a> Transaction<'a> {
                     // RFC 2920 §3.1: if no recipient was accepted but DATA still got
                     // 354, the client "should send a single dot": an empty message the
                     // server has no one to deliver to. Content is never sent.
-                    self.awaiting.push_back(Expected::Cleanup);
+                    self.awaiting.push_back(Expected::EmptyContent);
                     return Ok(TransactionStep::Write(b".\r\n".to_vec()));
                 }
                 return Ok(self.after_refused_data());
             }
-            Expected::Cleanup => {
+            Expected::EmptyContent | Expected::Cleanup => {
                 if !reply.is_positive_completion() {
                     self.connection_usable = false;
                 }
@@ -498,6 +587,20 @@ impl<'a> Transaction<'a> {
             return Ok(self.finish());
         }
         Ok(TransactionStep::Wait)
+    }
+
+    /// The command whose reply comes next: the oldest one written and not yet
+    /// answered. `None` when no reply is owed (the transaction is done, or has
+    /// something to write first).
+    ///
+    /// A driver reads each reply with this stage's timeout, so the replies of a
+    /// PIPELINING group each get their own (RFC 5321 §4.5.3.2: MAIL, RCPT and DATA
+    /// initiation have different limits), and names it when the reply never comes.
+    pub fn awaiting_stage(&self) -> Option<Stage> {
+        if self.finished {
+            return None;
+        }
+        self.awaiting.front().copied().map(stage_of)
     }
 
     /// Ends the transaction because the connection failed: every recipient whose
@@ -519,7 +622,7 @@ impl<'a> Transaction<'a> {
             }
             Expected::Data => self.data_reply = Some(reply),
             Expected::Content => self.content_reply = Some(reply),
-            Expected::Reset | Expected::Cleanup => {}
+            Expected::Reset | Expected::EmptyContent | Expected::Cleanup => {}
         }
     }
 
@@ -638,7 +741,7 @@ fn stage_of(expected: Expected) -> Stage {
         Expected::Mail => Stage::Mail,
         Expected::Rcpt(_) => Stage::Rcpt,
         Expected::Data => Stage::Data,
-        Expected::Content => Stage::Content,
+        Expected::Content | Expected::EmptyContent => Stage::Content,
     }
 }
 

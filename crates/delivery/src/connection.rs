@@ -1,4 +1,5 @@
-//! A blocking connection to one upstream: TCP, the session ([`Session`]) and one
+//! A blocking connection to one upstream: TCP, TLS when the upstream's mode asks for
+//! it, AUTH when there are credentials, then the session ([`Session`]) and one
 //! transaction ([`Transaction`]) after another over it.
 //!
 //! This is the only module of the crate that does I/O. It writes what the state
@@ -6,30 +7,49 @@
 //! and write has a timeout (RFC 5321 §4.5.3.2), so a silent peer costs time, never a
 //! hung thread. It blocks: run it on a delivery worker, never on the event loop.
 //!
-//! TLS is not implemented yet. [`UpstreamConnection::connect_with_tls`] refuses
-//! `Implicit` and `Required` (no mail may go out in clear to such an upstream) and
-//! treats `Opportunistic` as plain text: STARTTLS is never sent, even when offered.
+//! [`UpstreamConnection::open`] sets a connection up according to [`TlsMode`]:
+//!
+//! * `Implicit` (RFC 8314): the TLS handshake right after the TCP connect, then the
+//!   greeting and EHLO.
+//! * `Required` (RFC 3207): greeting and EHLO in plain text; STARTTLS must be
+//!   offered and accepted, or the connection ends with an error (after QUIT) before
+//!   anything else is sent. After the handshake, EHLO again: what the plain-text EHLO
+//!   said is forgotten (§4.2).
+//! * `Opportunistic` (RFC 7435): STARTTLS as for `Required` when offered; plain text
+//!   when it is not offered or is refused with a reply. A failed handshake is an
+//!   error (the TCP connection is lost by then); the caller may retry in plain text
+//!   with `TlsMode::None`, as Postfix does at its `may` level.
+//! * `None`: plain text; STARTTLS is never sent.
+//!
+//! With [`Credentials`], AUTH follows (RFC 4954): PLAIN when offered, else LOGIN.
+//! Credentials are only ever sent over TLS; a plain-text session with credentials is
+//! an error, and no credential appears in `Debug` output, logs or errors.
 
 use std::io::{self, IoSlice, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::sync::Arc;
 use std::time::Duration;
 
+use rustls::{ClientConfig, ClientConnection, ProtocolVersion, StreamOwned};
+use rustls_pki_types::ServerName;
 use tsubame_config::TlsMode;
 
+use crate::auth::{AuthError, AuthExchange, AuthStep, Secret};
 use crate::client::{
     ClientError, LocalFailure, Message, Session, SessionEvent, Stage, Transaction,
     TransactionResult, TransactionStep,
 };
 use crate::ehlo::Capabilities;
 use crate::reply::{MAX_REPLY_LINE_BYTES, MAX_REPLY_LINES, Reply, ReplyError, parse_reply};
+use crate::tls::{TlsError, TlsSettings};
 
 /// RFC 5321 sets no connect timeout; 30 s is Postfix's `smtp_connect_timeout` default,
 /// longer than any handshake to a live host takes.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 /// RFC 5321 §4.5.3.2.1, initial 220 message: 5 minutes.
 pub const GREETING_TIMEOUT: Duration = Duration::from_secs(5 * 60);
-/// RFC 5321 §4.5.3.2.2, MAIL command: 5 minutes. Also used for EHLO/HELO, RSET and
-/// QUIT, for which the RFC names no value.
+/// RFC 5321 §4.5.3.2.2, MAIL command: 5 minutes. Also used for EHLO/HELO, STARTTLS,
+/// AUTH, RSET and QUIT, for which the RFCs name no value.
 pub const MAIL_TIMEOUT: Duration = Duration::from_secs(5 * 60);
 /// RFC 5321 §4.5.3.2.3, RCPT command: 5 minutes.
 pub const RCPT_TIMEOUT: Duration = Duration::from_secs(5 * 60);
@@ -39,6 +59,9 @@ pub const DATA_INITIATION_TIMEOUT: Duration = Duration::from_secs(2 * 60);
 pub const DATA_BLOCK_TIMEOUT: Duration = Duration::from_secs(3 * 60);
 /// RFC 5321 §4.5.3.2.6, DATA termination (the reply after `.`): 10 minutes.
 pub const DATA_TERMINATION_TIMEOUT: Duration = Duration::from_secs(10 * 60);
+/// Each read and write of the TLS handshake. RFC 3207 and RFC 8314 name no value;
+/// 5 minutes is Postfix's `smtp_starttls_timeout` default.
+pub const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5 * 60);
 
 /// Most reply bytes buffered at once: one reply of the largest size the parser accepts
 /// ([`MAX_REPLY_LINES`] lines of [`MAX_REPLY_LINE_BYTES`]), so a valid reply always
@@ -59,8 +82,7 @@ pub struct Timeouts {
     pub connect: Duration,
     /// Waiting for the 220 greeting.
     pub greeting: Duration,
-    /// The reply to MAIL, and to EHLO/HELO, RSET, QUIT; also a whole PIPELINING
-    /// group's replies.
+    /// The reply to MAIL, and to EHLO/HELO, STARTTLS, AUTH, RSET, QUIT.
     pub mail: Duration,
     pub rcpt: Duration,
     /// The 354 after DATA.
@@ -69,6 +91,8 @@ pub struct Timeouts {
     pub data_block: Duration,
     /// The reply after the end-of-data indicator.
     pub data_termination: Duration,
+    /// Each read and write of the TLS handshake.
+    pub tls_handshake: Duration,
 }
 
 impl Default for Timeouts {
@@ -81,6 +105,7 @@ impl Default for Timeouts {
             data_initiation: DATA_INITIATION_TIMEOUT,
             data_block: DATA_BLOCK_TIMEOUT,
             data_termination: DATA_TERMINATION_TIMEOUT,
+            tls_handshake: TLS_HANDSHAKE_TIMEOUT,
         }
     }
 }
@@ -98,6 +123,7 @@ impl Timeouts {
             data_initiation: timeout,
             data_block: timeout,
             data_termination: timeout,
+            tls_handshake: timeout,
         }
     }
 
@@ -107,9 +133,12 @@ impl Timeouts {
             ConnectionStage::Greeting => self.greeting,
             ConnectionStage::Ehlo
             | ConnectionStage::Helo
+            | ConnectionStage::StartTls
+            | ConnectionStage::Auth
             | ConnectionStage::Reset
             | ConnectionStage::Mail
             | ConnectionStage::Quit => self.mail,
+            ConnectionStage::TlsHandshake => self.tls_handshake,
             ConnectionStage::Rcpt => self.rcpt,
             ConnectionStage::Data => self.data_initiation,
             ConnectionStage::Content => self.data_termination,
@@ -120,13 +149,18 @@ impl Timeouts {
 }
 
 /// Where on the connection something went wrong: the last command written, or the
-/// connect and greeting before any.
+/// connect, handshake and greeting before any.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ConnectionStage {
     Connect,
+    /// The TLS handshake, implicit or after STARTTLS.
+    TlsHandshake,
     Greeting,
     Ehlo,
     Helo,
+    StartTls,
+    /// AUTH and the exchange after it.
+    Auth,
     Reset,
     Mail,
     Rcpt,
@@ -142,6 +176,7 @@ impl From<Stage> for ConnectionStage {
             Stage::Greeting => Self::Greeting,
             Stage::Ehlo => Self::Ehlo,
             Stage::Helo => Self::Helo,
+            Stage::StartTls => Self::StartTls,
             Stage::Reset => Self::Reset,
             Stage::Mail => Self::Mail,
             Stage::Rcpt => Self::Rcpt,
@@ -151,17 +186,58 @@ impl From<Stage> for ConnectionStage {
     }
 }
 
+/// A username and password for AUTH. `Debug` shows the username and `***`.
+#[derive(Debug, Clone)]
+pub struct Credentials {
+    pub username: String,
+    pub password: Secret,
+}
+
+/// How to open a connection: [`UpstreamConnection::open`]'s settings.
+#[derive(Debug, Clone)]
+pub struct ConnectOptions<'a> {
+    /// Our name for EHLO/HELO.
+    pub helo_name: &'a str,
+    pub tls: TlsMode,
+    /// The name the server's certificate must match, also sent as SNI: the relay's
+    /// host name, or the MX host name (not the domain mailed to). An IP address is
+    /// allowed (matched against the certificate's IP addresses; no SNI is sent).
+    /// Unused for [`TlsMode::None`].
+    pub server_name: &'a str,
+    /// From [`TlsSettings::config`], built once per upstream. Required for every
+    /// mode but [`TlsMode::None`]. Whether the certificate is verified is this
+    /// configuration's business: the opportunistic one does not verify.
+    pub tls_config: Option<Arc<ClientConfig>>,
+    /// AUTH after TLS when given; never sent over plain text.
+    pub credentials: Option<&'a Credentials>,
+    pub timeouts: Timeouts,
+}
+
 /// Everything that can go wrong on an upstream connection. Each variant names the
-/// upstream and, where there is one, the stage.
+/// upstream and, where there is one, the stage. None holds a credential.
 ///
 /// During [`UpstreamConnection::send`] these do not escape as errors once the
 /// transaction has started: they become [`LocalFailure::ConnectionLost`] outcomes.
 #[derive(Debug, thiserror::Error)]
 pub enum DeliveryError {
-    /// The upstream wants TLS (`implicit` or `required`) and this driver cannot do it
-    /// yet; nothing was sent, not even a TCP handshake.
-    #[error("TLS not implemented yet: upstream {address} requires TLS mode {mode:?}")]
-    TlsNotImplemented { address: SocketAddr, mode: TlsMode },
+    /// [`ConnectOptions::tls_config`] is missing for a mode that needs TLS; nothing
+    /// was sent, not even a TCP handshake.
+    #[error("no TLS configuration given for upstream {address} with TLS mode {mode:?}")]
+    TlsConfigMissing { address: SocketAddr, mode: TlsMode },
+    /// Building a TLS configuration failed ([`UpstreamConnection::connect_with_tls`]
+    /// only; [`UpstreamConnection::open`] takes a built one).
+    #[error("TLS configuration for {address}: {source}")]
+    TlsConfig {
+        address: SocketAddr,
+        source: TlsError,
+    },
+    /// [`ConnectOptions::server_name`] is neither a DNS name nor an IP address;
+    /// nothing was sent.
+    #[error("invalid TLS server name {server_name:?} for {address}")]
+    InvalidServerName {
+        address: SocketAddr,
+        server_name: String,
+    },
     /// The TCP connection could not be opened (refused, unreachable, timed out).
     #[error("connecting to {address}: {source}")]
     Connect {
@@ -173,6 +249,51 @@ pub enum DeliveryError {
     Socket {
         address: SocketAddr,
         source: io::Error,
+    },
+    /// The TLS handshake failed: the certificate did not verify (unknown issuer,
+    /// wrong name, expired), no common version or cipher suite, an alert from the
+    /// server, or a server that does not speak TLS. A timeout or a closed connection
+    /// during the handshake is [`Self::TimedOut`] or [`Self::Closed`] at
+    /// [`ConnectionStage::TlsHandshake`].
+    #[error("TLS handshake with {address} ({server_name}) failed: {reason}")]
+    TlsHandshake {
+        address: SocketAddr,
+        server_name: String,
+        reason: String,
+    },
+    /// `Required`, and the EHLO reply does not offer STARTTLS. QUIT was sent, nothing
+    /// else.
+    #[error("{address} does not offer STARTTLS, and TLS is required")]
+    StartTlsNotOffered { address: SocketAddr },
+    /// `Required`, and STARTTLS got a reply other than 220. QUIT was sent, nothing
+    /// else.
+    #[error("{address} refused STARTTLS: {} {}", .reply.code, .reply.text())]
+    StartTlsRefused { address: SocketAddr, reply: Reply },
+    /// Bytes came after the 220 to STARTTLS, before the handshake: a server must
+    /// wait for the handshake, so they were injected by someone on the path (the
+    /// CVE-2011-0411 class of attacks, RFC 3207 §6). They are dropped unread and the
+    /// connection closed.
+    #[error("{address} sent {bytes} bytes in plain text after accepting STARTTLS")]
+    PlaintextAfterStartTls { address: SocketAddr, bytes: usize },
+    /// Credentials were given but the session is not encrypted (`None` mode, or an
+    /// opportunistic upstream without STARTTLS): they are never sent in clear.
+    #[error("not sending credentials to {address} over an unencrypted connection")]
+    AuthWithoutTls { address: SocketAddr },
+    /// The upstream offers neither AUTH PLAIN nor AUTH LOGIN.
+    #[error(
+        "{address} offers no AUTH mechanism this client supports (PLAIN, LOGIN); offered: {}",
+        if .offered.is_empty() { "none".to_owned() } else { .offered.join(" ") }
+    )]
+    AuthMechanismUnsupported {
+        address: SocketAddr,
+        offered: Vec<String>,
+    },
+    /// AUTH failed: [`AuthError::Rejected`] carries the reply (535 bad credentials,
+    /// 454 temporary failure, ...), never the credentials.
+    #[error("AUTH with {address}: {source}")]
+    Auth {
+        address: SocketAddr,
+        source: AuthError,
     },
     /// A read or write took longer than its timeout.
     #[error("{address} timed out after {timeout:?} at {stage:?}")]
@@ -187,7 +308,7 @@ pub enum DeliveryError {
         address: SocketAddr,
         stage: ConnectionStage,
     },
-    /// Any other read or write failure (reset, broken pipe).
+    /// Any other read or write failure (reset, broken pipe, a corrupt TLS record).
     #[error("I/O with {address} at {stage:?}: {source}")]
     Io {
         address: SocketAddr,
@@ -201,7 +322,8 @@ pub enum DeliveryError {
         stage: ConnectionStage,
         source: ReplyError,
     },
-    /// The upstream refused the session (greeting, EHLO or HELO not 2xx).
+    /// The upstream refused the session (greeting, EHLO or HELO not 2xx, or 421 to
+    /// STARTTLS).
     #[error("{address} refused the session at {stage:?}: {} {}", .reply.code, .reply.text())]
     Rejected {
         address: SocketAddr,
@@ -220,16 +342,364 @@ pub enum DeliveryError {
     Unusable { address: SocketAddr },
 }
 
+impl DeliveryError {
+    /// True when retrying can never help, so the message should bounce now.
+    ///
+    /// Only errors about the message itself are permanent: an envelope the state
+    /// machine refuses ([`ClientError::InvalidAddress`], [`ClientError::NoRecipients`])
+    /// fails the same way on every attempt.
+    ///
+    /// Everything about reaching the upstream is temporary: connecting, TLS,
+    /// STARTTLS, AUTH, a lost or garbled connection, a refused session. Each is either
+    /// the network or the upstream having a bad moment, or configuration an operator
+    /// can fix (a CA file, a password, a TLS mode); bouncing mail for a fixable fault
+    /// would lose it, so it waits in the queue instead. Postfix likewise defers on
+    /// TLS and SASL failures. A 5xx greeting or EHLO ([`Self::Rejected`]) carries its
+    /// reply: whether that refusal is final (the only MX host says 554) or one MX of
+    /// several is the caller's decision, which needs more than one connection's view.
+    pub fn is_permanent(&self) -> bool {
+        matches!(
+            self,
+            Self::Protocol {
+                source: ClientError::InvalidAddress | ClientError::NoRecipients,
+                ..
+            }
+        )
+    }
+}
+
+/// The TLS to start on a connection: checked before any socket is opened.
+#[derive(Debug)]
+struct TlsTarget {
+    config: Arc<ClientConfig>,
+    server_name: ServerName<'static>,
+    /// As given, for error messages.
+    server_name_text: String,
+}
+
+/// The byte stream under the SMTP session.
+#[derive(Debug)]
+enum Transport {
+    Plain(TcpStream),
+    /// Boxed: the rustls state is large and moves when STARTTLS upgrades the stream.
+    Tls(Box<StreamOwned<ClientConnection, TcpStream>>),
+}
+
+impl Transport {
+    fn tcp(&self) -> &TcpStream {
+        match self {
+            Self::Plain(tcp) => tcp,
+            Self::Tls(stream) => stream.get_ref(),
+        }
+    }
+}
+
+impl Read for Transport {
+    fn read(&mut self, buffer: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Self::Plain(tcp) => tcp.read(buffer),
+            Self::Tls(stream) => stream.read(buffer),
+        }
+    }
+}
+
+impl Write for Transport {
+    fn write(&mut self, bytes: &[u8]) -> io::Result<usize> {
+        match self {
+            Self::Plain(tcp) => tcp.write(bytes),
+            Self::Tls(stream) => stream.write(bytes),
+        }
+    }
+
+    fn write_vectored(&mut self, slices: &[IoSlice<'_>]) -> io::Result<usize> {
+        match self {
+            Self::Plain(tcp) => tcp.write_vectored(slices),
+            Self::Tls(stream) => stream.write_vectored(slices),
+        }
+    }
+
+    /// For TLS, pushes every record rustls still holds to the socket: a TLS `write`
+    /// may leave some buffered and swallow the socket's error until the next call.
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            Self::Plain(tcp) => tcp.flush(),
+            Self::Tls(stream) => stream.flush(),
+        }
+    }
+}
+
+/// The socket, plain or TLS, with its reply buffer and timeouts.
+#[derive(Debug)]
+struct Wire {
+    transport: Transport,
+    address: SocketAddr,
+    timeouts: Timeouts,
+    /// Received bytes not yet parsed into a reply. Invariant: at most
+    /// [`REPLY_BUFFER_BYTES_MAX`] bytes, and empty when TLS starts.
+    buffer: Vec<u8>,
+    /// The socket's read and write timeouts as last set, so an unchanged timeout
+    /// costs no `setsockopt` per command. `None` until first set.
+    read_timeout: Option<Duration>,
+    write_timeout: Option<Duration>,
+}
+
+impl Wire {
+    fn new(tcp: TcpStream, address: SocketAddr, timeouts: Timeouts) -> Self {
+        Self {
+            transport: Transport::Plain(tcp),
+            address,
+            timeouts,
+            buffer: Vec::new(),
+            read_timeout: None,
+            write_timeout: None,
+        }
+    }
+
+    fn is_encrypted(&self) -> bool {
+        matches!(self.transport, Transport::Tls(_))
+    }
+
+    /// "TLSv1.3 TLS13_AES_256_GCM_SHA384", for logs; `None` in plain text.
+    fn tls_summary(&self) -> Option<String> {
+        let Transport::Tls(stream) = &self.transport else {
+            return None;
+        };
+        let version = match stream.conn.protocol_version() {
+            Some(ProtocolVersion::TLSv1_3) => "TLSv1.3".to_owned(),
+            Some(ProtocolVersion::TLSv1_2) => "TLSv1.2".to_owned(),
+            Some(other) => format!("{other:?}"),
+            None => "TLS".to_owned(),
+        };
+        let suite = stream
+            .conn
+            .negotiated_cipher_suite()
+            .map(|suite| {
+                let suite = suite.suite();
+                suite
+                    .as_str()
+                    .map_or_else(|| format!("{suite:?}"), str::to_owned)
+            })
+            .unwrap_or_default();
+        Some(format!("{version} {suite}").trim_end().to_owned())
+    }
+
+    /// Starts TLS on the plain socket: the handshake, with its own timeout.
+    ///
+    /// RFC 3207 §5-6 and CVE-2011-0411: anything received in plain text after the
+    /// 220 to STARTTLS may have been injected by a man in the middle, to be taken for
+    /// replies sent over TLS. It is neither parsed as SMTP nor handed to rustls: the
+    /// connection ends with [`DeliveryError::PlaintextAfterStartTls`].
+    fn start_tls(mut self, target: TlsTarget) -> Result<Self, DeliveryError> {
+        let address = self.address;
+        if !self.buffer.is_empty() {
+            return Err(DeliveryError::PlaintextAfterStartTls {
+                address,
+                bytes: self.buffer.len(),
+            });
+        }
+        let stage = ConnectionStage::TlsHandshake;
+        let timeout = self.timeouts.for_stage(stage);
+        self.set_read_timeout(timeout)?;
+        self.set_write_timeout(timeout)?;
+        let handshake_failed = |reason: String| DeliveryError::TlsHandshake {
+            address,
+            server_name: target.server_name_text.clone(),
+            reason,
+        };
+        let mut tcp = match self.transport {
+            Transport::Plain(tcp) => tcp,
+            // Unreachable by construction: `open` starts TLS once, on the fresh
+            // plain socket (implicit) or after the session's single STARTTLS.
+            Transport::Tls(_) => return Err(handshake_failed("TLS is already on".to_owned())),
+        };
+        let mut tls = ClientConnection::new(target.config, target.server_name)
+            .map_err(|error| handshake_failed(error.to_string()))?;
+        while tls.is_handshaking() {
+            match tls.complete_io(&mut tcp) {
+                // No progress and no error: the peer is gone.
+                Ok((0, 0)) => return Err(DeliveryError::Closed { address, stage }),
+                Ok(_) => {}
+                Err(error) if error.kind() == io::ErrorKind::Interrupted => {}
+                // rustls reports its own errors (certificate, alert, not TLS at all)
+                // as InvalidData wrapping a `rustls::Error`.
+                Err(error) if error.kind() == io::ErrorKind::InvalidData => {
+                    return Err(handshake_failed(error.to_string()));
+                }
+                Err(error) => return Err(io_error(address, stage, timeout, error)),
+            }
+        }
+        Ok(Self {
+            transport: Transport::Tls(Box::new(StreamOwned::new(tls, tcp))),
+            ..self
+        })
+    }
+
+    fn set_write_timeout(&mut self, timeout: Duration) -> Result<(), DeliveryError> {
+        if self.write_timeout == Some(timeout) {
+            return Ok(());
+        }
+        self.transport
+            .tcp()
+            .set_write_timeout(Some(timeout))
+            .map_err(|source| DeliveryError::Socket {
+                address: self.address,
+                source,
+            })?;
+        self.write_timeout = Some(timeout);
+        Ok(())
+    }
+
+    fn set_read_timeout(&mut self, timeout: Duration) -> Result<(), DeliveryError> {
+        if self.read_timeout == Some(timeout) {
+            return Ok(());
+        }
+        self.transport
+            .tcp()
+            .set_read_timeout(Some(timeout))
+            .map_err(|source| DeliveryError::Socket {
+                address: self.address,
+                source,
+            })?;
+        self.read_timeout = Some(timeout);
+        Ok(())
+    }
+
+    fn write_command(
+        &mut self,
+        command: &[u8],
+        stage: ConnectionStage,
+    ) -> Result<(), DeliveryError> {
+        let timeout = self.timeouts.for_stage(stage);
+        self.set_write_timeout(timeout)?;
+        let written = self
+            .transport
+            .write_all(command)
+            .and_then(|()| self.transport.flush());
+        written.map_err(|source| io_error(self.address, stage, timeout, source))
+    }
+
+    /// Writes the dot-stuffed content slice by slice as the encoder lends them, in
+    /// groups of [`CONTENT_SLICES_PER_WRITE`]: the body is never copied (over TLS,
+    /// rustls encrypts each group straight from the slices).
+    fn write_content<'a>(
+        &mut self,
+        content: impl Iterator<Item = &'a [u8]>,
+    ) -> Result<(), DeliveryError> {
+        let stage = ConnectionStage::Content;
+        let timeout = self.timeouts.data_block.max(Duration::from_millis(1));
+        self.set_write_timeout(timeout)?;
+        let mut group: Vec<&[u8]> = Vec::with_capacity(CONTENT_SLICES_PER_WRITE);
+        let mut content = content.peekable();
+        while content.peek().is_some() {
+            group.clear();
+            group.extend(
+                content
+                    .by_ref()
+                    .filter(|slice| !slice.is_empty())
+                    .take(CONTENT_SLICES_PER_WRITE),
+            );
+            write_all_vectored(&mut self.transport, &group)
+                .map_err(|source| io_error(self.address, stage, timeout, source))?;
+        }
+        self.transport
+            .flush()
+            .map_err(|source| io_error(self.address, stage, timeout, source))
+    }
+
+    /// Reads until the buffer holds a whole reply, and returns it.
+    fn read_reply(&mut self, stage: ConnectionStage) -> Result<Reply, DeliveryError> {
+        let address = self.address;
+        let timeout = self.timeouts.for_stage(stage);
+        self.set_read_timeout(timeout)?;
+        let mut chunk = [0_u8; READ_CHUNK_BYTES];
+        loop {
+            match parse_reply(&self.buffer) {
+                Ok(Some((reply, consumed))) => {
+                    self.buffer.drain(..consumed.min(self.buffer.len()));
+                    return Ok(reply);
+                }
+                Ok(None) => {}
+                Err(source) => {
+                    return Err(DeliveryError::InvalidReply {
+                        address,
+                        stage,
+                        source,
+                    });
+                }
+            }
+            let space = REPLY_BUFFER_BYTES_MAX.saturating_sub(self.buffer.len());
+            if space == 0 {
+                // The parser rejects a reply longer than this before it fills the
+                // buffer; treat reaching it anyway as a too-long reply.
+                return Err(DeliveryError::InvalidReply {
+                    address,
+                    stage,
+                    source: ReplyError::TooManyLines,
+                });
+            }
+            let want = space.min(chunk.len());
+            let read = match self
+                .transport
+                .read(chunk.get_mut(..want).unwrap_or_default())
+            {
+                Ok(0) => return Err(DeliveryError::Closed { address, stage }),
+                Ok(read) => read,
+                Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
+                Err(source) => return Err(io_error(address, stage, timeout, source)),
+            };
+            self.buffer
+                .extend_from_slice(chunk.get(..read).unwrap_or_default());
+        }
+    }
+
+    /// Ends the connection: a TLS close_notify when encrypted (best effort), then
+    /// both directions of the socket. The peer may already be gone.
+    fn close(&mut self) {
+        if let Transport::Tls(stream) = &mut self.transport {
+            stream.conn.send_close_notify();
+            let _ = stream.flush();
+        }
+        let _ = self.transport.tcp().shutdown(Shutdown::Both);
+    }
+}
+
+fn io_error(
+    address: SocketAddr,
+    stage: ConnectionStage,
+    timeout: Duration,
+    source: io::Error,
+) -> DeliveryError {
+    match source.kind() {
+        // A socket timeout shows as WouldBlock on Unix, TimedOut on Windows.
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => DeliveryError::TimedOut {
+            address,
+            stage,
+            timeout,
+        },
+        // rustls: the TCP connection ended without a TLS close_notify.
+        io::ErrorKind::UnexpectedEof => DeliveryError::Closed { address, stage },
+        _ => DeliveryError::Io {
+            address,
+            stage,
+            source,
+        },
+    }
+}
+
+/// How [`UpstreamConnection::run_session`] ended, short of an error.
+enum SessionOutcome {
+    Ready,
+    /// 220 to STARTTLS: the handshake is next.
+    StartTls,
+    /// STARTTLS got another reply; the session goes on in plain text.
+    StartTlsRefused(Reply),
+}
+
 /// One open SMTP session with an upstream, ready for transactions.
 #[derive(Debug)]
 pub struct UpstreamConnection {
-    stream: TcpStream,
-    address: SocketAddr,
+    wire: Wire,
     session: Session,
-    timeouts: Timeouts,
-    /// Received bytes not yet parsed into a reply. Invariant: at most
-    /// [`REPLY_BUFFER_BYTES_MAX`] bytes.
-    buffer: Vec<u8>,
     /// False once a read or write failed, a reply made no sense, or the upstream said
     /// 421: the session state is unknown and nothing more may be sent.
     usable: bool,
@@ -237,64 +707,139 @@ pub struct UpstreamConnection {
 
 impl UpstreamConnection {
     /// Connects in plain text, reads the greeting and says EHLO (HELO when EHLO gets
-    /// a 5xx). Same as [`Self::connect_with_tls`] with [`TlsMode::None`].
+    /// a 5xx). Same as [`Self::open`] with [`TlsMode::None`] and no credentials.
     pub fn connect(
         address: SocketAddr,
         helo_name: &str,
         timeouts: Timeouts,
     ) -> Result<Self, DeliveryError> {
-        Self::connect_with_tls(address, helo_name, TlsMode::None, timeouts)
+        Self::open(
+            address,
+            &ConnectOptions {
+                helo_name,
+                tls: TlsMode::None,
+                server_name: "",
+                tls_config: None,
+                credentials: None,
+                timeouts,
+            },
+        )
     }
 
-    /// Connects honouring an upstream's TLS mode, as far as this driver can:
-    ///
-    /// * `Implicit`, `Required`: [`DeliveryError::TlsNotImplemented`] before any
-    ///   connection is made, so nothing is ever sent in clear to such an upstream.
-    /// * `Opportunistic`: plain text; STARTTLS is not used yet even when offered
-    ///   (allowed by the mode's meaning: TLS when possible, plain text otherwise).
-    /// * `None`: plain text.
+    /// [`Self::open`] without credentials, building a TLS configuration for this one
+    /// connection ([`TlsSettings::new`] without a CA file: web PKI roots) and taking
+    /// the IP address as the server name. Callers that know the host name, or open
+    /// more than one connection, should use `open` with shared [`TlsSettings`].
     pub fn connect_with_tls(
         address: SocketAddr,
         helo_name: &str,
         tls: TlsMode,
         timeouts: Timeouts,
     ) -> Result<Self, DeliveryError> {
-        match tls {
-            TlsMode::Implicit | TlsMode::Required => {
-                return Err(DeliveryError::TlsNotImplemented { address, mode: tls });
-            }
-            TlsMode::Opportunistic | TlsMode::None => {}
-        }
-        // Validate the name before opening a socket.
-        let session = Session::new(helo_name)
-            .map_err(|source| DeliveryError::Protocol { address, source })?;
-        let connect_timeout = timeouts.for_stage(ConnectionStage::Connect);
-        let stream = TcpStream::connect_timeout(&address, connect_timeout)
-            .map_err(|source| DeliveryError::Connect { address, source })?;
-        // Commands are small and each waits for its reply: do not let Nagle delay them.
-        stream
-            .set_nodelay(true)
-            .map_err(|source| DeliveryError::Socket { address, source })?;
-        let mut connection = Self {
-            stream,
+        let settings = TlsSettings::new(tls, None)
+            .map_err(|source| DeliveryError::TlsConfig { address, source })?;
+        let server_name = address.ip().to_string();
+        Self::open(
             address,
+            &ConnectOptions {
+                helo_name,
+                tls,
+                server_name: &server_name,
+                tls_config: settings.config(),
+                credentials: None,
+                timeouts,
+            },
+        )
+    }
+
+    /// Opens a session ready for transactions: TCP connect, TLS as
+    /// [`ConnectOptions::tls`] asks (see the module documentation), greeting, EHLO
+    /// (HELO when EHLO gets a 5xx; again after STARTTLS), then AUTH when there are
+    /// credentials.
+    ///
+    /// Options that cannot work (an invalid EHLO or server name, no TLS configuration
+    /// for a TLS mode, credentials with [`TlsMode::None`]) are refused before any
+    /// connection is made. Once connected, every failure closes the connection,
+    /// after a QUIT when the session is still in step.
+    pub fn open(address: SocketAddr, options: &ConnectOptions<'_>) -> Result<Self, DeliveryError> {
+        // Validate everything before opening a socket.
+        let session = Session::new(options.helo_name)
+            .map_err(|source| DeliveryError::Protocol { address, source })?;
+        let target = match options.tls {
+            TlsMode::None => None,
+            mode => {
+                let config = options
+                    .tls_config
+                    .clone()
+                    .ok_or(DeliveryError::TlsConfigMissing { address, mode })?;
+                let server_name_text = options.server_name.to_owned();
+                let server_name = ServerName::try_from(server_name_text.clone()).map_err(|_| {
+                    DeliveryError::InvalidServerName {
+                        address,
+                        server_name: server_name_text.clone(),
+                    }
+                })?;
+                Some(TlsTarget {
+                    config,
+                    server_name,
+                    server_name_text,
+                })
+            }
+        };
+        if options.credentials.is_some() && target.is_none() {
+            return Err(DeliveryError::AuthWithoutTls { address });
+        }
+
+        let timeouts = options.timeouts;
+        let tcp =
+            TcpStream::connect_timeout(&address, timeouts.for_stage(ConnectionStage::Connect))
+                .map_err(|source| DeliveryError::Connect { address, source })?;
+        // Commands are small and each waits for its reply: do not let Nagle delay them.
+        tcp.set_nodelay(true)
+            .map_err(|source| DeliveryError::Socket { address, source })?;
+        // Implicit TLS starts before the greeting; STARTTLS after the first EHLO.
+        let (implicit_target, starttls_target) = match options.tls {
+            TlsMode::Implicit => (target, None),
+            TlsMode::Required | TlsMode::Opportunistic | TlsMode::None => (None, target),
+        };
+        let mut wire = Wire::new(tcp, address, timeouts);
+        if let Some(target) = implicit_target {
+            wire = wire.start_tls(target)?;
+        }
+
+        let mut connection = Self {
+            wire,
             session,
-            timeouts,
-            buffer: Vec::new(),
             usable: true,
         };
-        connection.open_session()?;
+        connection.greet()?;
+        if let Some(target) = starttls_target {
+            connection = connection.starttls(options.tls, target)?;
+        }
+        if let Some(summary) = connection.tls_summary() {
+            tracing::debug!(%address, tls = %summary, "upstream connection encrypted");
+        }
+        if let Some(credentials) = options.credentials {
+            connection.authenticate(credentials)?;
+        }
         Ok(connection)
     }
 
     /// The upstream the connection goes to.
     pub fn address(&self) -> SocketAddr {
-        self.address
+        self.wire.address
     }
 
-    /// What the upstream offered in its EHLO reply (empty after HELO).
+    /// What the upstream offered in its last EHLO reply (the one over TLS after
+    /// STARTTLS; empty after HELO).
     pub fn capabilities(&self) -> &Capabilities {
         self.session.capabilities()
+    }
+
+    /// The TLS version and cipher suite, e.g. "TLSv1.3 TLS13_AES_256_GCM_SHA384",
+    /// for logs and `Received:` lines; `None` when the connection is plain text.
+    pub fn tls_summary(&self) -> Option<String> {
+        self.wire.tls_summary()
     }
 
     /// False once the connection must not be used for another message.
@@ -302,9 +847,112 @@ impl UpstreamConnection {
         self.usable
     }
 
-    fn open_session(&mut self) -> Result<(), DeliveryError> {
-        let mut stage = ConnectionStage::Greeting;
+    /// Reads the greeting and runs EHLO (or HELO) to the end.
+    fn greet(&mut self) -> Result<(), DeliveryError> {
+        match self.run_session()? {
+            SessionOutcome::Ready => Ok(()),
+            // The session yields STARTTLS outcomes only after `Session::starttls`.
+            SessionOutcome::StartTls | SessionOutcome::StartTlsRefused(_) => {
+                Err(self.protocol_error(ClientError::NotReady))
+            }
+        }
+    }
+
+    /// STARTTLS when offered (or an error when `Required` and it is not), the
+    /// handshake, and EHLO over TLS. Consumes the connection: the socket changes
+    /// hands on the way.
+    fn starttls(mut self, mode: TlsMode, target: TlsTarget) -> Result<Self, DeliveryError> {
+        let address = self.wire.address;
+        let required = mode == TlsMode::Required;
+        if !self.session.capabilities().starttls {
+            if required {
+                return Err(self.refuse(DeliveryError::StartTlsNotOffered { address }));
+            }
+            tracing::info!(%address, "STARTTLS not offered; opportunistic TLS goes on in plain text");
+            return Ok(self);
+        }
+        let command = self
+            .session
+            .starttls()
+            .map_err(|source| self.protocol_error(source))?;
+        self.write_command(&command, ConnectionStage::StartTls)?;
+        match self.run_session()? {
+            SessionOutcome::StartTls => {}
+            SessionOutcome::StartTlsRefused(reply) if required => {
+                return Err(self.refuse(DeliveryError::StartTlsRefused { address, reply }));
+            }
+            SessionOutcome::StartTlsRefused(reply) => {
+                tracing::info!(
+                    %address,
+                    code = reply.code,
+                    "STARTTLS refused; opportunistic TLS goes on in plain text"
+                );
+                return Ok(self);
+            }
+            // The session answers STARTTLS only with the two outcomes above.
+            SessionOutcome::Ready => return Err(self.protocol_error(ClientError::NotReady)),
+        }
+        let Self {
+            wire,
+            session,
+            usable,
+        } = self;
+        let mut connection = Self {
+            wire: wire.start_tls(target)?,
+            session,
+            usable,
+        };
+        let ehlo = connection
+            .session
+            .tls_established()
+            .map_err(|source| connection.protocol_error(source))?;
+        connection.write_command(&ehlo, ConnectionStage::Ehlo)?;
+        connection.greet()?;
+        Ok(connection)
+    }
+
+    /// AUTH PLAIN when offered, else AUTH LOGIN (RFC 4954), over TLS only.
+    fn authenticate(&mut self, credentials: &Credentials) -> Result<(), DeliveryError> {
+        let address = self.wire.address;
+        if !self.wire.is_encrypted() {
+            return Err(self.refuse(DeliveryError::AuthWithoutTls { address }));
+        }
+        let capabilities = self.session.capabilities();
+        // PLAIN first: one round trip with RFC 4954's initial response, where LOGIN
+        // takes three; both carry the password as it is, which TLS protects.
+        let started = if capabilities.offers_auth("PLAIN") {
+            AuthExchange::plain(&credentials.username, &credentials.password)
+        } else if capabilities.offers_auth("LOGIN") {
+            Ok(AuthExchange::login(
+                &credentials.username,
+                credentials.password.clone(),
+            ))
+        } else {
+            let offered = capabilities.auth_mechanisms.clone();
+            return Err(self.refuse(DeliveryError::AuthMechanismUnsupported { address, offered }));
+        };
+        let (mut exchange, first) =
+            started.map_err(|source| self.refuse(DeliveryError::Auth { address, source }))?;
+        let mut line = first;
         loop {
+            self.write_command(line.expose(), ConnectionStage::Auth)?;
+            let reply = self.read_reply(ConnectionStage::Auth)?;
+            match exchange.on_reply(reply) {
+                Ok(AuthStep::Write(next)) => line = next,
+                Ok(AuthStep::Done) => return Ok(()),
+                Err(source) => return Err(self.refuse(DeliveryError::Auth { address, source })),
+            }
+        }
+    }
+
+    /// Reads replies and writes what the session says until it is ready, or STARTTLS
+    /// was answered; a refusal ends the connection.
+    fn run_session(&mut self) -> Result<SessionOutcome, DeliveryError> {
+        loop {
+            let stage = self
+                .session
+                .awaiting_stage()
+                .map_or(ConnectionStage::Greeting, ConnectionStage::from);
             let reply = self.read_reply(stage)?;
             let event = self
                 .session
@@ -312,29 +960,29 @@ impl UpstreamConnection {
                 .map_err(|source| self.protocol_error(source))?;
             match event {
                 SessionEvent::Write(command) => {
-                    stage = if command.starts_with(b"HELO") {
-                        ConnectionStage::Helo
-                    } else {
-                        ConnectionStage::Ehlo
-                    };
+                    let stage = self
+                        .session
+                        .awaiting_stage()
+                        .map_or(ConnectionStage::Ehlo, ConnectionStage::from);
                     self.write_command(&command, stage)?;
                 }
-                SessionEvent::Ready => return Ok(()),
+                SessionEvent::Ready => return Ok(SessionOutcome::Ready),
+                SessionEvent::StartTls => return Ok(SessionOutcome::StartTls),
+                SessionEvent::StartTlsRefused { reply } => {
+                    return Ok(SessionOutcome::StartTlsRefused(reply));
+                }
                 SessionEvent::Rejected { stage, reply } => {
-                    // RFC 5321 §3.1: send QUIT after a refusal; its fate does not matter.
-                    let quit = self.session.quit();
-                    let _ = self.write_command(&quit, ConnectionStage::Quit);
-                    self.usable = false;
-                    return Err(DeliveryError::Rejected {
-                        address: self.address,
+                    let address = self.wire.address;
+                    return Err(self.refuse(DeliveryError::Rejected {
+                        address,
                         stage,
                         reply,
-                    });
+                    }));
                 }
                 SessionEvent::Closed => {
                     self.usable = false;
                     return Err(DeliveryError::Closed {
-                        address: self.address,
+                        address: self.wire.address,
                         stage,
                     });
                 }
@@ -352,15 +1000,20 @@ impl UpstreamConnection {
     pub fn send(&mut self, message: Message<'_>) -> Result<TransactionResult, DeliveryError> {
         if !self.usable {
             return Err(DeliveryError::Unusable {
-                address: self.address,
+                address: self.wire.address,
             });
         }
         let (mut transaction, mut step) = self
             .session
             .transaction(message)
             .map_err(|source| self.protocol_error(source))?;
-        let mut stage = ConnectionStage::Mail;
         loop {
+            // The stage (and so the timeout) of the next reply is whatever the
+            // transaction waits for: in a PIPELINING group, MAIL, each RCPT and DATA
+            // in turn, not the group's first command.
+            let stage = transaction
+                .awaiting_stage()
+                .map_or(ConnectionStage::Mail, ConnectionStage::from);
             let written = match step {
                 TransactionStep::Done(result) => {
                     if !result.connection_usable {
@@ -368,13 +1021,10 @@ impl UpstreamConnection {
                     }
                     return Ok(result);
                 }
-                TransactionStep::Write(command) => {
-                    stage = command_stage(&command);
-                    self.write_command(&command, stage)
-                }
+                TransactionStep::Write(command) => self.write_command(&command, stage),
                 TransactionStep::WriteContent(content) => {
-                    stage = ConnectionStage::Content;
-                    self.write_content(content)
+                    let written = self.wire.write_content(content);
+                    self.note_failure(written)
                 }
                 TransactionStep::Wait => Ok(()),
             };
@@ -398,17 +1048,23 @@ impl UpstreamConnection {
     /// Says QUIT, waits for the reply, and closes. A connection already unusable is
     /// just closed.
     pub fn quit(mut self) -> Result<(), DeliveryError> {
-        if self.usable {
+        let result = if self.usable {
             self.usable = false;
-            let quit = self.session.quit();
-            self.write_command(&quit, ConnectionStage::Quit)?;
-            let reply = self.read_reply(ConnectionStage::Quit)?;
-            self.session
-                .on_reply(reply)
-                .map_err(|source| self.protocol_error(source))?;
-        }
-        // The peer may already have closed; the socket is dropped either way.
-        let _ = self.stream.shutdown(Shutdown::Both);
+            self.quit_exchange()
+        } else {
+            Ok(())
+        };
+        self.wire.close();
+        result
+    }
+
+    fn quit_exchange(&mut self) -> Result<(), DeliveryError> {
+        let quit = self.session.quit();
+        self.write_command(&quit, ConnectionStage::Quit)?;
+        let reply = self.read_reply(ConnectionStage::Quit)?;
+        self.session
+            .on_reply(reply)
+            .map_err(|source| self.protocol_error(source))?;
         Ok(())
     }
 
@@ -418,18 +1074,38 @@ impl UpstreamConnection {
         error: &DeliveryError,
     ) -> TransactionResult {
         self.usable = false;
-        let _ = self.stream.shutdown(Shutdown::Both);
+        self.wire.close();
         transaction.abandon(LocalFailure::ConnectionLost {
             detail: error.to_string(),
         })
     }
 
+    /// Ends a session that is still in step: QUIT (RFC 5321 §3.1 after a refusal;
+    /// its fate does not matter), then close. Returns `error` for `?`.
+    fn refuse(&mut self, error: DeliveryError) -> DeliveryError {
+        if self.usable {
+            let quit = self.session.quit();
+            let _ = self.wire.write_command(&quit, ConnectionStage::Quit);
+        }
+        self.usable = false;
+        self.wire.close();
+        error
+    }
+
     fn protocol_error(&mut self, source: ClientError) -> DeliveryError {
         self.usable = false;
         DeliveryError::Protocol {
-            address: self.address,
+            address: self.wire.address,
             source,
         }
+    }
+
+    /// Any failed read or write leaves the session state unknown.
+    fn note_failure<T>(&mut self, result: Result<T, DeliveryError>) -> Result<T, DeliveryError> {
+        if result.is_err() {
+            self.usable = false;
+        }
+        result
     }
 
     fn write_command(
@@ -437,141 +1113,13 @@ impl UpstreamConnection {
         command: &[u8],
         stage: ConnectionStage,
     ) -> Result<(), DeliveryError> {
-        let timeout = self.timeouts.for_stage(stage);
-        self.set_write_timeout(timeout)?;
-        self.stream
-            .write_all(command)
-            .map_err(|source| self.io_error(stage, timeout, source))
+        let written = self.wire.write_command(command, stage);
+        self.note_failure(written)
     }
 
-    /// Writes the dot-stuffed content slice by slice as the encoder lends them, in
-    /// groups of [`CONTENT_SLICES_PER_WRITE`]: the body is never copied.
-    fn write_content<'a>(
-        &mut self,
-        content: impl Iterator<Item = &'a [u8]>,
-    ) -> Result<(), DeliveryError> {
-        let stage = ConnectionStage::Content;
-        let timeout = self.timeouts.data_block.max(Duration::from_millis(1));
-        self.set_write_timeout(timeout)?;
-        let mut group: Vec<&[u8]> = Vec::with_capacity(CONTENT_SLICES_PER_WRITE);
-        let mut content = content.peekable();
-        while content.peek().is_some() {
-            group.clear();
-            group.extend(
-                content
-                    .by_ref()
-                    .filter(|slice| !slice.is_empty())
-                    .take(CONTENT_SLICES_PER_WRITE),
-            );
-            write_all_vectored(&mut self.stream, &group)
-                .map_err(|source| self.io_error(stage, timeout, source))?;
-        }
-        Ok(())
-    }
-
-    fn set_write_timeout(&mut self, timeout: Duration) -> Result<(), DeliveryError> {
-        self.stream
-            .set_write_timeout(Some(timeout))
-            .map_err(|source| DeliveryError::Socket {
-                address: self.address,
-                source,
-            })
-    }
-
-    /// Reads until the buffer holds a whole reply, and returns it.
     fn read_reply(&mut self, stage: ConnectionStage) -> Result<Reply, DeliveryError> {
-        let timeout = self.timeouts.for_stage(stage);
-        self.stream
-            .set_read_timeout(Some(timeout))
-            .map_err(|source| DeliveryError::Socket {
-                address: self.address,
-                source,
-            })?;
-        let mut chunk = [0_u8; READ_CHUNK_BYTES];
-        loop {
-            match parse_reply(&self.buffer) {
-                Ok(Some((reply, consumed))) => {
-                    self.buffer.drain(..consumed.min(self.buffer.len()));
-                    return Ok(reply);
-                }
-                Ok(None) => {}
-                Err(source) => {
-                    self.usable = false;
-                    return Err(DeliveryError::InvalidReply {
-                        address: self.address,
-                        stage,
-                        source,
-                    });
-                }
-            }
-            let space = REPLY_BUFFER_BYTES_MAX.saturating_sub(self.buffer.len());
-            if space == 0 {
-                // The parser rejects a reply longer than this before it fills the
-                // buffer; treat reaching it anyway as a too-long reply.
-                self.usable = false;
-                return Err(DeliveryError::InvalidReply {
-                    address: self.address,
-                    stage,
-                    source: ReplyError::TooManyLines,
-                });
-            }
-            let want = space.min(chunk.len());
-            let read = match self.stream.read(chunk.get_mut(..want).unwrap_or_default()) {
-                Ok(0) => {
-                    self.usable = false;
-                    return Err(DeliveryError::Closed {
-                        address: self.address,
-                        stage,
-                    });
-                }
-                Ok(read) => read,
-                Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
-                Err(source) => return Err(self.io_error(stage, timeout, source)),
-            };
-            self.buffer
-                .extend_from_slice(chunk.get(..read).unwrap_or_default());
-        }
-    }
-
-    fn io_error(
-        &mut self,
-        stage: ConnectionStage,
-        timeout: Duration,
-        source: io::Error,
-    ) -> DeliveryError {
-        self.usable = false;
-        let address = self.address;
-        match source.kind() {
-            // A socket timeout shows as WouldBlock on Unix, TimedOut on Windows.
-            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => DeliveryError::TimedOut {
-                address,
-                stage,
-                timeout,
-            },
-            _ => DeliveryError::Io {
-                address,
-                stage,
-                source,
-            },
-        }
-    }
-}
-
-/// The stage a transaction command starts; a PIPELINING group is named after its
-/// first command (its replies then share that command's timeout).
-fn command_stage(command: &[u8]) -> ConnectionStage {
-    let verb = command.get(..4).unwrap_or(command);
-    if verb.eq_ignore_ascii_case(b"RSET") {
-        ConnectionStage::Reset
-    } else if verb.eq_ignore_ascii_case(b"RCPT") {
-        ConnectionStage::Rcpt
-    } else if verb.eq_ignore_ascii_case(b"DATA") {
-        ConnectionStage::Data
-    } else if command.starts_with(b".") {
-        // The lone `.` after a 354 with no accepted recipient.
-        ConnectionStage::Content
-    } else {
-        ConnectionStage::Mail
+        let reply = self.wire.read_reply(stage);
+        self.note_failure(reply)
     }
 }
 
@@ -595,20 +1143,6 @@ fn write_all_vectored(stream: &mut impl Write, slices: &[&[u8]]) -> io::Result<(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn command_stages() {
-        let cases: &[(&[u8], ConnectionStage)] = &[
-            (b"RSET\r\nMAIL FROM:<>\r\n", ConnectionStage::Reset),
-            (b"MAIL FROM:<a@b>\r\n", ConnectionStage::Mail),
-            (b"RCPT TO:<a@b>\r\n", ConnectionStage::Rcpt),
-            (b"DATA\r\n", ConnectionStage::Data),
-            (b".\r\n", ConnectionStage::Content),
-        ];
-        for (command, stage) in cases {
-            assert_eq!(command_stage(command), *stage);
-        }
-    }
 
     /// A writer that takes at most `limit` bytes per call, to exercise resumption.
     struct Trickle {
@@ -638,6 +1172,75 @@ mod tests {
             write_all_vectored(&mut writer, slices).unwrap();
             assert_eq!(writer.written, b"abc.def\r\n.\r\n", "limit {limit}");
         }
+    }
+
+    #[test]
+    fn only_an_invalid_envelope_is_permanent() {
+        let address = SocketAddr::from(([127, 0, 0, 1], 25));
+        let reply = parse_reply(b"554 5.7.1 go away\r\n")
+            .ok()
+            .flatten()
+            .map(|(reply, _)| reply)
+            .unwrap();
+        let protocol = |source| DeliveryError::Protocol { address, source };
+        let cases = [
+            (protocol(ClientError::InvalidAddress), true),
+            (protocol(ClientError::NoRecipients), true),
+            (protocol(ClientError::InvalidHeloName), false),
+            (protocol(ClientError::NotReady), false),
+            (
+                DeliveryError::Rejected {
+                    address,
+                    stage: Stage::Greeting,
+                    reply: reply.clone(),
+                },
+                false,
+            ),
+            (
+                DeliveryError::Auth {
+                    address,
+                    source: AuthError::Rejected(reply.clone()),
+                },
+                false,
+            ),
+            (
+                DeliveryError::StartTlsRefused {
+                    address,
+                    reply: reply.clone(),
+                },
+                false,
+            ),
+            (DeliveryError::StartTlsNotOffered { address }, false),
+            (
+                DeliveryError::TlsHandshake {
+                    address,
+                    server_name: "mx.example".to_owned(),
+                    reason: "invalid peer certificate".to_owned(),
+                },
+                false,
+            ),
+            (
+                DeliveryError::AuthMechanismUnsupported {
+                    address,
+                    offered: Vec::new(),
+                },
+                false,
+            ),
+        ];
+        for (error, permanent) in cases {
+            assert_eq!(error.is_permanent(), permanent, "{error}");
+        }
+    }
+
+    #[test]
+    fn credentials_debug_hides_the_password() {
+        let credentials = Credentials {
+            username: "user".to_owned(),
+            password: Secret::new("hunter2-secret"),
+        };
+        let debug = format!("{credentials:?}");
+        assert!(!debug.contains("hunter2"), "{debug}");
+        assert!(debug.contains("user"), "{debug}");
     }
 
     #[test]

@@ -1,21 +1,27 @@
 //! The SMTP protocol as seen by a client delivering to an upstream, as functions over
 //! bytes.
 //!
-//! Outside [`connection`] and [`mx`], nothing here opens a socket, reads a clock,
+//! Outside [`connection`] (sockets), [`tls`] (which reads a CA file), [`mx`] (the
+//! resolver thread) and [`load`] (the bench's worker threads), nothing here opens a
+//! socket or file, reads a clock,
 //! resolves a name or spawns a thread: the caller writes the bytes that come out and
 //! feeds back the replies it reads.
 //!
 //! * [`reply`]: parses server replies incrementally (multi-line, enhanced codes, limits).
 //! * [`ehlo`]: the capabilities an EHLO reply advertises.
-//! * [`client`]: the session (greeting, EHLO/HELO, QUIT) and one mail transaction at a
-//!   time (MAIL, RCPT, DATA, with or without PIPELINING), ending in per-recipient
-//!   outcomes.
+//! * [`client`]: the session (greeting, EHLO/HELO, STARTTLS, QUIT) and one mail
+//!   transaction at a time (MAIL, RCPT, DATA, with or without PIPELINING), ending in
+//!   per-recipient outcomes.
 //! * [`dot_stuff`]: the DATA content encoder (dot-stuffing, terminator) over borrowed
 //!   slices.
 //! * [`auth`]: AUTH PLAIN and AUTH LOGIN client exchanges.
-//! * [`connection`]: the one place with I/O, a blocking TCP driver that runs the
-//!   session and transactions above over a socket, with RFC 5321 timeouts.
+//! * [`tls`]: rustls client configurations (verifying, or opportunistic per RFC
+//!   7435), built once per upstream.
+//! * [`connection`]: the one place with network I/O, a blocking driver that connects (plain,
+//!   implicit TLS or STARTTLS), authenticates over TLS, and runs the session and
+//!   transactions above over the socket, with RFC 5321 timeouts.
 //! * [`mx`]: MX lookup (RFC 5321 §5.1), blocking calls served by one resolver thread.
+//! * [`dsn`]: delivery status notifications (RFC 3464 bounces), pure over bytes.
 #![forbid(unsafe_code)]
 
 pub mod auth;
@@ -34,7 +40,10 @@ pub use client::{
     BodyType, ClientError, LocalFailure, Message, Reason, RecipientOutcome, Session, SessionEvent,
     Stage, Transaction, TransactionResult, TransactionStep,
 };
-pub use connection::{ConnectionStage, DeliveryError, Timeouts, UpstreamConnection};
+pub use connection::{
+    ConnectOptions, ConnectionStage, Credentials, DeliveryError, Timeouts, UpstreamConnection,
+};
 pub use dot_stuff::DotStuffed;
 pub use ehlo::Capabilities;
 pub use reply::{MAX_REPLY_LINE_BYTES, MAX_REPLY_LINES, Reply, ReplyError, parse_reply};
+pub use tls::{TlsError, TlsSettings};

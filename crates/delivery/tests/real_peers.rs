@@ -6,11 +6,17 @@
 //! and every wait has a deadline, so no test can hang.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::net::{SocketAddr, TcpListener};
+mod common;
+
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::thread::sleep;
 use std::time::{Duration, Instant};
+
+use common::{
+    Aiosmtpd, ChildGuard, START_ATTEMPTS, STARTUP_DEADLINE, TEST_TIMEOUT, free_port, wait_until,
+};
 
 use tsubame_config::TlsMode;
 use tsubame_delivery::{
@@ -19,44 +25,7 @@ use tsubame_delivery::{
 };
 
 const SMTP_SINK: &str = "/usr/sbin/smtp-sink";
-/// Every read, write and connect in these tests; the peers answer in milliseconds.
-const TEST_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long a peer may take to start listening.
-const STARTUP_DEADLINE: Duration = Duration::from_secs(15);
-/// Attempts at finding a free port and starting a peer on it.
-const START_ATTEMPTS: usize = 5;
 const HELO_NAME: &str = "client.tsubame.test";
-
-/// Kills and reaps the child when dropped, whatever the test did.
-struct ChildGuard(Child);
-
-impl Drop for ChildGuard {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// A port that was free a moment ago (bind to port 0, read it, release it).
-fn free_port() -> u16 {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
-    listener.local_addr().expect("local address").port()
-}
-
-/// Waits until `ready` holds or the child exits; false if it exited or time ran out.
-fn wait_until(child: &mut ChildGuard, mut ready: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + STARTUP_DEADLINE;
-    while Instant::now() < deadline {
-        if ready() {
-            return true;
-        }
-        if let Ok(Some(_)) = child.0.try_wait() {
-            return false;
-        }
-        sleep(Duration::from_millis(50));
-    }
-    false
-}
 
 fn timeouts() -> Timeouts {
     Timeouts::uniform(TEST_TIMEOUT)
@@ -275,18 +244,41 @@ fn smtp_sink_without_esmtp_gets_helo() {
 }
 
 #[test]
-fn tls_modes_that_need_tls_are_refused_before_connecting() {
-    // Nothing listens on this port; the refusal must come before any connect.
-    let address = SocketAddr::from(([127, 0, 0, 1], free_port()));
-    for mode in [TlsMode::Implicit, TlsMode::Required] {
-        let error = UpstreamConnection::connect_with_tls(address, HELO_NAME, mode, timeouts())
-            .expect_err("TLS modes must be refused");
-        assert!(
-            matches!(error, DeliveryError::TlsNotImplemented { .. }),
-            "{error:?}"
-        );
-        assert!(error.to_string().contains("TLS not implemented yet"));
-    }
+fn required_tls_without_starttls_sends_no_mail() {
+    let sink = start_smtp_sink(&[]);
+    let error = UpstreamConnection::connect_with_tls(
+        sink.address,
+        HELO_NAME,
+        TlsMode::Required,
+        timeouts(),
+    )
+    .expect_err("smtp-sink offers no STARTTLS");
+    assert!(
+        matches!(error, DeliveryError::StartTlsNotOffered { .. }),
+        "{error:?}"
+    );
+    assert!(error.to_string().contains("does not offer STARTTLS"));
+    // Nothing but EHLO and QUIT was said: no transaction reached the dump.
+    sleep(Duration::from_millis(200));
+    let dump = std::fs::read_to_string(&sink.dump).unwrap_or_default();
+    assert!(!dump.contains("X-Mail-Args"), "{dump}");
+}
+
+#[test]
+fn implicit_tls_against_a_plain_text_server_fails_the_handshake() {
+    // smtp-sink greets in plain text, which is no TLS record.
+    let sink = start_smtp_sink(&[]);
+    let error = UpstreamConnection::connect_with_tls(
+        sink.address,
+        HELO_NAME,
+        TlsMode::Implicit,
+        timeouts(),
+    )
+    .expect_err("no TLS on the other side");
+    assert!(
+        matches!(error, DeliveryError::TlsHandshake { .. }),
+        "{error:?}"
+    );
 }
 
 #[test]
@@ -299,6 +291,11 @@ fn opportunistic_tls_proceeds_in_plain_text() {
         timeouts(),
     )
     .expect("connect");
+    assert_eq!(
+        connection.tls_summary(),
+        None,
+        "smtp-sink offers no STARTTLS"
+    );
     let envelope = recipients(&["one@sink.test"]);
     let result = connection
         .send(message(&envelope, b"Subject: x\r\n\r\nbody\r\n"))
@@ -310,69 +307,15 @@ fn opportunistic_tls_proceeds_in_plain_text() {
 // ---------------------------------------------------------------------------------
 // aiosmtpd
 
-const AIOSMTPD_SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/peers/aiosmtpd_sink.py");
 const REJECTED: &str = "rejected@aiosmtpd.test";
 const DEFERRED: &str = "deferred@aiosmtpd.test";
 
-struct Aiosmtpd {
-    _child: ChildGuard,
-    address: SocketAddr,
-    dir: tempfile::TempDir,
-}
-
 fn start_aiosmtpd() -> Aiosmtpd {
-    let check = Command::new("python3")
-        .args(["-c", "import aiosmtpd"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status();
-    match check {
-        Ok(status) if status.success() => {}
-        Ok(_) => panic!(
-            "the Python module aiosmtpd is missing: pip install aiosmtpd (Debian: apt-get install python3-aiosmtpd)"
-        ),
-        Err(error) => panic!("python3 is missing ({error}): install it, then pip install aiosmtpd"),
-    }
-    for _ in 0..START_ATTEMPTS {
-        let dir = tempfile::tempdir().expect("temporary directory");
-        let port = free_port();
-        let child = Command::new("python3")
-            .arg(AIOSMTPD_SCRIPT)
-            .arg(port.to_string())
-            .arg(dir.path())
-            .args(["--reject", REJECTED, "--defer", DEFERRED])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|error| panic!("spawn python3: {error}"));
-        let mut child = ChildGuard(child);
-        let ready_file = dir.path().join("ready");
-        if wait_until(&mut child, || ready_file.exists()) {
-            return Aiosmtpd {
-                _child: child,
-                address: SocketAddr::from(([127, 0, 0, 1], port)),
-                dir,
-            };
-        }
-    }
-    panic!("aiosmtpd did not start after {START_ATTEMPTS} attempts");
+    common::start_aiosmtpd(&["--reject", REJECTED, "--defer", DEFERRED], &[])
 }
 
-/// The envelope and exact content of the `number`th message aiosmtpd accepted.
 fn received(server: &Aiosmtpd, number: usize) -> (serde_json::Value, Vec<u8>) {
-    let envelope_path = server.dir.path().join(format!("{number}.json"));
-    let content_path = server.dir.path().join(format!("{number}.eml"));
-    let deadline = Instant::now() + STARTUP_DEADLINE;
-    while !envelope_path.exists() {
-        assert!(Instant::now() < deadline, "message {number} never arrived");
-        sleep(Duration::from_millis(20));
-    }
-    let envelope = std::fs::read_to_string(&envelope_path).expect("read envelope");
-    let envelope = serde_json::from_str(&envelope).expect("envelope JSON");
-    let content = std::fs::read(&content_path).expect("read content");
-    (envelope, content)
+    server.received(number)
 }
 
 #[test]

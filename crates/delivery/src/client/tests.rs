@@ -682,3 +682,197 @@ fn abandon_defers_only_undecided_recipients() {
     // The transaction is over: no reply is expected any more.
     assert!(transaction.on_reply(reply("250 late\r\n")).is_err());
 }
+
+/// Feeds `replies` one by one and records the stage awaited before each, then after
+/// the last one.
+fn awaited_stages(
+    session: &mut Session,
+    envelope: &[String],
+    replies: &[&str],
+) -> Vec<Option<Stage>> {
+    let (mut transaction, _) = session.transaction(message(envelope, b"body\r\n")).unwrap();
+    let mut stages = vec![transaction.awaiting_stage()];
+    for text in replies {
+        transaction.on_reply(reply(text)).unwrap();
+        stages.push(transaction.awaiting_stage());
+    }
+    stages
+}
+
+#[test]
+fn awaiting_stage_follows_each_reply_of_a_pipelined_group() {
+    use Stage::{Content, Data, Mail, Rcpt, Reset};
+    let envelope = recipients(&["a@x.example", "b@x.example"]);
+    /// Name, PIPELINING offered, the replies, the stages awaited.
+    type Case = (
+        &'static str,
+        bool,
+        &'static [&'static str],
+        &'static [Option<Stage>],
+    );
+    let cases: &[Case] = &[
+        (
+            // One group MAIL+RCPT+RCPT+DATA: each reply has its own stage, so the DATA
+            // initiation timeout (RFC 5321 §4.5.3.2.4) applies to the 354.
+            "pipelined",
+            true,
+            &[
+                "250 ok\r\n",
+                "250 ok\r\n",
+                "250 ok\r\n",
+                "354 go\r\n",
+                "250 queued\r\n",
+            ],
+            &[
+                Some(Mail),
+                Some(Rcpt),
+                Some(Rcpt),
+                Some(Data),
+                Some(Content),
+                None,
+            ],
+        ),
+        (
+            "one at a time",
+            false,
+            &[
+                "250 ok\r\n",
+                "250 ok\r\n",
+                "250 ok\r\n",
+                "354 go\r\n",
+                "250 queued\r\n",
+            ],
+            &[
+                Some(Mail),
+                Some(Rcpt),
+                Some(Rcpt),
+                Some(Data),
+                Some(Content),
+                None,
+            ],
+        ),
+        (
+            // No recipient accepted but DATA got 354: the lone dot waits like content.
+            "pipelined, every RCPT refused",
+            true,
+            &[
+                "250 ok\r\n",
+                "550 no\r\n",
+                "550 no\r\n",
+                "354 go\r\n",
+                "250 ok\r\n",
+            ],
+            &[
+                Some(Mail),
+                Some(Rcpt),
+                Some(Rcpt),
+                Some(Data),
+                Some(Content),
+                None,
+            ],
+        ),
+        (
+            // Without PIPELINING, DATA is never sent: RSET closes the transaction.
+            "one at a time, every RCPT refused",
+            false,
+            &["250 ok\r\n", "550 no\r\n", "550 no\r\n", "250 reset\r\n"],
+            &[Some(Mail), Some(Rcpt), Some(Rcpt), Some(Reset), None],
+        ),
+    ];
+    for (name, pipelined, replies, expected) in cases {
+        let keywords: &[&str] = if *pipelined { &["PIPELINING"] } else { &[] };
+        let mut session = ready_session(keywords);
+        assert_eq!(
+            &awaited_stages(&mut session, &envelope, replies),
+            expected,
+            "{name}"
+        );
+    }
+
+    // A reused connection starts with RSET, pipelined with the rest.
+    let mut session = ready_session(&["PIPELINING"]);
+    awaited_stages(
+        &mut session,
+        &envelope,
+        &[
+            "250 ok\r\n",
+            "250 ok\r\n",
+            "250 ok\r\n",
+            "354 go\r\n",
+            "250 queued\r\n",
+        ],
+    );
+    let stages = awaited_stages(&mut session, &envelope, &["250 reset\r\n", "250 ok\r\n"]);
+    assert_eq!(stages, [Some(Reset), Some(Mail), Some(Rcpt)]);
+}
+
+#[test]
+fn starttls_then_ehlo_again_with_fresh_capabilities() {
+    let mut session = ready_session(&["STARTTLS", "PIPELINING", "AUTH CRAM-MD5"]);
+    assert_eq!(session.awaiting_stage(), None);
+    assert_eq!(session.starttls(), Ok(b"STARTTLS\r\n".to_vec()));
+    assert_eq!(session.awaiting_stage(), Some(Stage::StartTls));
+    assert!(!session.is_ready());
+    assert_eq!(
+        session.on_reply(reply("220 2.0.0 go ahead\r\n")),
+        Ok(SessionEvent::StartTls)
+    );
+    // RFC 3207 §4.2: nothing learned before TLS survives it.
+    assert_eq!(session.capabilities(), &Capabilities::default());
+    // A reply before the handshake is plain text injected after the 220.
+    assert!(matches!(
+        session.on_reply(reply("250 injected\r\n")),
+        Err(ClientError::UnexpectedReply { .. })
+    ));
+    assert_eq!(
+        session.tls_established(),
+        Ok(b"EHLO client.example\r\n".to_vec())
+    );
+    assert_eq!(session.awaiting_stage(), Some(Stage::Ehlo));
+    // A server that (wrongly) offers STARTTLS again after TLS.
+    assert_eq!(
+        session.on_reply(reply(&ehlo_reply(&["AUTH PLAIN LOGIN", "STARTTLS"]))),
+        Ok(SessionEvent::Ready)
+    );
+    assert!(session.capabilities().offers_auth("PLAIN"));
+    assert!(!session.capabilities().pipelining);
+    assert_eq!(session.starttls(), Err(ClientError::StartTlsNotAvailable));
+    assert_eq!(session.tls_established(), Err(ClientError::NotReady));
+}
+
+#[test]
+fn starttls_refusals() {
+    let mut plain = ready_session(&["PIPELINING"]);
+    assert_eq!(plain.starttls(), Err(ClientError::StartTlsNotAvailable));
+    assert!(plain.is_ready(), "a refused call changes nothing");
+
+    let mut not_ready = Session::new("client.example").unwrap();
+    assert_eq!(not_ready.starttls(), Err(ClientError::NotReady));
+    assert_eq!(not_ready.tls_established(), Err(ClientError::NotReady));
+
+    // 454 (RFC 3207 §4): the session goes on in plain text, capabilities kept.
+    let mut session = ready_session(&["STARTTLS", "PIPELINING"]);
+    session.starttls().unwrap();
+    assert_eq!(
+        session.on_reply(reply("454 4.7.0 TLS not available\r\n")),
+        Ok(SessionEvent::StartTlsRefused {
+            reply: reply("454 4.7.0 TLS not available\r\n")
+        })
+    );
+    assert!(session.is_ready());
+    assert!(session.capabilities().pipelining);
+    let envelope = recipients(&["a@x.example"]);
+    assert!(session.transaction(message(&envelope, b"x\r\n")).is_ok());
+
+    // 421 closes the session.
+    let mut session = ready_session(&["STARTTLS"]);
+    session.starttls().unwrap();
+    assert_eq!(
+        session.on_reply(reply("421 4.3.2 shutting down\r\n")),
+        Ok(SessionEvent::Rejected {
+            stage: Stage::StartTls,
+            reply: reply("421 4.3.2 shutting down\r\n")
+        })
+    );
+    assert!(!session.is_ready());
+}
