@@ -461,6 +461,7 @@ pub mod server {
         /// not depend on DNS; they run `serve --hold`.
         deliver: bool,
         extra_arguments: Vec<String>,
+        environment: Vec<(String, String)>,
     }
 
     impl Default for ServerOptions {
@@ -479,6 +480,7 @@ pub mod server {
                 overrides: true,
                 deliver: false,
                 extra_arguments: Vec::new(),
+                environment: Vec::new(),
             }
         }
 
@@ -498,6 +500,12 @@ pub mod server {
         /// One more command-line argument after `serve`.
         pub fn arg(mut self, argument: &str) -> Self {
             self.extra_arguments.push(argument.to_string());
+            self
+        }
+
+        /// An environment variable for the server (an upstream password).
+        pub fn env(mut self, key: &str, value: &str) -> Self {
+            self.environment.push((key.to_string(), value.to_string()));
             self
         }
 
@@ -591,6 +599,7 @@ pub mod server {
             command
                 .env_remove("RUST_LOG")
                 .env("NO_COLOR", "1")
+                .envs(options.environment.iter().map(|(key, value)| (key, value)))
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
                 .stderr(Stdio::piped());
@@ -1653,6 +1662,16 @@ pub mod upstream {
 
         #[track_caller]
         pub fn start_on(address: SocketAddr, options: &[&str]) -> Aiosmtpd {
+            Self::start_with_env(address, options, &[])
+        }
+
+        /// With environment variables for the peer (the login `--auth` accepts).
+        #[track_caller]
+        pub fn start_with_env(
+            address: SocketAddr,
+            options: &[&str],
+            environment: &[(&str, &str)],
+        ) -> Aiosmtpd {
             let outdir = tempfile::Builder::new()
                 .prefix("tsubame-upstream-")
                 .tempdir()
@@ -1667,6 +1686,7 @@ pub mod upstream {
                 .arg("--outdir")
                 .arg(outdir.path())
                 .args(options)
+                .envs(environment.iter().copied())
                 .env("PYTHONUNBUFFERED", "1")
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
@@ -1905,6 +1925,116 @@ pub mod dns {
 
         pub fn address(&self) -> SocketAddr {
             self.address
+        }
+    }
+}
+
+/// A throwaway PKI for TLS tests, made with the `openssl` command: a CA and a server
+/// certificate for 127.0.0.1 and localhost, in a temporary directory.
+pub mod pki {
+    use std::path::{Path, PathBuf};
+    use std::process::Command;
+
+    use tempfile::TempDir;
+
+    #[derive(Debug)]
+    pub struct TestPki {
+        directory: TempDir,
+    }
+
+    fn openssl(directory: &Path, arguments: &[&str]) {
+        let output = Command::new("openssl")
+            .current_dir(directory)
+            .args(arguments)
+            .output()
+            .unwrap_or_else(|error| {
+                panic!("openssl is missing ({error}): apt-get install openssl")
+            });
+        assert!(
+            output.status.success(),
+            "openssl {arguments:?} failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+
+    impl TestPki {
+        #[track_caller]
+        pub fn new() -> TestPki {
+            let directory = tempfile::Builder::new()
+                .prefix("tsubame-pki-")
+                .tempdir()
+                .unwrap_or_else(|error| panic!("temporary directory: {error}"));
+            let path = directory.path();
+            std::fs::write(
+                path.join("server.ext"),
+                "subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\n\
+                 keyUsage=digitalSignature\nextendedKeyUsage=serverAuth\n",
+            )
+            .unwrap_or_else(|error| panic!("server.ext: {error}"));
+            let ec = [
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:prime256v1",
+                "-nodes",
+            ];
+            let mut ca = vec!["req", "-x509"];
+            ca.extend(ec);
+            ca.extend([
+                "-keyout",
+                "ca.key",
+                "-out",
+                "ca.pem",
+                "-days",
+                "2",
+                "-subj",
+                "/CN=tsubame test CA",
+            ]);
+            openssl(path, &ca);
+            let mut request = vec!["req"];
+            request.extend(ec);
+            request.extend([
+                "-keyout",
+                "server.key",
+                "-out",
+                "server.csr",
+                "-subj",
+                "/CN=127.0.0.1",
+            ]);
+            openssl(path, &request);
+            openssl(
+                path,
+                &[
+                    "x509",
+                    "-req",
+                    "-in",
+                    "server.csr",
+                    "-CA",
+                    "ca.pem",
+                    "-CAkey",
+                    "ca.key",
+                    "-CAcreateserial",
+                    "-out",
+                    "server.pem",
+                    "-days",
+                    "2",
+                    "-extfile",
+                    "server.ext",
+                ],
+            );
+            TestPki { directory }
+        }
+
+        pub fn ca(&self) -> PathBuf {
+            self.directory.path().join("ca.pem")
+        }
+
+        pub fn certificate(&self) -> PathBuf {
+            self.directory.path().join("server.pem")
+        }
+
+        pub fn key(&self) -> PathBuf {
+            self.directory.path().join("server.key")
         }
     }
 }

@@ -529,3 +529,217 @@ fn mx_permanent_dns_failures_bounce_with_the_reason() {
     }
     server.stop();
 }
+
+/// A login made up for one test (never a real secret).
+fn generated_login() -> (String, String) {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |elapsed| elapsed.as_nanos());
+    (
+        format!("device{}", nanos % 1000),
+        format!("pw-{nanos:x}-{}", std::process::id()),
+    )
+}
+
+#[test]
+fn starttls_required_with_auth_against_aiosmtpd() {
+    let _limit = hard_limit(Duration::from_secs(90));
+    let pki = tsubame_tests::pki::TestPki::new();
+    let (username, password) = generated_login();
+    let certificate = pki.certificate().display().to_string();
+    let key = pki.key().display().to_string();
+    let upstream = Aiosmtpd::start_with_env(
+        std::net::SocketAddr::from(([127, 0, 0, 1], free_port())),
+        &[
+            "--cert",
+            &certificate,
+            "--key",
+            &key,
+            "--starttls",
+            "--require-starttls",
+            "--auth",
+        ],
+        &[
+            ("TSUBAME_TEST_SMTP_USERNAME", &username),
+            ("TSUBAME_TEST_SMTP_PASSWORD", &password),
+        ],
+    );
+    let config = upstream_config(upstream.port(), "").replace(
+        "tls = \"none\"",
+        &format!(
+            "tls = \"required\"\nca_file = \"{}\"\nusername = \"{username}\"\npassword_env = \"UPSTREAM_PASSWORD\"",
+            pki.ca().display()
+        ),
+    );
+    let server = Server::start(
+        &ServerOptions::new()
+            .deliver()
+            .config(&config)
+            .env("UPSTREAM_PASSWORD", &password),
+    );
+    let content = message("starttls-auth", "over TLS, logged in\n");
+    send(
+        &server,
+        "sender@example.com",
+        &["rcpt@example.net"],
+        &content,
+    );
+    let received = upstream.wait_for(1, DELIVERY_TIMEOUT);
+    tsubame_tests::assert_bytes_eq(&received[0].content, &content, "content over STARTTLS");
+    let tls = received[0].envelope["tls"].as_str().unwrap_or("");
+    assert!(
+        tls.starts_with("TLSv1."),
+        "not delivered over TLS: {}",
+        received[0].envelope
+    );
+    assert_eq!(received[0].envelope["auth_login"], username.as_str());
+    assert!(
+        !server.log().contains(&password),
+        "the password appears in the log"
+    );
+    server.stop();
+}
+
+#[test]
+fn implicit_tls_with_auth_and_a_wrong_password_defers_until_fixed() {
+    let _limit = hard_limit(Duration::from_secs(90));
+    let pki = tsubame_tests::pki::TestPki::new();
+    let (username, password) = generated_login();
+    let certificate = pki.certificate().display().to_string();
+    let key = pki.key().display().to_string();
+    let upstream = Aiosmtpd::start_with_env(
+        std::net::SocketAddr::from(([127, 0, 0, 1], free_port())),
+        &[
+            "--cert",
+            &certificate,
+            "--key",
+            &key,
+            "--implicit-tls",
+            "--auth",
+        ],
+        &[
+            ("TSUBAME_TEST_SMTP_USERNAME", &username),
+            ("TSUBAME_TEST_SMTP_PASSWORD", &password),
+        ],
+    );
+    // smtps:// verifies the certificate against the public roots, which do not know the
+    // test CA: the config names the CA, and --upstream is not used here.
+    let config = upstream_config(upstream.port(), "").replace(
+        "tls = \"none\"",
+        &format!(
+            "tls = \"implicit\"\nca_file = \"{}\"\nusername = \"{username}\"\npassword_env = \"UPSTREAM_PASSWORD\"",
+            pki.ca().display()
+        ),
+    );
+    let spool = tempfile::tempdir().unwrap();
+    let wrong = Server::start(
+        &ServerOptions::new()
+            .deliver()
+            .config(&config)
+            .spool(spool.path())
+            .env("UPSTREAM_PASSWORD", "not-the-password"),
+    );
+    let content = message("implicit-tls", "over implicit TLS\n");
+    let id = send(
+        &wrong,
+        "sender@example.com",
+        &["rcpt@example.net"],
+        &content,
+    );
+    assert!(
+        wait_until(DELIVERY_TIMEOUT, || wrong
+            .log()
+            .contains(&format!("deferred id={id}"))),
+        "a refused login must defer, not bounce:\n{}",
+        wrong.log()
+    );
+    assert!(!wrong.log().contains("not-the-password"));
+    assert!(!wrong.log().contains("bounced"), "{}", wrong.log());
+    wrong.stop();
+    // The right password: the queued message goes out at the next start.
+    let right = Server::start(
+        &ServerOptions::new()
+            .deliver()
+            .config(&config)
+            .spool(spool.path())
+            .env("UPSTREAM_PASSWORD", &password),
+    );
+    assert!(
+        wait_until(DELIVERY_TIMEOUT, || !upstream.received().is_empty()),
+        "not delivered after the restart with the right password:\n{}",
+        right.log()
+    );
+    let received = upstream.received();
+    tsubame_tests::assert_bytes_eq(&received[0].content, &content, "content over implicit TLS");
+    assert!(
+        received[0].envelope["tls"]
+            .as_str()
+            .unwrap_or("")
+            .starts_with("TLSv1.")
+    );
+    right.stop();
+}
+
+#[test]
+fn opportunistic_tls_encrypts_when_offered_even_with_an_unverifiable_certificate() {
+    let _limit = hard_limit(Duration::from_secs(90));
+    let pki = tsubame_tests::pki::TestPki::new();
+    let certificate = pki.certificate().display().to_string();
+    let key = pki.key().display().to_string();
+    let upstream = Aiosmtpd::start(&["--cert", &certificate, "--key", &key, "--starttls"]);
+    // smtp:// is opportunistic STARTTLS; the test CA is unknown to tsubame here.
+    let server = Server::start(
+        &ServerOptions::new()
+            .deliver()
+            .arg("--upstream")
+            .arg(&format!("smtp://{}", upstream.address())),
+    );
+    let content = message("opportunistic", "encrypted, not authenticated\n");
+    send(
+        &server,
+        "sender@example.com",
+        &["rcpt@example.net"],
+        &content,
+    );
+    let received = upstream.wait_for(1, DELIVERY_TIMEOUT);
+    assert!(
+        received[0].envelope["tls"]
+            .as_str()
+            .unwrap_or("")
+            .starts_with("TLSv1."),
+        "opportunistic TLS did not encrypt: {}",
+        received[0].envelope
+    );
+    server.stop();
+}
+
+#[test]
+fn required_tls_never_sends_to_an_upstream_without_starttls() {
+    let _limit = hard_limit(Duration::from_secs(90));
+    let upstream = Aiosmtpd::start(&[]);
+    let server = Server::start(
+        &ServerOptions::new()
+            .deliver()
+            .arg("--upstream")
+            .arg(&format!("smtp+starttls://{}", upstream.address())),
+    );
+    let id = send(
+        &server,
+        "sender@example.com",
+        &["rcpt@example.net"],
+        &message("no-tls", "x\n"),
+    );
+    assert!(
+        wait_until(DELIVERY_TIMEOUT, || server
+            .log()
+            .contains(&format!("deferred id={id}"))),
+        "{}",
+        server.log()
+    );
+    assert!(server.log().contains("STARTTLS"), "{}", server.log());
+    assert!(
+        upstream.received().is_empty(),
+        "mail went out in clear to a TLS-required upstream"
+    );
+    server.stop();
+}

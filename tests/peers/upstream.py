@@ -14,15 +14,25 @@ Options:
   --hang-first N       the first N transactions stall at RCPT for --hang-secs, then 451
   --hang-secs S        (default 30)
   --delay-ms D         wait D ms before answering end of data (a slow upstream)
+  --cert PEM --key PEM with --starttls (offer STARTTLS, RFC 3207; --require-starttls
+                       refuses mail before it) or --implicit-tls (RFC 8314)
+  --auth               require AUTH (PLAIN or LOGIN, offered over TLS only); the one
+                       valid login comes from TSUBAME_TEST_SMTP_USERNAME and
+                       TSUBAME_TEST_SMTP_PASSWORD, which each test generates
+
+N.json holds: mail_from, mail_options, rcpt_tos, tls (the TLS version the message came
+over, or null) and auth_login (the login used, or null).
 """
 
 import argparse
 import asyncio
 import json
 import os
+import ssl
 import threading
 
 from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import AuthResult, LoginPassword
 
 
 class Handler:
@@ -71,16 +81,32 @@ class Handler:
         base = os.path.join(self.outdir, str(number))
         with open(base + ".eml", "wb") as content:
             content.write(envelope.original_content)
+        # Set for implicit TLS and after STARTTLS alike.
+        tls = server.transport.get_extra_info("ssl_object")
         record = {
             "mail_from": envelope.mail_from,
             "mail_options": envelope.mail_options,
             "rcpt_tos": envelope.rcpt_tos,
-            "tls": session.ssl is not None,
+            "tls": tls.version() if tls is not None else None,
+            "auth_login": getattr(session, "auth_data", None),
         }
         with open(base + ".json.tmp", "w", encoding="utf-8") as out:
             json.dump(record, out, ensure_ascii=False)
         os.rename(base + ".json.tmp", base + ".json")
         return "250 2.0.0 OK queued as %d" % number
+
+
+def check_login(username, password):
+    def authenticator(server, session, envelope, mechanism, auth_data):
+        if (
+            isinstance(auth_data, LoginPassword)
+            and auth_data.login == username
+            and auth_data.password == password
+        ):
+            return AuthResult(success=True, auth_data=auth_data.login.decode())
+        return AuthResult(success=False, handled=False)
+
+    return authenticator
 
 
 def main():
@@ -93,15 +119,42 @@ def main():
     parser.add_argument("--hang-first", type=int, default=0)
     parser.add_argument("--hang-secs", type=float, default=30.0)
     parser.add_argument("--delay-ms", type=int, default=0)
+    parser.add_argument("--cert")
+    parser.add_argument("--key")
+    parser.add_argument("--starttls", action="store_true")
+    parser.add_argument("--require-starttls", action="store_true")
+    parser.add_argument("--implicit-tls", action="store_true")
+    parser.add_argument("--auth", action="store_true")
     args = parser.parse_args()
+    options = {}
+    context = None
+    if args.starttls or args.implicit_tls:
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(args.cert, args.key)
+    if args.starttls:
+        options["tls_context"] = context
+        options["require_starttls"] = args.require_starttls
+    if args.auth:
+        options["authenticator"] = check_login(
+            os.environ["TSUBAME_TEST_SMTP_USERNAME"].encode(),
+            os.environ["TSUBAME_TEST_SMTP_PASSWORD"].encode(),
+        )
+        options["auth_required"] = True
+        # aiosmtpd treats only STARTTLS as TLS; under implicit TLS every byte is
+        # encrypted anyway.
+        options["auth_require_tls"] = not args.implicit_tls
+    else:
+        options["auth_exclude_mechanism"] = ["PLAIN", "LOGIN"]
     controller = Controller(
         Handler(args),
         hostname=args.bind,
         port=args.port,
+        ssl_context=context if args.implicit_tls else None,
         enable_SMTPUTF8=True,
         decode_data=False,
         # Large enough for the benchmark-sized and reclaim test messages.
         data_size_limit=64 * 1024 * 1024,
+        **options,
     )
     controller.start()
     with open(os.path.join(args.outdir, "ready"), "w") as ready:

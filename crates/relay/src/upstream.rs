@@ -6,8 +6,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tsubame_config::{BUILTIN_MX_UPSTREAM, Config, UpstreamConfig, UpstreamKind};
-use tsubame_delivery::Timeouts;
 use tsubame_delivery::mx::{MxResolver, ResolverOptions};
+use tsubame_delivery::{Credentials, Secret, Timeouts, TlsSettings};
 use tsubame_queue::RouteLimits;
 
 use crate::RelayError;
@@ -20,8 +20,9 @@ pub(crate) struct Upstream {
     pub config: UpstreamConfig,
     pub helo_name: String,
     pub timeouts: Timeouts,
-    #[expect(dead_code, reason = "AUTH is wired in with the TLS client")]
-    pub password: Option<tsubame_config::Secret>,
+    pub credentials: Option<Credentials>,
+    /// The TLS mode and client configuration, built once and shared by connections.
+    pub tls: TlsSettings,
     /// `mx` upstreams: the DNS resolver (one thread per upstream, shared by its workers).
     pub resolver: Option<MxResolver>,
     /// Named by `default_upstream` or a route. Unused upstreams get no workers and no
@@ -70,6 +71,26 @@ pub(crate) fn build_table(
             let password = upstream
                 .password()
                 .map_err(|message| RelayError::Upstream { message })?;
+            let credentials = match (&upstream.username, password) {
+                (Some(username), Some(password)) => Some(Credentials {
+                    username: username.clone(),
+                    password: Secret::new(password.expose()),
+                }),
+                (Some(_), None) => {
+                    return Err(RelayError::Upstream {
+                        message: format!(
+                            "upstream {:?} has a username but no password (password_file, password_env, or in the --upstream URL / TSUBAME_UPSTREAM_PASSWORD)",
+                            upstream.name
+                        ),
+                    });
+                }
+                _ => None,
+            };
+            let tls = TlsSettings::new(upstream.tls_mode(), upstream.ca_file.as_deref()).map_err(
+                |error| RelayError::Upstream {
+                    message: format!("upstream {:?}: {error}", upstream.name),
+                },
+            )?;
             let timeouts = match upstream.timeout_secs {
                 Some(seconds) => cap_timeouts(Timeouts::default(), Duration::from_secs(seconds)),
                 None => Timeouts::default(),
@@ -105,7 +126,8 @@ pub(crate) fn build_table(
                 config: upstream,
                 helo_name,
                 timeouts,
-                password,
+                credentials,
+                tls,
                 resolver,
                 used,
             }))
@@ -123,5 +145,6 @@ fn cap_timeouts(timeouts: Timeouts, cap: Duration) -> Timeouts {
         data_initiation: timeouts.data_initiation.min(cap),
         data_block: timeouts.data_block.min(cap),
         data_termination: timeouts.data_termination.min(cap),
+        tls_handshake: timeouts.tls_handshake.min(cap),
     }
 }
