@@ -1957,6 +1957,12 @@ pub mod pki {
         );
     }
 
+    impl Default for TestPki {
+        fn default() -> Self {
+            Self::new()
+        }
+    }
+
     impl TestPki {
         #[track_caller]
         pub fn new() -> TestPki {
