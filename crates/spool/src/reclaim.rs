@@ -70,7 +70,7 @@ struct TrackedMessage {
     done: bool,
 }
 
-/// What a segment recovery found holds, for [`ReclaimTracker::add_recovered_segment`].
+/// What a segment recovery found holds, for [`ReclaimTracker::from_recovery`].
 #[derive(Debug, Default)]
 pub(crate) struct RecoveredSegment {
     pub(crate) number: u64,
