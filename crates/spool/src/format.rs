@@ -464,6 +464,34 @@ pub fn decode_message(
     ))
 }
 
+/// Finds the body in a message payload without decoding the envelope into owned strings:
+/// returns the message id and where the body starts within `payload`. Checks the same
+/// structure as [`decode_message`] (recipient count, flags, text lengths and UTF-8, body
+/// size), so the two accept exactly the same payloads.
+pub fn message_body_start(payload: &[u8]) -> Result<(MessageId, usize), &'static str> {
+    let mut cursor = Cursor::new(payload);
+    let id = MessageId(cursor.u64()?);
+    let _received_at_unix_ms = cursor.u64()?;
+    let recipient_count = cursor.u32()?;
+    let flags = cursor.u32()?;
+    if recipient_count == 0 {
+        return Err("message has no recipients");
+    }
+    if flags & !ENVELOPE_FLAG_AUTHENTICATED != 0 {
+        return Err("message envelope has unknown flags");
+    }
+    // client address, HELO, the user if flagged, MAIL FROM, its parameters, recipients.
+    let authenticated = u32::from(flags & ENVELOPE_FLAG_AUTHENTICATED != 0);
+    for _ in 0..(4 + authenticated).saturating_add(recipient_count) {
+        cursor.text()?;
+    }
+    let body_size_bytes = cursor.u64()?;
+    if body_size_bytes != cursor.remaining() as u64 {
+        return Err("message body size does not match the record length");
+    }
+    Ok((id, cursor.position))
+}
+
 /// What one delivery attempt to one recipient came to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
@@ -1088,6 +1116,49 @@ mod tests {
                 reason: "record payload is truncated",
             }]
         );
+    }
+
+    #[test]
+    fn message_body_start_agrees_with_decode_message() {
+        let location = RecordLocation {
+            segment: 1,
+            offset_bytes: 64,
+        };
+        for (id, body) in [(1u64, &b""[..]), (2, b"x"), (3, &[7u8; 1000])] {
+            let record = message(id, body);
+            let payload = &record[RECORD_HEADER_SIZE_BYTES
+                ..RECORD_HEADER_SIZE_BYTES + record_payload_length(&record)];
+            let (decoded, decoded_start) = decode_message(payload, location).unwrap();
+            assert_eq!(message_body_start(payload), Ok((decoded.id, decoded_start)));
+            assert_eq!(&payload[decoded_start..], body);
+        }
+        // Every truncation and every single-byte change is judged the same way by both.
+        let record = message(9, b"hello body");
+        let payload = &record
+            [RECORD_HEADER_SIZE_BYTES..RECORD_HEADER_SIZE_BYTES + record_payload_length(&record)];
+        for length in 0..payload.len() {
+            let cut = &payload[..length];
+            assert_eq!(
+                message_body_start(cut).map(|(_, start)| start),
+                decode_message(cut, location).map(|(_, start)| start),
+                "cut at {length}"
+            );
+        }
+        for offset in 0..payload.len() {
+            for value in [0x00, 0x01, 0x80, 0xff] {
+                let mut changed = payload.to_vec();
+                changed[offset] = value;
+                assert_eq!(
+                    message_body_start(&changed).map(|(_, start)| start),
+                    decode_message(&changed, location).map(|(_, start)| start),
+                    "byte {offset} set to {value:#x}"
+                );
+            }
+        }
+    }
+
+    fn record_payload_length(record: &[u8]) -> usize {
+        u32::from_le_bytes(record[8..12].try_into().unwrap()) as usize
     }
 
     #[test]

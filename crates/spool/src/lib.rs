@@ -7,23 +7,37 @@
 //! * [`Spool`]: the one writer of a spool directory (holds its lock), with a committer
 //!   thread that syncs everything appended since the last sync in one go and tells
 //!   subscribers which sequence numbers are now durable.
+//! * [`Spool::body`]: a message body for a delivery worker, zero-copy: a [`Body`] derefs to
+//!   the bytes inside a read-only shared mapping of the segment (cached per segment), after
+//!   the record's checksums and message id were verified. It works for the segment being
+//!   appended to as well, and a `Body` stays readable after its segment is reclaimed.
+//! * [`Spool::reclaim`]: deletes the segments whose messages are all done, in an order
+//!   that never lets a done message come back after a crash (`spool-format/README.md`,
+//!   "Reclaim"). Cheap when there is nothing to delete; any thread may call it.
 //! * [`scan`]: read-only recovery scan, used by `Spool::open` and by offline tools;
-//!   [`read_body`] reads one message's body back, checksum verified.
+//!   [`read_body`] reads one message's body back for them, checksum verified, into a
+//!   buffer. (Offline tools get no zero-copy variant: without the directory lock a reader
+//!   cannot know which bytes a running writer is still writing, and lending out a `&[u8]`
+//!   over bytes that change is undefined behaviour.)
 //! * [`format`](mod@format): the byte layout as code (constants, encoders, decoders) and
 //!   [`scan_segment_bytes`], the pure scanner over one segment's bytes that the fuzzer
 //!   drives and that tools can use to read journal records.
 //!
-//! Module map: `format` (bytes only, no I/O), `reader` (scan, bodies, quarantine copies;
-//! plain reads), `writer` (segment creation, appends, the committer), `mmap` (the only
-//! `unsafe` code: the writable mapping of a segment).
+//! Module map: `format` (bytes only, no I/O), `reader` (scan, offline bodies, quarantine
+//! copies; plain reads), `writer` (segment creation, appends, the committer, reclaim
+//! passes), `reclaim` (which segments may go, in what order; bookkeeping only), `bodies`
+//! (the read mappings behind [`Spool::body`]), `mmap` (the only `unsafe` code: the
+//! writable and the read-only mappings of a segment).
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+mod bodies;
 pub mod format;
 mod mmap;
 mod reader;
+mod reclaim;
 mod writer;
 
 #[cfg(test)]
@@ -208,15 +222,18 @@ impl Spool {
     ) -> Result<u64, SpoolError> {
         let payload =
             format::encode_recipient_outcome(id, recipient_index, kind, at_unix_ms, reply_text);
-        let (_, sequence) = self
-            .inner
-            .shared
-            .append_journal_record(format::RecordType::RecipientOutcome, &payload)?;
+        let (_, sequence) = self.inner.shared.append_journal_record(
+            format::RecordType::RecipientOutcome,
+            id,
+            &payload,
+        )?;
         Ok(sequence)
     }
 
     /// Journals that a message is done (every recipient final, or deleted by an
-    /// operator): it is never delivered again, and its segment may be reclaimed.
+    /// operator): it is never delivered again, and once a successful commit notice covers
+    /// the returned sequence, [`Spool::reclaim`] counts it as done. (If the notice reports
+    /// a failure, it does not count; append it again.)
     pub fn append_message_done(
         &self,
         id: MessageId,
@@ -224,11 +241,41 @@ impl Spool {
         reason: format::DoneReason,
     ) -> Result<u64, SpoolError> {
         let payload = format::encode_message_done(id, at_unix_ms, reason);
-        let (_, sequence) = self
-            .inner
-            .shared
-            .append_journal_record(format::RecordType::MessageDone, &payload)?;
+        let (_, sequence) = self.inner.shared.append_journal_record(
+            format::RecordType::MessageDone,
+            id,
+            &payload,
+        )?;
         Ok(sequence)
+    }
+
+    /// The body of message `id`, whose record starts at `location` (from its
+    /// [`AppendReceipt`] or [`SpooledMessage`]), without copying it: the [`Body`] borrows
+    /// from a read-only shared mapping of the segment, which it keeps alive. Works for
+    /// any segment, the one being appended to included, and never blocks on appends.
+    ///
+    /// Verifies the record's header and payload checksums (CRC32C, about 2 µs for 64 KiB),
+    /// that it is a message record and that it holds `id`; fails with
+    /// [`SpoolError::Corrupt`] otherwise, including for a location that is not the start of
+    /// a record written so far, and with [`SpoolError::NotFound`] when the segment file does
+    /// not exist (reclaimed: the message was done).
+    pub fn body(&self, id: MessageId, location: RecordLocation) -> Result<Body, SpoolError> {
+        self.inner.shared.bodies.body(id, location)
+    }
+
+    /// Deletes every segment that the format's reclaim rule lets go: not the active or
+    /// spare segment, nothing of it waiting for a sync, every message in it done (its
+    /// message-done record durable), every message its journal records name in a segment
+    /// already deleted, and any damage in it copied to `quarantine/`. Each round of
+    /// deletions is made durable with a directory `fsync` before segments depending on it
+    /// are considered. Segments found at open whose messages are all done go on the first
+    /// call.
+    ///
+    /// Cheap when nothing is deletable (a look at each live segment's counters under the
+    /// writer's mutex); passes from several threads run one after the other. On an I/O
+    /// error the pass stops; segments it unlinked are finished by the next pass.
+    pub fn reclaim(&self) -> Result<ReclaimReport, SpoolError> {
+        self.inner.shared.reclaim()
     }
 
     /// Registers a callback for commit notices. The callback runs on the committer thread
@@ -243,6 +290,67 @@ impl Spool {
     pub fn shutdown(&self) {
         self.inner.shutdown();
     }
+}
+
+/// A message body lent straight out of the spool: derefs to the bytes inside a read-only
+/// shared mapping of its segment (no copy), and keeps that mapping alive, so it stays valid
+/// after its segment is sealed or even reclaimed (the file's space is freed once the last
+/// `Body` of it is dropped). Hold it for one delivery, not longer.
+///
+/// A disk read error while the kernel pages the bytes in raises SIGBUS, as with any file
+/// mapping; recovery reads every segment in full at start, so a segment that cannot be
+/// read then is kept out of the queue and its bodies are never mapped.
+pub struct Body {
+    bytes: mmap::MappedBytes,
+    location: RecordLocation,
+}
+
+// Delivery workers are plain threads that pass bodies around.
+const _: () = {
+    const fn assert_send_sync<T: Send + Sync>() {}
+    assert_send_sync::<Body>();
+};
+
+impl Body {
+    /// Where the message record starts.
+    pub fn location(&self) -> RecordLocation {
+        self.location
+    }
+}
+
+impl std::ops::Deref for Body {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        self.bytes.as_slice()
+    }
+}
+
+impl AsRef<[u8]> for Body {
+    fn as_ref(&self) -> &[u8] {
+        self.bytes.as_slice()
+    }
+}
+
+/// Shows where the body is and its size, never its content (message bodies stay out of
+/// logs).
+impl std::fmt::Debug for Body {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Body")
+            .field("location", &self.location)
+            .field("size_bytes", &self.bytes.as_slice().len())
+            .finish()
+    }
+}
+
+/// What one [`Spool::reclaim`] pass did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ReclaimReport {
+    /// Segments whose deletion this pass completed (unlinked and the directory synced).
+    pub segments_deleted: usize,
+    /// Sum of the sizes of the segment files this pass unlinked. Space held by a [`Body`]
+    /// still in use is freed when it is dropped.
+    pub bytes_freed: u64,
 }
 
 /// State of a spooled message as recovery sees it.

@@ -18,7 +18,8 @@ use crate::format::{
     SEGMENT_HEADER_SIZE_BYTES, ScannedRecord, SegmentHeader, SegmentHeaderError,
 };
 use crate::{
-    MessageState, QuarantinedRecord, ScanReport, SpoolError, SpooledMessage, TornTail, io_error,
+    MessageId, MessageState, QuarantinedRecord, ScanReport, SpoolError, SpooledMessage, TornTail,
+    io_error,
 };
 
 /// Name of the subdirectory damaged bytes are copied to.
@@ -46,6 +47,22 @@ pub(crate) struct DirectoryScan {
     /// record can outlive its message's segment, and a new message must never reuse
     /// its id (a stale message-done record would mark the new message done).
     pub(crate) highest_message_id: u64,
+    /// What each segment with a readable header holds, for reclaim, in number order.
+    pub(crate) segments: Vec<SegmentContents>,
+    /// Every id a message-done record names, whether or not its message is in the spool.
+    pub(crate) done: HashSet<MessageId>,
+}
+
+/// The records of one readable segment, as reclaim needs to know them.
+#[derive(Debug)]
+pub(crate) struct SegmentContents {
+    pub(crate) number: u64,
+    pub(crate) size_bytes: u64,
+    pub(crate) message_ids: Vec<MessageId>,
+    /// Ids named by its journal records, in file order, consecutive repeats removed.
+    pub(crate) journal_ids: Vec<MessageId>,
+    /// It holds a record of a type this reader does not know.
+    pub(crate) has_unknown_records: bool,
 }
 
 /// A damaged byte range inside a segment whose header was valid.
@@ -161,21 +178,37 @@ pub(crate) fn scan_directory(directory: &Path) -> Result<DirectoryScan, SpoolErr
             ));
             continue;
         }
+        let mut contents = SegmentContents {
+            number,
+            size_bytes: buffer.len() as u64,
+            message_ids: Vec::new(),
+            journal_ids: Vec::new(),
+            has_unknown_records: false,
+        };
         for record in segment.records {
             match record {
-                ScannedRecord::Message(message) => scan.report.messages.push(message),
+                ScannedRecord::Message(message) => {
+                    contents.message_ids.push(message.id);
+                    scan.report.messages.push(message);
+                }
                 ScannedRecord::MessageDone(record) => {
+                    push_unless_repeated(&mut contents.journal_ids, record.message_id);
                     done.insert(record.message_id);
                 }
-                ScannedRecord::RecipientOutcome(outcome) => outcomes.push(outcome),
+                ScannedRecord::RecipientOutcome(outcome) => {
+                    push_unless_repeated(&mut contents.journal_ids, outcome.message_id);
+                    outcomes.push(outcome);
+                }
                 ScannedRecord::Unknown {
                     location,
                     record_type,
                 } => {
+                    contents.has_unknown_records = true;
                     debug!(segment = %path.display(), offset = location.offset_bytes, record_type, "skipping spool record of unknown type");
                 }
             }
         }
+        scan.segments.push(contents);
         for damage in segment.damage {
             match damage.kind {
                 DamageKind::Quarantined => scan.report.quarantined.push(QuarantinedRecord {
@@ -216,7 +249,16 @@ pub(crate) fn scan_directory(directory: &Path) -> Result<DirectoryScan, SpoolErr
         .max()
         .unwrap_or(0);
     apply_recipient_outcomes(&mut scan.report.messages, outcomes);
+    scan.done = done;
     Ok(scan)
+}
+
+/// Journal records of one message tend to follow each other; one entry for a run of them
+/// is enough.
+fn push_unless_repeated(ids: &mut Vec<MessageId>, id: MessageId) {
+    if ids.last() != Some(&id) {
+        ids.push(id);
+    }
 }
 
 /// Folds the journal's recipient outcomes into their messages' recipient states, in
@@ -344,6 +386,29 @@ fn read_exactly_at(
             path.display()
         ))(error)),
     }
+}
+
+/// The highest segment number a file in `quarantine/` is named after (copies and their
+/// temporary files), or `None` when there is none or the directory cannot be listed.
+/// Segment numbers of reclaimed segments may be used again by a later writer session; the
+/// writer numbers new segments above these so that a copy's name never refers to two
+/// different segments.
+pub(crate) fn highest_quarantined_segment_number(directory: &Path) -> Option<u64> {
+    let entries = std::fs::read_dir(directory.join(QUARANTINE_DIRECTORY_NAME)).ok()?;
+    entries
+        .filter_map(Result::ok)
+        .filter_map(|entry| {
+            let name = entry.file_name();
+            let digits = name.to_str()?.get(..16)?;
+            if !digits
+                .bytes()
+                .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+            {
+                return None;
+            }
+            u64::from_str_radix(digits, 16).ok()
+        })
+        .max()
 }
 
 /// Where the copy of a damaged extent goes: one file per extent, named after its place,

@@ -1,5 +1,7 @@
 //! Tests of the writer, the reader and recovery, on real files in temporary directories.
 
+mod bodies_and_reclaim;
+
 use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::os::unix::fs::FileExt;
@@ -773,7 +775,7 @@ fn done_records_mark_messages_done() {
         "250 2.0.0 OK queued as 1234",
     );
     shared
-        .append_journal_record(RecordType::RecipientOutcome, &outcome)
+        .append_journal_record(RecordType::RecipientOutcome, receipts[0].id, &outcome)
         .unwrap();
     let deferred = format::encode_recipient_outcome(
         receipts[1].id,
@@ -783,7 +785,7 @@ fn done_records_mark_messages_done() {
         &"4".repeat(10_000),
     );
     shared
-        .append_journal_record(RecordType::RecipientOutcome, &deferred)
+        .append_journal_record(RecordType::RecipientOutcome, receipts[1].id, &deferred)
         .unwrap();
     let done = format::encode_message_done(
         receipts[0].id,
@@ -791,7 +793,7 @@ fn done_records_mark_messages_done() {
         DoneReason::AllRecipientsFinal,
     );
     let (_, sequence) = shared
-        .append_journal_record(RecordType::MessageDone, &done)
+        .append_journal_record(RecordType::MessageDone, receipts[0].id, &done)
         .unwrap();
     waiter.wait(sequence).unwrap();
     spool.shutdown();
@@ -1060,7 +1062,7 @@ fn write_fuzz_seed_corpus() {
         "250 2.0.0 OK",
     );
     shared
-        .append_journal_record(RecordType::RecipientOutcome, &outcome)
+        .append_journal_record(RecordType::RecipientOutcome, messages[0].id, &outcome)
         .unwrap();
     let failed = format::encode_recipient_outcome(
         messages[1].id,
@@ -1070,7 +1072,7 @@ fn write_fuzz_seed_corpus() {
         "550 5.1.1 no such user",
     );
     shared
-        .append_journal_record(RecordType::RecipientOutcome, &failed)
+        .append_journal_record(RecordType::RecipientOutcome, messages[1].id, &failed)
         .unwrap();
     let done = format::encode_message_done(
         messages[0].id,
@@ -1078,7 +1080,7 @@ fn write_fuzz_seed_corpus() {
         DoneReason::AllRecipientsFinal,
     );
     let (journal, sequence) = shared
-        .append_journal_record(RecordType::MessageDone, &done)
+        .append_journal_record(RecordType::MessageDone, messages[0].id, &done)
         .unwrap();
     waiter.wait(sequence).unwrap();
     spool.shutdown();

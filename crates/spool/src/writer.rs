@@ -9,6 +9,7 @@
 
 #![forbid(unsafe_code)]
 
+use std::collections::HashSet;
 use std::fs::File;
 use std::io::{self, Read};
 use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt};
@@ -19,14 +20,16 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use rustix::fs::FlockOperation;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
+use crate::bodies::Bodies;
 use crate::format::{self, RecordType, SEGMENT_HEADER_SIZE_BYTES, Salt, SegmentHeader};
-use crate::mmap::{MappingAppender, PreallocatedSegment, SyncableMapping};
+use crate::mmap::{MappingAppender, PreallocatedSegment, ReadMapping, SyncableMapping};
 use crate::reader::{self, TEMPORARY_SUFFIX};
+use crate::reclaim::{ReclaimTracker, RecoveredSegment, TrackedRecord};
 use crate::{
-    AppendReceipt, CommitNotice, CommitSubscriber, Envelope, MessageId, RecordLocation, ScanReport,
-    SpoolError, SpoolOptions, io_error,
+    AppendReceipt, CommitNotice, CommitSubscriber, Envelope, MessageId, ReclaimReport,
+    RecordLocation, ScanReport, SpoolError, SpoolOptions, io_error,
 };
 
 /// Name of the lock file inside the spool directory.
@@ -61,6 +64,10 @@ pub(crate) struct Shared {
     subscribers: Mutex<Vec<CommitSubscriber>>,
     /// The highest message id handed out (or recovered). Ids only grow.
     last_id: AtomicU64,
+    /// Read-only mappings of the segments, for [`crate::Spool::body`].
+    pub(crate) bodies: Bodies,
+    /// Held for a whole reclaim pass, so that two passes never delete the same segments.
+    reclaim_pass: Mutex<()>,
     /// Holds the exclusive `flock` on `LOCK` for as long as the spool is open.
     _lock_file: File,
     /// Test hook: segment creation fails with `DiskFull` while set.
@@ -69,6 +76,9 @@ pub(crate) struct Shared {
     /// Test hook: the next sync of a dirty range fails as if msync had returned EIO.
     #[cfg(test)]
     pub(crate) fail_next_sync: AtomicBool,
+    /// Test hook: while set, the committer takes no batch, so appends stay unsynced.
+    #[cfg(test)]
+    hold_commits: AtomicBool,
 }
 
 /// Everything appenders and the committer coordinate on.
@@ -91,6 +101,8 @@ struct WriterState {
     spare_retry_not_before: Option<Instant>,
     /// Once set, appends fail and the committer exits after its final sync.
     shut_down: bool,
+    /// What reclaim needs to know about every segment that may some day be deleted.
+    tracker: ReclaimTracker,
     /// The committer is blocked on `wake_committer`. Appenders signal the condition
     /// variable only then: a committer that is syncing re-checks `appended_sequence`
     /// under this lock before it waits again, so no append is missed, and the common
@@ -171,7 +183,8 @@ impl Shared {
             payload_length as u32,
             payload_checksum,
         );
-        let (location, sequence) = self.append_record(&[&header, &prefix, body])?;
+        let (location, sequence) =
+            self.append_record(&[&header, &prefix, body], TrackedRecord::Message(id))?;
         Ok(AppendReceipt {
             id,
             sequence,
@@ -180,8 +193,12 @@ impl Shared {
     }
 
     /// Appends one framed record (header and payload parts) and returns where it went and
-    /// its commit sequence number.
-    fn append_record(&self, parts: &[&[u8]]) -> Result<(RecordLocation, u64), SpoolError> {
+    /// its commit sequence number. `record` says what it is, for reclaim's bookkeeping.
+    fn append_record(
+        &self,
+        parts: &[&[u8]],
+        record: TrackedRecord,
+    ) -> Result<(RecordLocation, u64), SpoolError> {
         let written: usize = parts.iter().map(|part| part.len()).sum();
         let reserved = format::align_record_size(written).ok_or(SpoolError::RecordTooLarge {
             size_bytes: written as u64,
@@ -198,6 +215,7 @@ impl Shared {
                 round_up_to_granule(SEGMENT_HEADER_SIZE_BYTES as u64 + reserved as u64);
             let number = state.take_segment_number();
             let mut own = self.create_segment(number, size_bytes)?;
+            state.tracker.add_created_segment(number, size_bytes);
             let offset = own.appender.append(parts, reserved).ok_or_else(|| {
                 invariant_broken("a dedicated segment has no room for its record")
             })?;
@@ -216,6 +234,9 @@ impl Shared {
             segment: segment.number,
             offset_bytes: offset as u64,
         };
+        state
+            .tracker
+            .record_appended(location.segment, record, sequence);
         state.mark_dirty(segment, offset, offset + written);
         self.request_spare_if_due(&mut state);
         let committer_waiting = state.committer_waiting;
@@ -245,6 +266,9 @@ impl Shared {
             } else {
                 let number = state.take_segment_number();
                 state.active = Some(self.create_segment(number, self.segment_size_bytes)?);
+                state
+                    .tracker
+                    .add_created_segment(number, self.segment_size_bytes);
             }
         }
         state
@@ -286,7 +310,9 @@ impl Shared {
             // Never held a record; ignore failure to remove it (recovery removes it too).
             let _ = std::fs::remove_file(&temporary);
         }
-        let appender = created?;
+        let (appender, read_mapping) = created?;
+        self.bodies
+            .register_created(number, read_mapping, self.salt);
         Ok(OpenSegment {
             segment: Arc::new(SegmentFile {
                 number,
@@ -304,7 +330,7 @@ impl Shared {
         size_bytes: u64,
         temporary: &Path,
         path: &Path,
-    ) -> Result<MappingAppender, SpoolError> {
+    ) -> Result<(MappingAppender, ReadMapping), SpoolError> {
         let context = |what: &str| format!("{what} new spool segment {}", temporary.display());
         let segment = PreallocatedSegment::create(temporary, size_bytes).map_err(|source| {
             if is_disk_full(&source) {
@@ -369,13 +395,24 @@ impl Shared {
         None
     }
 
-    /// Appends a journal record (a recipient outcome or message-done payload built with
-    /// the encoders of [`crate::format`]); durable like a message, at its sequence number.
+    /// Appends a journal record (a recipient outcome or message-done payload for message
+    /// `id`, built with the encoders of [`crate::format`]); durable like a message, at its
+    /// sequence number.
     pub(crate) fn append_journal_record(
         &self,
         record_type: RecordType,
+        id: MessageId,
         payload: &[u8],
     ) -> Result<(RecordLocation, u64), SpoolError> {
+        let tracked = match record_type {
+            RecordType::RecipientOutcome => TrackedRecord::RecipientOutcome(id),
+            RecordType::MessageDone => TrackedRecord::MessageDone(id),
+            RecordType::Message => {
+                return Err(invariant_broken(
+                    "a message record was passed as a journal record",
+                ));
+            }
+        };
         if payload.len() > format::MAX_RECORD_PAYLOAD_BYTES {
             return Err(SpoolError::RecordTooLarge {
                 size_bytes: payload.len() as u64,
@@ -384,7 +421,7 @@ impl Shared {
         let checksum = self.salt.checksum(&[payload]);
         let header =
             format::encode_record_header(self.salt, record_type, payload.len() as u32, checksum);
-        self.append_record(&[&header, payload])
+        self.append_record(&[&header, payload], tracked)
     }
 
     /// After a failed sync: stop appending to the poisoned segment.
@@ -406,11 +443,14 @@ impl Shared {
         match created {
             Ok(spare) if state.spare.is_none() && !state.shut_down => {
                 state.spare_retry_not_before = None;
+                state
+                    .tracker
+                    .add_created_segment(number, spare.segment.mapping.len() as u64);
                 state.spare = Some(spare);
             }
             Ok(unneeded) => {
                 drop(state);
-                remove_empty_segment(&self.directory, unneeded);
+                self.remove_empty_segment(unneeded);
             }
             Err(error) => {
                 state.spare_retry_not_before = Some(Instant::now() + SPARE_RETRY_INTERVAL);
@@ -425,12 +465,141 @@ impl Shared {
     fn remove_empty_segments(&self) {
         let mut state = self.lock_state();
         let candidates = [state.active.take(), state.spare.take()];
-        drop(state);
-        for open in candidates.into_iter().flatten() {
-            if open.is_empty() {
-                remove_empty_segment(&self.directory, open);
-            }
+        let empty: Vec<OpenSegment> = candidates
+            .into_iter()
+            .flatten()
+            .filter(OpenSegment::is_empty)
+            .collect();
+        for open in &empty {
+            state.tracker.forget_segment(open.segment.number);
         }
+        drop(state);
+        for open in empty {
+            self.remove_empty_segment(open);
+        }
+    }
+
+    fn remove_empty_segment(&self, open: OpenSegment) {
+        let number = open.segment.number;
+        let path = open.segment.path.clone();
+        drop(open);
+        let removed = std::fs::remove_file(&path)
+            .map_err(io_error(format!(
+                "removing empty spool segment {}",
+                path.display()
+            )))
+            .and_then(|()| sync_directory(&self.directory));
+        self.bodies.forget(number);
+        if let Err(error) = removed {
+            warn!(%error, "could not remove an empty spool segment");
+        }
+    }
+
+    /// See [`crate::Spool::reclaim`]. Deletes in rounds (see `reclaim`): unlink every
+    /// segment of the round, `fsync` the directory, forget them, then look again, because
+    /// the deletions may have made further segments ready.
+    pub(crate) fn reclaim(&self) -> Result<ReclaimReport, SpoolError> {
+        let _pass = self
+            .reclaim_pass
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let mut report = ReclaimReport::default();
+        loop {
+            let round = {
+                let mut state = self.lock_state();
+                let open: Vec<u64> = [&state.active, &state.spare]
+                    .into_iter()
+                    .flatten()
+                    .map(|open| open.segment.number)
+                    .collect();
+                state.tracker.next_round(&open)
+            };
+            if round.is_empty() {
+                if report.segments_deleted > 0 {
+                    info!(
+                        segments = report.segments_deleted,
+                        bytes = report.bytes_freed,
+                        "reclaimed spool segments whose messages are all done"
+                    );
+                }
+                return Ok(report);
+            }
+            for deletable in &round {
+                let path = self
+                    .directory
+                    .join(format::segment_file_name(deletable.number));
+                match std::fs::remove_file(&path) {
+                    Ok(()) => report.bytes_freed += deletable.size_bytes,
+                    // An earlier pass unlinked it, then failed to sync the directory.
+                    Err(error) if error.kind() == io::ErrorKind::NotFound => {}
+                    Err(error) => {
+                        return Err(io_error(format!(
+                            "removing reclaimed spool segment {}",
+                            path.display()
+                        ))(error));
+                    }
+                }
+                debug!(segment = %path.display(), "reclaimed spool segment");
+            }
+            // Until this returns, the unlinks may be undone by a crash, so nothing that
+            // depends on them (the next round) may go yet. On failure the segments stay
+            // tracked and the next pass unlinks (finds them gone) and syncs again.
+            sync_directory(&self.directory)?;
+            let mut state = self.lock_state();
+            for deletable in &round {
+                state.tracker.segment_deleted(deletable.number);
+            }
+            drop(state);
+            for deletable in &round {
+                self.bodies.forget(deletable.number);
+            }
+            report.segments_deleted += round.len();
+        }
+    }
+
+    #[cfg(test)]
+    fn commits_held(&self) -> bool {
+        self.hold_commits.load(Ordering::Acquire)
+    }
+
+    #[cfg(not(test))]
+    fn commits_held(&self) -> bool {
+        false
+    }
+
+    /// Test hook: stops (`true`) or resumes (`false`) the committer taking batches.
+    #[cfg(test)]
+    pub(crate) fn hold_commits(&self, hold: bool) {
+        let state = self.lock_state();
+        self.hold_commits.store(hold, Ordering::Release);
+        drop(state);
+        self.wake_committer.notify_all();
+    }
+
+    /// Test hook: the numbers of the active and spare segments, once no spare segment is
+    /// wanted or being created (whose file could appear in the directory before it is
+    /// installed as the spare).
+    #[cfg(test)]
+    pub(crate) fn open_segment_numbers(&self) -> Vec<u64> {
+        loop {
+            let state = self.lock_state();
+            if !state.spare_wanted && !state.spare_creation_running {
+                return [&state.active, &state.spare]
+                    .into_iter()
+                    .flatten()
+                    .map(|open| open.segment.number)
+                    .collect();
+            }
+            drop(state);
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    /// Test hook: how many segments and messages reclaim tracks.
+    #[cfg(test)]
+    pub(crate) fn tracked_counts(&self) -> (usize, usize) {
+        let state = self.lock_state();
+        (state.tracker.segment_count(), state.tracker.message_count())
     }
 }
 
@@ -469,9 +638,9 @@ fn run_committer(shared: Arc<Shared>) {
     loop {
         let batch = {
             let mut state = shared.lock_state();
-            while state.appended_sequence == durable_sequence
-                && !state.shut_down
-                && !state.spare_wanted
+            while !state.shut_down
+                && (shared.commits_held()
+                    || (state.appended_sequence == durable_sequence && !state.spare_wanted))
             {
                 state.committer_waiting = true;
                 state = shared
@@ -499,8 +668,14 @@ fn run_committer(shared: Arc<Shared>) {
             if result.is_err() {
                 shared.seal_poisoned_active();
             }
-            // Dropping the ranges unmaps sealed segments that nothing else holds.
+            // Dropping the ranges unmaps sealed segments that nothing else holds. Only then
+            // may reclaim see the batch's segments as synced, so a segment it deletes is no
+            // longer mapped for writing.
             drop(batch.ranges);
+            shared
+                .lock_state()
+                .tracker
+                .commit_completed(batch.through_sequence, result.is_ok());
             shared.publish(&CommitNotice {
                 through_sequence: batch.through_sequence,
                 result,
@@ -559,20 +734,6 @@ fn sync_ranges(shared: &Shared, ranges: &[DirtyRange]) -> Result<(), Arc<str>> {
     }
 }
 
-fn remove_empty_segment(directory: &Path, open: OpenSegment) {
-    let path = open.segment.path.clone();
-    drop(open);
-    let removed = std::fs::remove_file(&path)
-        .map_err(io_error(format!(
-            "removing empty spool segment {}",
-            path.display()
-        )))
-        .and_then(|()| sync_directory(directory));
-    if let Err(error) = removed {
-        warn!(%error, "could not remove an empty spool segment");
-    }
-}
-
 /// The writer's handle: owns the committer thread, shuts it down when dropped.
 pub(crate) struct Handle {
     pub(crate) shared: Arc<Shared>,
@@ -623,14 +784,32 @@ pub(crate) fn open(
     let segment_size_bytes = validated_segment_size(options.segment_size_bytes)?;
     create_directory(directory)?;
     let lock_file = lock_directory(directory)?;
-    let scan = reader::scan_directory(directory)?;
+    let mut scan = reader::scan_directory(directory)?;
     remove_temporary_files(directory, &scan.temporary_files)?;
-    preserve_damage(directory, &scan);
+    let uncopied_damage = preserve_damage(directory, &scan);
     let last_id = scan.highest_message_id;
+    // Above every segment, temporary file and quarantine copy: reclaimed segments leave no
+    // file behind, so their numbers may come back, but never one a copy is named after.
     let next_segment_number = scan
         .highest_segment_number
+        .max(reader::highest_quarantined_segment_number(directory))
         .map_or(Some(1), |highest| highest.checked_add(1))
         .ok_or_else(|| invariant_broken("segment numbers exhausted"))?;
+    let recovered = std::mem::take(&mut scan.segments)
+        .into_iter()
+        .map(|contents| RecoveredSegment {
+            number: contents.number,
+            size_bytes: contents.size_bytes,
+            // Damage must have a complete copy in quarantine/ before its segment may go,
+            // and records of a later minor version's type may matter to that version.
+            may_be_reclaimed: !contents.has_unknown_records
+                && !uncopied_damage.contains(&contents.number),
+            message_ids: contents.message_ids,
+            journal_ids: contents.journal_ids,
+        })
+        .collect();
+    let tracker = ReclaimTracker::from_recovery(recovered, &scan.done);
+    scan.done = HashSet::new();
     let shared = Arc::new(Shared {
         directory: directory.to_owned(),
         segment_size_bytes,
@@ -646,22 +825,33 @@ pub(crate) fn open(
             spare_retry_not_before: None,
             shut_down: false,
             committer_waiting: false,
+            tracker,
         }),
         wake_committer: Condvar::new(),
         subscribers: Mutex::new(Vec::new()),
         last_id: AtomicU64::new(last_id),
+        bodies: Bodies::new(directory.to_owned(), next_segment_number),
+        reclaim_pass: Mutex::new(()),
         _lock_file: lock_file,
         #[cfg(test)]
         fail_segment_creation: AtomicBool::new(false),
         #[cfg(test)]
         fail_next_sync: AtomicBool::new(false),
+        #[cfg(test)]
+        hold_commits: AtomicBool::new(false),
     });
     // New records always go to a new segment: an old segment may end in a torn record or
     // in bytes a crash left half-written, and appending behind them would bury damage in
     // the middle of a segment.
     let number = shared.lock_state().take_segment_number();
     match shared.create_segment(number, segment_size_bytes) {
-        Ok(first) => shared.lock_state().active = Some(first),
+        Ok(first) => {
+            let mut state = shared.lock_state();
+            state
+                .tracker
+                .add_created_segment(number, first.segment.mapping.len() as u64);
+            state.active = Some(first);
+        }
         Err(SpoolError::DiskFull) => {
             warn!(directory = %directory.display(), "spool disk is full; appends will fail until space is freed");
         }
@@ -766,8 +956,10 @@ fn remove_temporary_files(directory: &Path, temporaries: &[PathBuf]) -> Result<(
 }
 
 /// Copies every damaged extent into `quarantine/` and logs each damage. A failed copy is
-/// logged and tolerated: the bytes are still in their segment, which reclaim keeps.
-fn preserve_damage(directory: &Path, scan: &reader::DirectoryScan) {
+/// logged and tolerated: the bytes are still in their segment, which reclaim keeps. Returns
+/// the numbers of the segments with damage that has no complete copy.
+fn preserve_damage(directory: &Path, scan: &reader::DirectoryScan) -> HashSet<u64> {
+    let mut uncopied = HashSet::new();
     for extent in &scan.damage {
         let copy = reader::quarantine_path(directory, extent);
         match reader::copy_to_quarantine(directory, extent) {
@@ -781,15 +973,18 @@ fn preserve_damage(directory: &Path, scan: &reader::DirectoryScan) {
                 already_copied = !newly,
                 "damaged spool bytes kept out of the queue"
             ),
-            Err(error) => warn!(
-                segment = %extent.segment_path.display(),
-                offset = extent.offset_bytes,
-                length = extent.length_bytes,
-                kind = ?extent.kind,
-                reason = extent.reason,
-                %error,
-                "damaged spool bytes kept out of the queue; copying them to quarantine failed"
-            ),
+            Err(error) => {
+                uncopied.insert(extent.segment_number);
+                warn!(
+                    segment = %extent.segment_path.display(),
+                    offset = extent.offset_bytes,
+                    length = extent.length_bytes,
+                    kind = ?extent.kind,
+                    reason = extent.reason,
+                    %error,
+                    "damaged spool bytes kept out of the queue; copying them to quarantine failed, so the segment is never reclaimed"
+                );
+            }
         }
     }
     for whole in scan.report.quarantined.iter().filter(|record| {
@@ -803,6 +998,7 @@ fn preserve_damage(directory: &Path, scan: &reader::DirectoryScan) {
             "spool segment skipped entirely; it stays in place for inspection"
         );
     }
+    uncopied
 }
 
 /// fsync of a directory: makes creations, renames and removals in it durable.
