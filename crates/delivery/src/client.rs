@@ -371,6 +371,7 @@ impl Session {
             content_reply: None,
             interruption: None,
             connection_usable: true,
+            content_sent: false,
             finished: false,
         };
         if let Some(failure) = local_failure {
@@ -383,6 +384,7 @@ impl Session {
             let result = TransactionResult {
                 outcomes,
                 connection_usable: true,
+                content_sent: false,
             };
             return Ok((transaction, TransactionStep::Done(result)));
         }
@@ -467,6 +469,10 @@ pub struct TransactionResult {
     pub outcomes: Vec<RecipientOutcome>,
     /// False after a 421 or a failed RSET: close the connection instead of reusing it.
     pub connection_usable: bool,
+    /// The content went out (after a 354). When false the upstream cannot have
+    /// accepted the message, so trying it again at once on another connection cannot
+    /// duplicate it (a reused connection found closed at RSET, for one).
+    pub content_sent: bool,
 }
 
 /// The reply each command written is waiting for, in order.
@@ -510,6 +516,8 @@ pub struct Transaction<'a> {
     /// The reply that cut the transaction short (421, failed RSET).
     interruption: Option<Reason>,
     connection_usable: bool,
+    /// `WriteContent` was handed out.
+    content_sent: bool,
     finished: bool,
 }
 
@@ -561,6 +569,7 @@ impl<'a> Transaction<'a> {
                 self.data_reply = Some(reply);
                 if go_ahead && self.accepted_recipients() > 0 {
                     self.awaiting.push_back(Expected::Content);
+                    self.content_sent = true;
                     return Ok(TransactionStep::WriteContent(DotStuffed::new(
                         self.message.body,
                     )));
@@ -689,6 +698,7 @@ impl<'a> Transaction<'a> {
         TransactionResult {
             outcomes,
             connection_usable: self.connection_usable,
+            content_sent: self.content_sent,
         }
     }
 

@@ -1,14 +1,8 @@
-//! A message's body for sending. Placeholder until the spool's zero-copy reader lands:
-//! reads (and checksums) the record into memory.
+//! A message's body for sending: borrowed from the spool's read-only mapping of its
+//! segment, never copied into a per-message buffer.
 
-use tsubame_spool::{Spool, SpoolError, SpooledMessage};
+use tsubame_spool::{Body, Spool, SpoolError, SpooledMessage};
 
-pub(crate) fn load(spool: &Spool, message: &SpooledMessage) -> Result<Vec<u8>, SpoolError> {
-    let _ = spool;
-    let directory = SPOOL_DIRECTORY.get().cloned().unwrap_or_default();
-    tsubame_spool::read_body(&directory, message)
+pub(crate) fn load(spool: &Spool, message: &SpooledMessage) -> Result<Body, SpoolError> {
+    spool.body(message.id, message.location)
 }
-
-/// Set once at start (temporary, until the spool reads bodies itself).
-pub(crate) static SPOOL_DIRECTORY: std::sync::OnceLock<std::path::PathBuf> =
-    std::sync::OnceLock::new();

@@ -95,7 +95,6 @@ pub fn start(
     recovered: Vec<SpooledMessage>,
     options: RelayOptions,
 ) -> Result<Relay, RelayError> {
-    let _ = body::SPOOL_DIRECTORY.set(config.spool.directory.clone());
     let upstreams = upstream::build_table(config, &options.hostname)?;
     let names: Vec<String> = upstreams
         .iter()

@@ -1,8 +1,15 @@
-//! Deleting spool segments whose messages are all done. Placeholder until the spool's
-//! reclaim lands.
+//! Deleting spool segments whose messages are all done.
 
 use tsubame_spool::Spool;
 
 pub(crate) fn run(spool: &Spool) {
-    let _ = spool;
+    match spool.reclaim() {
+        Ok(report) if report.segments_deleted > 0 => tracing::info!(
+            segments = report.segments_deleted,
+            bytes_freed = report.bytes_freed,
+            "spool segments reclaimed"
+        ),
+        Ok(_) => {}
+        Err(error) => tracing::error!(%error, "spool reclaim failed; it is tried again later"),
+    }
 }

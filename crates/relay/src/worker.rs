@@ -207,51 +207,72 @@ fn send_to_first_reachable(
     let mut last_error: Option<DeliveryError> = None;
     for target in targets {
         for &address in &target.addresses {
-            let reusable = cached.as_ref().is_some_and(|cached| {
-                cached.connection.address() == address
-                    && cached.connection.is_usable()
-                    && cached.messages_sent < upstream.config.max_messages_per_connection
-            });
-            if !reusable {
-                close(cached);
-                match crate::connect::open(upstream, &target.name, address) {
-                    Ok(connection) => {
-                        *cached = Some(Cached {
-                            connection,
-                            messages_sent: 0,
-                        })
+            // At most two tries per address: a reused connection that turns out to have
+            // been closed by the upstream meanwhile (idle timeout, restart) fails before
+            // the content goes out, and then a fresh connection gets the message at once.
+            for _ in 0..2 {
+                let reusable = cached.as_ref().is_some_and(|cached| {
+                    cached.connection.address() == address
+                        && cached.connection.is_usable()
+                        && cached.messages_sent < upstream.config.max_messages_per_connection
+                });
+                if !reusable {
+                    close(cached);
+                    match crate::connect::open(upstream, &target.name, address) {
+                        Ok(connection) => {
+                            *cached = Some(Cached {
+                                connection,
+                                messages_sent: 0,
+                            })
+                        }
+                        Err(error) => {
+                            tracing::info!(upstream = upstream.name(), %address, %error, "cannot open a session");
+                            last_error = Some(error);
+                            break;
+                        }
+                    }
+                }
+                let Some(open) = cached.as_mut() else {
+                    break;
+                };
+                let reused = open.messages_sent > 0;
+                match open.connection.send(message) {
+                    Ok(result) => {
+                        open.messages_sent += 1;
+                        if !open.connection.is_usable() {
+                            *cached = None;
+                        }
+                        let stale = reused
+                            && !result.content_sent
+                            && cached.is_none()
+                            && result.outcomes.iter().all(|outcome| {
+                                matches!(
+                                    outcome,
+                                    RecipientOutcome::Deferred(Reason::Local(
+                                        LocalFailure::ConnectionLost { .. }
+                                    ))
+                                )
+                            });
+                        if stale {
+                            tracing::debug!(upstream = upstream.name(), %address, "reused connection had been closed; trying a new one");
+                            continue;
+                        }
+                        return Ok((target.name.clone(), result.outcomes));
                     }
                     Err(error) => {
-                        tracing::info!(upstream = upstream.name(), %address, %error, "cannot open a session");
+                        // Nothing was sent (the connection had gone stale, or the
+                        // envelope is invalid).
+                        *cached = None;
+                        if let DeliveryError::Protocol { .. } = error {
+                            return Err(GroupFailure {
+                                outcome: Outcome::Failed,
+                                detail: error.to_string(),
+                                status: "5.1.3",
+                            });
+                        }
                         last_error = Some(error);
                         continue;
                     }
-                }
-            }
-            let Some(open) = cached.as_mut() else {
-                continue;
-            };
-            match open.connection.send(message) {
-                Ok(result) => {
-                    open.messages_sent += 1;
-                    let remote = target.name.clone();
-                    if !open.connection.is_usable() {
-                        *cached = None;
-                    }
-                    return Ok((remote, result.outcomes));
-                }
-                Err(error) => {
-                    // Nothing was sent (the connection had gone stale, or the envelope is
-                    // invalid); a fresh connection gets one more chance below.
-                    *cached = None;
-                    if let DeliveryError::Protocol { .. } = error {
-                        return Err(GroupFailure {
-                            outcome: Outcome::Failed,
-                            detail: error.to_string(),
-                            status: "5.1.3",
-                        });
-                    }
-                    last_error = Some(error);
                 }
             }
         }
