@@ -743,3 +743,84 @@ fn required_tls_never_sends_to_an_upstream_without_starttls() {
     );
     server.stop();
 }
+
+/// The spool's segment files.
+fn segment_files(spool: &std::path::Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(spool)
+        .unwrap()
+        .filter_map(|entry| entry.ok())
+        .map(|entry| entry.file_name().to_string_lossy().into_owned())
+        .filter(|name| name.ends_with(".segment"))
+        .collect();
+    names.sort();
+    names
+}
+
+#[test]
+fn delivered_segments_are_reclaimed_so_the_spool_does_not_grow() {
+    let _limit = hard_limit(Duration::from_secs(180));
+    let upstream = Aiosmtpd::start(&[]);
+    let spool = tempfile::tempdir().unwrap();
+    // 1 MiB segments (the smallest allowed): 400 messages of 10 KiB fill several.
+    let config = format!(
+        "{}\n[spool]\nsegment_size_bytes = 1048576\n",
+        upstream_config(upstream.port(), "")
+    );
+    let server = Server::start(
+        &ServerOptions::new()
+            .deliver()
+            .config(&config)
+            .spool(spool.path()),
+    );
+    let run = tsubame(&[
+        "bench",
+        "--target",
+        &server.address().to_string(),
+        "-n",
+        "400",
+        "-s",
+        "10240",
+        "-c",
+        "4",
+        "--quiet",
+    ]);
+    assert_eq!(run.code(), Some(0), "{}", run.describe());
+    upstream.wait_for(400, Duration::from_secs(90));
+    assert!(wait_until(DELIVERY_TIMEOUT, || queued_messages(&server) == 0));
+    // At most the active segment and the spare remain once reclaim has run.
+    let reclaimed = wait_until(DELIVERY_TIMEOUT, || segment_files(spool.path()).len() <= 2);
+    assert!(
+        reclaimed,
+        "segments left after everything was delivered: {:?}\n{}",
+        segment_files(spool.path()),
+        server.log()
+    );
+    assert!(
+        server.log().contains("spool segments reclaimed"),
+        "{}",
+        server.log()
+    );
+    server.stop();
+    // After a restart the old active segment is sealed; it holds only finished
+    // messages, so the first reclaim pass removes it too.
+    let before = segment_files(spool.path());
+    assert!(!before.is_empty());
+    let restarted = Server::start(
+        &ServerOptions::new()
+            .deliver()
+            .config(&config)
+            .spool(spool.path()),
+    );
+    let gone = wait_until(DELIVERY_TIMEOUT, || {
+        segment_files(spool.path())
+            .iter()
+            .all(|name| !before.contains(name))
+    });
+    assert!(
+        gone,
+        "segments from before the restart survived: before {before:?}, now {:?}",
+        segment_files(spool.path())
+    );
+    assert_eq!(queued_messages(&restarted), 0);
+    restarted.stop();
+}

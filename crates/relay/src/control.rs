@@ -18,10 +18,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use crossbeam_channel::Sender;
 use serde::{Deserialize, Serialize};
 
-use crate::dispatcher::Command;
+use crate::dispatcher::{Command, Input};
+use crate::inbox::Inbox;
 
 /// The socket's file name inside the spool directory.
 pub const CONTROL_SOCKET_NAME: &str = "control.sock";
@@ -134,7 +134,7 @@ pub(crate) struct ControlServer {
 }
 
 impl ControlServer {
-    pub fn start(spool_directory: &Path, commands: Sender<Command>) -> std::io::Result<Self> {
+    pub fn start(spool_directory: &Path, commands: Arc<Inbox<Input>>) -> std::io::Result<Self> {
         let path = socket_path(spool_directory);
         // We hold the spool's lock, so a socket file left here is from a process that
         // is gone.
@@ -173,7 +173,7 @@ impl Drop for ControlServer {
     }
 }
 
-fn accept_loop(listener: &UnixListener, commands: &Sender<Command>, stop: &AtomicBool) {
+fn accept_loop(listener: &UnixListener, commands: &Inbox<Input>, stop: &AtomicBool) {
     while !stop.load(Ordering::Acquire) {
         match listener.accept() {
             Ok((stream, _)) => {
@@ -193,7 +193,7 @@ fn accept_loop(listener: &UnixListener, commands: &Sender<Command>, stop: &Atomi
     }
 }
 
-fn serve_one(stream: UnixStream, commands: &Sender<Command>) -> std::io::Result<()> {
+fn serve_one(stream: UnixStream, commands: &Inbox<Input>) -> std::io::Result<()> {
     stream.set_nonblocking(false)?;
     stream.set_read_timeout(Some(CLIENT_TIMEOUT))?;
     stream.set_write_timeout(Some(CLIENT_TIMEOUT))?;
@@ -202,7 +202,10 @@ fn serve_one(stream: UnixStream, commands: &Sender<Command>) -> std::io::Result<
     let response = match serde_json::from_str::<ControlRequest>(line.trim_end()) {
         Ok(request) => {
             let (reply, answer) = crossbeam_channel::bounded(1);
-            if commands.send(Command::Control(request, reply)).is_err() {
+            if commands
+                .push(Input::Command(Command::Control(request, reply)))
+                .is_err()
+            {
                 ControlResponse::error("the server is shutting down".to_string())
             } else {
                 answer.recv_timeout(CLIENT_TIMEOUT).unwrap_or_else(|_| {

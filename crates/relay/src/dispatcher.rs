@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, Sender, select};
+use crossbeam_channel::Sender;
 use tsubame_queue::{
     Event, Job, MessageKey, Outcome, RecipientIndex, RecoveredRecipient, RetrySchedule, RouteId,
     Scheduler, Timestamp,
@@ -17,6 +17,7 @@ use tsubame_spool::format::{DoneReason, OutcomeKind};
 use tsubame_spool::{Envelope, MessageId, Spool, SpooledMessage};
 
 use crate::control::{ControlRequest, ControlResponse, MessageSummary, RecipientSummary};
+use crate::inbox::{Inbox, Pop};
 use crate::job::{MessageMeta, RecipientReport, Report, WorkItem};
 use crate::routing::{RouteInput, Router};
 use crate::upstream::Upstream;
@@ -26,12 +27,19 @@ use crate::{bounce, now_unix_ms};
 /// pass or a shutdown deadline check can be.
 const IDLE_WAKEUP: Duration = Duration::from_secs(1);
 
-/// Messages or reports handled per channel before the dispatcher looks at the other
-/// channel and hands out jobs: keeps a burst of arrivals from starving the workers.
+/// Inputs handled before the dispatcher hands out jobs again: keeps a burst of arrivals
+/// from starving the workers.
 const BATCH_MAX: usize = 4096;
 
 /// How often reclaim runs while messages are finishing.
 const RECLAIM_INTERVAL: Duration = Duration::from_millis(500);
+
+/// Everything that reaches the dispatcher, in one queue.
+#[derive(Debug)]
+pub(crate) enum Input {
+    Command(Command),
+    Report(Report),
+}
 
 /// What the dispatcher is asked to do by other threads.
 pub(crate) enum Command {
@@ -95,12 +103,11 @@ pub(crate) struct Dispatcher {
     pub scheduler: Scheduler,
     pub spool: Spool,
     pub upstreams: Vec<Arc<Upstream>>,
-    /// Per upstream, the channel its workers take jobs from. Dropped at shutdown so the
+    /// Per upstream, the queue its workers take jobs from. Closed at shutdown so the
     /// workers end.
-    pub job_senders: Vec<Sender<WorkItem>>,
+    pub job_queues: Vec<Arc<Inbox<WorkItem>>>,
     pub router: Router,
-    pub commands: Receiver<Command>,
-    pub reports: Receiver<Report>,
+    pub inbox: Arc<Inbox<Input>>,
     /// Our name: Reporting-MTA of bounces and the HELO recorded for them.
     pub hostname: String,
     messages: HashMap<MessageKey, Entry>,
@@ -135,10 +142,9 @@ impl Dispatcher {
         scheduler: Scheduler,
         spool: Spool,
         upstreams: Vec<Arc<Upstream>>,
-        job_senders: Vec<Sender<WorkItem>>,
+        job_queues: Vec<Arc<Inbox<WorkItem>>>,
         router: Router,
-        commands: Receiver<Command>,
-        reports: Receiver<Report>,
+        inbox: Arc<Inbox<Input>>,
         hostname: String,
         retry: RetrySchedule,
         hold: bool,
@@ -152,10 +158,9 @@ impl Dispatcher {
             scheduler,
             spool,
             upstreams,
-            job_senders,
+            job_queues,
             router,
-            commands,
-            reports,
+            inbox,
             hostname,
             messages: HashMap::new(),
             done_since_reclaim: 0,
@@ -265,32 +270,23 @@ impl Dispatcher {
         })
     }
 
-    /// Runs until shut down (or until every command sender is gone).
+    /// Runs until shut down.
     pub fn run(mut self) {
+        // Segments whose messages all finished before the last stop go at once.
+        self.reclaim();
+        let mut batch = Vec::new();
         loop {
             let timeout = self.sleep_for();
-            select! {
-                recv(self.commands) -> command => match command {
-                    Ok(command) => self.command(command),
-                    Err(_) => self.begin_shutdown(Instant::now()),
-                },
-                recv(self.reports) -> report => {
-                    if let Ok(report) = report {
-                        self.report(report);
-                    }
-                },
-                default(timeout) => {},
+            match self.inbox.pop_timeout(timeout) {
+                Pop::Item(input) => batch.push(input),
+                Pop::Timeout => {}
+                Pop::Closed => self.begin_shutdown(Instant::now()),
             }
-            for _ in 0..BATCH_MAX {
-                match self.reports.try_recv() {
-                    Ok(report) => self.report(report),
-                    Err(_) => break,
-                }
-            }
-            for _ in 0..BATCH_MAX {
-                match self.commands.try_recv() {
-                    Ok(command) => self.command(command),
-                    Err(_) => break,
+            self.inbox.drain_into(&mut batch, BATCH_MAX);
+            for input in batch.drain(..) {
+                match input {
+                    Input::Command(command) => self.command(command),
+                    Input::Report(report) => self.report(report),
                 }
             }
             let now = timestamp(now_unix_ms());
@@ -314,8 +310,11 @@ impl Dispatcher {
                 }
             }
         }
-        // Closing the job channels ends the workers once their current job is done.
-        self.job_senders.clear();
+        // Closing the job queues ends the workers once their current job is done.
+        for queue in &self.job_queues {
+            queue.close();
+        }
+        self.inbox.close();
         self.reclaim();
     }
 
@@ -442,8 +441,8 @@ impl Dispatcher {
                         .map(|recipient| (recipient.recipient, recipient.attempt))
                         .collect(),
                 };
-                if let Some(sender) = self.job_senders.get(route)
-                    && sender.send(item).is_err()
+                if let Some(queue) = self.job_queues.get(route)
+                    && queue.push(item).is_err()
                 {
                     tracing::error!(upstream = upstream.name(), "delivery workers are gone");
                 }
@@ -469,6 +468,7 @@ impl Dispatcher {
             .collect();
         let bounce_spooled = failed.is_empty() || self.bounce(&report.message, &failed, now_ms);
         let mut events = Vec::new();
+        let mut outcomes = Vec::with_capacity(report.recipients.len());
         for recipient in &report.recipients {
             let mut outcome = recipient.outcome;
             if outcome == Outcome::Failed && !bounce_spooled {
@@ -494,7 +494,7 @@ impl Dispatcher {
                     OutcomeKind::Failed
                 }
             };
-            self.journal(id, recipient.recipient, kind, now_ms, &recipient.detail);
+            outcomes.push((recipient, kind));
             if let Some(entry) = self.messages.get_mut(&MessageKey(id.0))
                 && let Some(status) = entry.recipients.get_mut(recipient.recipient.0 as usize)
             {
@@ -512,6 +512,19 @@ impl Dispatcher {
                 Ok(more) => events.extend(more),
                 Err(error) => tracing::error!(%id, %error, "scheduler refused an outcome"),
             }
+        }
+        // A delivery that finishes its message needs no record of its own: the
+        // message-done record that follows says every recipient is final, and nothing
+        // reads a delivered recipient's record once its message is done
+        // (spool-format/README.md, "Recipient outcome"). Saves a record per message.
+        let message_done = events
+            .iter()
+            .any(|event| matches!(event, Event::MessageDone { message } if message.0 == id.0));
+        for (recipient, kind) in outcomes {
+            if message_done && kind == OutcomeKind::Delivered {
+                continue;
+            }
+            self.journal(id, recipient.recipient, kind, now_ms, &recipient.detail);
         }
         self.events(events, now);
     }

@@ -25,6 +25,7 @@ mod bounce;
 mod connect;
 pub mod control;
 mod dispatcher;
+mod inbox;
 mod job;
 mod mx;
 mod reclaim;
@@ -36,12 +37,13 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::Sender;
 use tsubame_config::Config;
 use tsubame_queue::{RetrySchedule, Scheduler, SchedulerConfig};
 use tsubame_spool::{Spool, SpooledMessage};
 
-use crate::dispatcher::{Command, Dispatcher};
+use crate::dispatcher::{Command, Dispatcher, Input};
+use crate::inbox::Inbox;
+use crate::job::WorkItem;
 use crate::worker::WorkerContext;
 
 /// What can stop the engine from starting.
@@ -74,7 +76,7 @@ pub struct RelayOptions {
 /// The running engine.
 #[derive(Debug)]
 pub struct Relay {
-    commands: Sender<Command>,
+    inbox: Arc<Inbox<Input>>,
     dispatcher: Option<std::thread::JoinHandle<()>>,
     workers: Vec<std::thread::JoinHandle<()>>,
     control: Option<control::ControlServer>,
@@ -126,19 +128,18 @@ pub fn start(
             .collect(),
     })?;
 
-    let (commands, command_receiver) = crossbeam_channel::unbounded();
-    let (report_sender, reports) = crossbeam_channel::unbounded();
+    let inbox: Arc<Inbox<Input>> = Arc::new(Inbox::default());
     let context = Arc::new(WorkerContext {
         spool: spool.clone(),
-        reports: report_sender,
+        reports: Arc::clone(&inbox),
     });
-    let mut job_senders = Vec::with_capacity(upstreams.len());
+    let mut job_queues = Vec::with_capacity(upstreams.len());
     let mut workers = Vec::new();
     for upstream in &upstreams {
         // The scheduler never has more than max_connections jobs in flight per upstream,
-        // so this channel never holds more than that.
-        let (jobs, job_receiver) = crossbeam_channel::unbounded();
-        job_senders.push(jobs);
+        // so this queue never holds more than that.
+        let jobs: Arc<Inbox<WorkItem>> = Arc::new(Inbox::default());
+        job_queues.push(Arc::clone(&jobs));
         let worker_count = if upstream.used {
             upstream.config.max_connections
         } else {
@@ -146,7 +147,7 @@ pub fn start(
         };
         for number in 0..worker_count {
             let upstream = Arc::clone(upstream);
-            let jobs = job_receiver.clone();
+            let jobs = Arc::clone(&jobs);
             let context = Arc::clone(&context);
             let thread = std::thread::Builder::new()
                 .name(format!("deliver-{}-{number}", upstream.name()))
@@ -161,10 +162,9 @@ pub fn start(
         scheduler,
         spool,
         upstreams,
-        job_senders,
+        job_queues,
         router,
-        command_receiver,
-        reports,
+        Arc::clone(&inbox),
         options.hostname,
         retry,
         options.hold,
@@ -174,13 +174,13 @@ pub fn start(
         .name("dispatcher".to_string())
         .spawn(move || dispatcher.run())
         .map_err(RelayError::Thread)?;
-    let control = control::ControlServer::start(&config.spool.directory, commands.clone())
+    let control = control::ControlServer::start(&config.spool.directory, Arc::clone(&inbox))
         .map_err(|source| RelayError::ControlSocket {
             path: control::socket_path(&config.spool.directory),
             source,
         })?;
     Ok(Relay {
-        commands,
+        inbox,
         dispatcher: Some(dispatcher),
         workers,
         control: Some(control),
@@ -190,11 +190,11 @@ pub fn start(
 impl Relay {
     /// The server's handoff: queues a message once it is durable. Never blocks.
     pub fn handoff(&self) -> Arc<dyn Fn(SpooledMessage) + Send + Sync> {
-        let commands = self.commands.clone();
+        let inbox = Arc::clone(&self.inbox);
         Arc::new(move |message: SpooledMessage| {
             // Fails only once the dispatcher has stopped (shutdown): the message stays in
             // the spool and is queued at the next start.
-            let _ = commands.send(Command::Accepted(message));
+            let _ = inbox.push(Input::Command(Command::Accepted(message)));
         })
     }
 
@@ -206,11 +206,13 @@ impl Relay {
         if let Some(mut control) = self.control.take() {
             control.stop();
         }
-        let _ = self.commands.send(Command::Shutdown { deadline });
+        let _ = self
+            .inbox
+            .push(Input::Command(Command::Shutdown { deadline }));
         if let Some(dispatcher) = self.dispatcher.take() {
             let _ = dispatcher.join();
         }
-        // The job channels are closed: idle workers end at once, busy ones after their
+        // The job queues are closed: idle workers end at once, busy ones after their
         // job. Wait for them only until the deadline.
         for worker in self.workers.drain(..) {
             while !worker.is_finished() && Instant::now() < deadline {

@@ -10,7 +10,6 @@ use std::net::{SocketAddr, ToSocketAddrs};
 use std::sync::Arc;
 use std::time::Instant;
 
-use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use tsubame_config::UpstreamKind;
 use tsubame_delivery::{
     DeliveryError, LocalFailure, Message, Reason, RecipientOutcome, Reply, UpstreamConnection,
@@ -18,6 +17,8 @@ use tsubame_delivery::{
 use tsubame_queue::Outcome;
 use tsubame_spool::Spool;
 
+use crate::dispatcher::Input;
+use crate::inbox::{Inbox, Pop};
 use crate::job::{RecipientReport, Report, WorkItem};
 use crate::routing::domain_of;
 use crate::upstream::Upstream;
@@ -26,7 +27,8 @@ use crate::upstream::Upstream;
 #[derive(Debug)]
 pub(crate) struct WorkerContext {
     pub spool: Spool,
-    pub reports: Sender<Report>,
+    /// The dispatcher's inbox, for reports.
+    pub reports: Arc<Inbox<Input>>,
 }
 
 /// An open connection and how much it has carried.
@@ -37,18 +39,22 @@ struct Cached {
 }
 
 /// Runs one worker until its channel closes.
-pub(crate) fn run(upstream: Arc<Upstream>, jobs: Receiver<WorkItem>, context: Arc<WorkerContext>) {
+pub(crate) fn run(
+    upstream: Arc<Upstream>,
+    jobs: Arc<Inbox<WorkItem>>,
+    context: Arc<WorkerContext>,
+) {
     let mut cached: Option<Cached> = None;
     loop {
-        match jobs.recv_timeout(upstream.idle_timeout()) {
-            Ok(item) => {
+        match jobs.pop_timeout(upstream.idle_timeout()) {
+            Pop::Item(item) => {
                 let report = deliver(&upstream, &context, &mut cached, item);
-                if context.reports.send(report).is_err() {
+                if context.reports.push(Input::Report(report)).is_err() {
                     break;
                 }
             }
-            Err(RecvTimeoutError::Timeout) => close(&mut cached),
-            Err(RecvTimeoutError::Disconnected) => break,
+            Pop::Timeout => close(&mut cached),
+            Pop::Closed => break,
         }
     }
     close(&mut cached);
