@@ -29,6 +29,9 @@ pub struct LoadOptions {
     pub mail_from: String,
     pub recipient: String,
     pub timeouts: Timeouts,
+    /// Message `n` is not sent before `n / rate` seconds after the start (evenly paced
+    /// over all sessions); `None` sends as fast as the target accepts. Finite, positive.
+    pub rate_per_second: Option<f64>,
 }
 
 /// Running totals, readable while the load runs.
@@ -142,7 +145,7 @@ pub fn run(options: &LoadOptions, counts: &Arc<LoadCounts>) -> LoadReport {
             let content = Arc::clone(&content);
             let claimed = Arc::clone(&claimed);
             let counts = Arc::clone(counts);
-            std::thread::spawn(move || worker(&options, &content, &claimed, &counts))
+            std::thread::spawn(move || worker(&options, &content, &claimed, &counts, started))
         })
         .collect();
     let mut latencies: Vec<Duration> = Vec::new();
@@ -174,6 +177,7 @@ fn worker(
     content: &[u8],
     claimed: &AtomicU64,
     counts: &LoadCounts,
+    started: Instant,
 ) -> Vec<Duration> {
     let recipients = [options.recipient.clone()];
     let mut latencies = Vec::new();
@@ -206,6 +210,12 @@ fn worker(
                 smtputf8: false,
                 body: content,
             };
+            if let (Some(rate), Some(number)) = (options.rate_per_second, next) {
+                let due = started + Duration::from_secs_f64(number as f64 / rate);
+                if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                    std::thread::sleep(wait);
+                }
+            }
             let began = Instant::now();
             match connection.send(message) {
                 Ok(result) => {

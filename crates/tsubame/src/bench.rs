@@ -35,6 +35,10 @@ pub struct BenchArgs {
     /// Seconds to wait for any one reply.
     #[arg(long, value_name = "SECS", default_value_t = 60)]
     timeout: u64,
+    /// Send at most this many messages per second in all (paced evenly), for latency
+    /// measurements below the maximum rate. Default: as fast as the relay takes them.
+    #[arg(long, value_name = "MSGS_PER_SEC")]
+    rate: Option<f64>,
     /// No progress line every second; only the final report.
     #[arg(long)]
     quiet: bool,
@@ -44,6 +48,12 @@ pub struct BenchArgs {
 /// message was not accepted.
 pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     anyhow::ensure!(args.concurrency > 0, "--concurrency must be at least 1");
+    if let Some(rate) = args.rate {
+        anyhow::ensure!(
+            rate.is_finite() && rate > 0.0,
+            "--rate must be a positive number of messages per second"
+        );
+    }
     let options = LoadOptions {
         target: args.target,
         messages: args.messages,
@@ -54,6 +64,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
         mail_from: args.from,
         recipient: args.to,
         timeouts: Timeouts::uniform(Duration::from_secs(args.timeout)),
+        rate_per_second: args.rate,
     };
     let counts = Arc::new(LoadCounts::default());
     let done = Arc::new(AtomicBool::new(false));
