@@ -12,6 +12,9 @@ use tsubame_queue::RouteLimits;
 
 use crate::RelayError;
 
+/// Jobs handed out per connection of an upstream: one being sent, one waiting.
+const JOBS_PER_CONNECTION: usize = 2;
+
 /// One upstream, ready for workers. Shared (`Arc`) by its workers.
 #[derive(Debug)]
 pub(crate) struct Upstream {
@@ -35,9 +38,15 @@ impl Upstream {
         &self.config.name
     }
 
+    /// Jobs in flight may be twice the connections: each worker finds its next job
+    /// already queued when it finishes one, instead of reporting and sleeping until the
+    /// dispatcher hands it another (measured: one wake-up less per message).
     pub fn route_limits(&self) -> RouteLimits {
         RouteLimits {
-            max_concurrent: self.config.max_connections,
+            max_concurrent: self
+                .config
+                .max_connections
+                .saturating_mul(JOBS_PER_CONNECTION),
             rate_per_second: self.config.rate_per_second,
         }
     }
