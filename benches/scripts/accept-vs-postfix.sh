@@ -29,7 +29,8 @@ trap cleanup EXIT
 
 start_tsubame() {  # start_tsubame PORT
     rm -rf "$spool/spool"
-    "$repo/target/release/tsubame" serve --listen "127.0.0.1:$1" --spool "$spool/spool" \
+    # --hold: accept only, like Postfix with defer_transports=smtp.
+    "$repo/target/release/tsubame" serve --listen "127.0.0.1:$1" --spool "$spool/spool" --hold \
         >"$RESULTS/tsubame-serve.log" 2>&1 &
     pid=$!
     for _ in $(seq 50); do
