@@ -257,6 +257,89 @@ fn pipelined_data_reply_gets_the_data_initiation_timeout() {
     server.join().unwrap();
 }
 
+/// Each stage gets its own timeout, also after a shorter one on the same connection: a
+/// final reply that comes after the DATA-initiation timeout but within the
+/// DATA-termination one is a delivery, and one that never comes times out at the
+/// termination deadline, not at the shorter one.
+#[test]
+fn a_longer_stage_gets_its_whole_timeout_after_a_shorter_one() {
+    let (address, server) = fake_server(|mut stream, reader| {
+        stream.write_all(b"220 fake ESMTP\r\n").unwrap();
+        let mut line = String::new();
+        reader.read_line(&mut line).unwrap();
+        stream.write_all(b"250 fake\r\n").unwrap();
+        for (number, delay) in [
+            (1, Duration::from_millis(1500)),
+            (2, Duration::from_secs(30)),
+        ] {
+            if number == 2 {
+                line.clear();
+                reader.read_line(&mut line).unwrap();
+                assert!(line.starts_with("RSET"), "{line:?}");
+                stream.write_all(b"250 reset\r\n").unwrap();
+            }
+            for (expected, reply) in [
+                ("MAIL FROM:", &b"250 ok\r\n"[..]),
+                ("RCPT TO:", &b"250 ok\r\n"[..]),
+                ("DATA", &b"354 go\r\n"[..]),
+            ] {
+                line.clear();
+                reader.read_line(&mut line).unwrap();
+                assert!(line.starts_with(expected), "{line:?}");
+                stream.write_all(reply).unwrap();
+            }
+            loop {
+                line.clear();
+                if reader.read_line(&mut line).unwrap() == 0 || line == ".\r\n" {
+                    break;
+                }
+            }
+            if number == 1 {
+                std::thread::sleep(delay);
+                stream.write_all(b"250 queued\r\n").unwrap();
+            } else {
+                line.clear();
+                let _ = reader.read_line(&mut line);
+            }
+        }
+    });
+    let termination = Duration::from_secs(3);
+    let timeouts = Timeouts {
+        data_initiation: Duration::from_millis(500),
+        data_termination: termination,
+        ..Timeouts::uniform(Duration::from_secs(10))
+    };
+    let mut connection = UpstreamConnection::connect(address, "client.test", timeouts).unwrap();
+    let recipients = vec!["a@fake.test".to_owned()];
+    let message = Message {
+        mail_from: "sender@fake.test",
+        recipients: &recipients,
+        body_type: BodyType::SevenBit,
+        smtputf8: false,
+        body: b"Subject: x\r\n\r\nbody\r\n",
+    };
+    let first = connection.send(message).unwrap();
+    assert!(
+        matches!(first.outcomes[0], RecipientOutcome::Delivered { .. }),
+        "a reply 1.5 s after the content is within the 3 s termination timeout: {:?}",
+        first.outcomes[0]
+    );
+    let started = std::time::Instant::now();
+    let second = connection.send(message).unwrap();
+    let elapsed = started.elapsed();
+    let detail = lost_detail(&second.outcomes[0]);
+    assert!(
+        detail.contains(&format!("timed out after {termination:?} at Content")),
+        "{detail}"
+    );
+    assert!(
+        elapsed >= termination && elapsed < termination + Duration::from_secs(2),
+        "waited {elapsed:?} for a {termination:?} deadline"
+    );
+    drop(connection);
+    server.join().unwrap();
+}
+
 /// Greets and answers EHLO offering STARTTLS (and nothing that needs pipelining).
 fn greet_with_starttls(stream: &mut TcpStream, reader: &mut BufReader<TcpStream>) {
     stream.write_all(b"220 fake ESMTP\r\n").unwrap();
