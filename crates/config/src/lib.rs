@@ -508,19 +508,97 @@ impl Config {
             self.spool.segment_size_bytes
         ));
         for (index, route) in self.routes.iter().enumerate() {
-            out.push_str(&format!("route {}: -> {}\n", index + 1, route.upstream));
-        }
-        if let Some(upstream) = self.upstream(&self.delivery.default_upstream) {
-            let target = match (&upstream.kind, &upstream.host) {
-                (UpstreamKind::Smtp, Some(host)) => format!("{host}:{}", upstream.port_number()),
-                _ => "MX of each recipient domain".to_string(),
-            };
+            let mut conditions = Vec::new();
+            if !route.sender_domains.is_empty() {
+                conditions.push(format!("sender in {}", route.sender_domains.join(", ")));
+            }
+            if !route.recipient_domains.is_empty() {
+                conditions.push(format!(
+                    "recipient in {}",
+                    route.recipient_domains.join(", ")
+                ));
+            }
+            if !route.users.is_empty() {
+                conditions.push(format!("user in {}", route.users.join(", ")));
+            }
+            if !route.client_networks.is_empty() {
+                let networks: Vec<String> = route
+                    .client_networks
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect();
+                conditions.push(format!("client in {}", networks.join(", ")));
+            }
+            if conditions.is_empty() {
+                conditions.push("everything".to_string());
+            }
             out.push_str(&format!(
-                "default upstream {}: {target}, TLS {:?}\n",
-                upstream.name,
-                upstream.tls_mode()
+                "route {}: {} -> {}\n",
+                index + 1,
+                conditions.join(" and "),
+                route.upstream
             ));
         }
+        let mut names: Vec<&str> = self
+            .routes
+            .iter()
+            .map(|route| route.upstream.as_str())
+            .collect();
+        names.push(&self.delivery.default_upstream);
+        names.dedup();
+        let mut shown = std::collections::HashSet::new();
+        for name in names {
+            if !shown.insert(name) {
+                continue;
+            }
+            let Some(upstream) = self.upstream(name) else {
+                continue;
+            };
+            let target = match (&upstream.kind, &upstream.host) {
+                (UpstreamKind::Smtp, Some(host)) => format!("{host}:{}", upstream.port_number()),
+                _ => format!(
+                    "MX of each recipient domain, port {}",
+                    upstream.port_number()
+                ),
+            };
+            let login = match (
+                &upstream.username,
+                &upstream.password_file,
+                &upstream.password_env,
+            ) {
+                (Some(user), Some(file), _) => {
+                    format!(", AUTH as {user} (password from {})", file.display())
+                }
+                (Some(user), None, Some(variable)) => {
+                    format!(", AUTH as {user} (password from ${variable})")
+                }
+                (Some(user), None, None) => format!(", AUTH as {user}"),
+                _ => String::new(),
+            };
+            let default = if name == self.delivery.default_upstream {
+                " (default)"
+            } else {
+                ""
+            };
+            out.push_str(&format!(
+                "upstream {}{default}: {target}, TLS {:?}{login}, {} connections\n",
+                upstream.name,
+                upstream.tls_mode(),
+                upstream.max_connections
+            ));
+        }
+        let delivery = &self.delivery;
+        let retry = match &delivery.retry_schedule_secs {
+            Some(schedule) => format!("after {:?} s", schedule),
+            None => format!(
+                "after {} s, x{} each time, at most {} s apart",
+                delivery.retry_initial_secs, delivery.retry_factor, delivery.retry_max_secs
+            ),
+        };
+        out.push_str(&format!(
+            "retries {retry}; bounce after {} s in the queue\n",
+            delivery.max_age_secs
+        ));
         let limits = &self.limits;
         out.push_str(&format!(
             "limits: message {} bytes, {} recipients, {} connections ({} per IP)\n",
@@ -781,11 +859,18 @@ upstream = "mx"
         assert_eq!(config.upstream("mx").unwrap().kind, UpstreamKind::Mx);
         assert!(config.upstream("nope").is_none());
         assert_eq!(config.routes[0].upstream, "mx");
-        assert!(
-            config
-                .summary()
-                .contains("default upstream relay: smtp.example.net:587")
-        );
+        let summary = config.summary();
+        for expected in [
+            "route 1: recipient in .example.org -> mx",
+            "upstream mx: MX of each recipient domain, port 25, TLS Opportunistic",
+            "upstream relay (default): smtp.example.net:587, TLS Required, AUTH as device \
+             (password from $RELAY_PASSWORD)",
+        ] {
+            assert!(
+                summary.contains(expected),
+                "{expected:?} not in:\n{summary}"
+            );
+        }
         assert_eq!(
             Config::embedded_default()
                 .unwrap()

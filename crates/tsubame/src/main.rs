@@ -16,7 +16,8 @@ use clap::{Parser, Subcommand};
 /// tsubame: a high-throughput SMTP relay with a durable spool.
 ///
 /// Every message is written to a crash-safe spool and synced to disk before the client
-/// hears 250.
+/// hears 250, then delivered to a relay or straight to the recipient's MX, with retries
+/// and bounces.
 #[derive(Debug, Parser)]
 #[command(
     name = "tsubame",
@@ -43,7 +44,8 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run the relay. Without --config it starts on the embedded default: listen on
-    /// 127.0.0.1:2525, spool in ./spool, relay for loopback clients only.
+    /// 127.0.0.1:2525, spool in ./spool, relay for loopback clients only, deliver by MX
+    /// lookup (or through --upstream URL).
     Serve(serve::ServeArgs),
     /// Check a configuration file and print what it sets up. Exits 1 on an error, which
     /// names the line and column.
