@@ -262,6 +262,17 @@ enum Destination {
 /// like every ABNF string (RFC 5234 §2.3).
 const IPV6_LITERAL_TAG: &str = "IPv6:";
 
+/// Checks what follows `@` in a recipient address without any DNS: a domain comes back
+/// in the form it is looked up in (lower-case A-labels, no trailing dot), an address
+/// literal in its normalised form. The same check [`MxResolver::lookup`] makes first;
+/// public for the fuzzer and for tools.
+pub fn normalize_destination(input: &str) -> Result<String, MxError> {
+    parse_destination(input).map(|destination| match destination {
+        Destination::Literal { text, .. } => text,
+        Destination::Domain(domain) => domain,
+    })
+}
+
 fn parse_destination(input: &str) -> Result<Destination, MxError> {
     let malformed =
         |reason: String| MxError::permanent(input, reason, STATUS_BAD_DESTINATION_SYNTAX);
