@@ -824,3 +824,92 @@ fn delivered_segments_are_reclaimed_so_the_spool_does_not_grow() {
     assert_eq!(queued_messages(&restarted), 0);
     restarted.stop();
 }
+
+#[test]
+fn a_quoted_local_part_with_a_space_is_delivered_with_its_neighbours() {
+    let _limit = hard_limit(Duration::from_secs(90));
+    let upstream = Aiosmtpd::start(&[]);
+    let server = Server::start(
+        &ServerOptions::new()
+            .deliver()
+            .config(&upstream_config(upstream.port(), "")),
+    );
+    let content = message(
+        "quoted-local-part",
+        "RFC 5321 allows a space between quotes\n",
+    );
+    send(
+        &server,
+        "sender@example.com",
+        &["\"john doe\"@example.net", "plain@example.net"],
+        &content,
+    );
+    let received = upstream.wait_for(1, DELIVERY_TIMEOUT);
+    assert_eq!(
+        received[0].recipients(),
+        vec![
+            "\"john doe\"@example.net".to_string(),
+            "plain@example.net".to_string()
+        ],
+        "{:?}",
+        received[0]
+    );
+    server.stop();
+}
+
+#[test]
+fn credentials_never_go_to_an_unverified_server_even_with_opportunistic_tls() {
+    let _limit = hard_limit(Duration::from_secs(90));
+    let pki = tsubame_tests::pki::TestPki::new();
+    let (username, password) = generated_login();
+    let certificate = pki.certificate().display().to_string();
+    let key = pki.key().display().to_string();
+    // The upstream's certificate is signed by a CA tsubame does not know.
+    let upstream = Aiosmtpd::start_with_env(
+        std::net::SocketAddr::from(([127, 0, 0, 1], free_port())),
+        &[
+            "--cert",
+            &certificate,
+            "--key",
+            &key,
+            "--starttls",
+            "--auth",
+        ],
+        &[
+            ("TSUBAME_TEST_SMTP_USERNAME", &username),
+            ("TSUBAME_TEST_SMTP_PASSWORD", &password),
+        ],
+    );
+    // smtp:// is opportunistic; with a login it must verify the server anyway.
+    let server = Server::start(
+        &ServerOptions::new()
+            .deliver()
+            .arg("--upstream")
+            .arg(&format!("smtp://{username}@{}", upstream.address()))
+            .env("TSUBAME_UPSTREAM_PASSWORD", &password),
+    );
+    let id = send(
+        &server,
+        "sender@example.com",
+        &["rcpt@example.net"],
+        &message("no-leak", "x\n"),
+    );
+    assert!(
+        wait_until(DELIVERY_TIMEOUT, || server
+            .log()
+            .contains(&format!("deferred id={id}"))),
+        "{}",
+        server.log()
+    );
+    let log = server.log();
+    assert!(
+        log.contains("certificate") || log.contains("UnknownIssuer"),
+        "{log}"
+    );
+    assert!(!log.contains(&password));
+    assert!(
+        upstream.received().is_empty(),
+        "mail went to an unverified server with our login"
+    );
+    server.stop();
+}

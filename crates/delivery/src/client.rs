@@ -441,13 +441,43 @@ impl Session {
     }
 }
 
-/// An address that can go between angle brackets without breaking the command line.
-fn valid_address(address: &str, empty_allowed: bool) -> bool {
-    (empty_allowed || !address.is_empty())
-        && address.len() <= MAX_ADDRESS_BYTES
-        && !address
-            .chars()
-            .any(|character| character.is_control() || matches!(character, ' ' | '<' | '>'))
+/// An address that can go between angle brackets without breaking the command line:
+/// no control characters anywhere, and spaces and angle brackets only inside a quoted
+/// local part (RFC 5321 §4.1.2: qtextSMTP includes them, `"john doe"@example.com`).
+pub fn valid_address(address: &str, empty_allowed: bool) -> bool {
+    if (address.is_empty() && !empty_allowed) || address.len() > MAX_ADDRESS_BYTES {
+        return false;
+    }
+    if address.chars().any(char::is_control) {
+        return false;
+    }
+    let unquoted = match address.strip_prefix('"') {
+        Some(quoted) => {
+            // Find the closing quote, skipping quoted pairs (`\"`).
+            let mut characters = quoted.char_indices();
+            let mut end = None;
+            while let Some((position, character)) = characters.next() {
+                match character {
+                    '\\' => {
+                        characters.next();
+                    }
+                    '"' => {
+                        end = Some(position);
+                        break;
+                    }
+                    _ => {}
+                }
+            }
+            match end.and_then(|end| quoted.get(end + 1..)) {
+                Some(rest) => rest,
+                None => return false,
+            }
+        }
+        None => address,
+    };
+    !unquoted
+        .chars()
+        .any(|character| matches!(character, ' ' | '<' | '>'))
 }
 
 /// What the caller does after a transaction step.

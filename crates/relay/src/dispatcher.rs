@@ -16,6 +16,7 @@ use tsubame_queue::{
 use tsubame_spool::format::{DoneReason, OutcomeKind};
 use tsubame_spool::{Envelope, MessageId, Spool, SpooledMessage};
 
+use crate::commit_watch::CommitWatch;
 use crate::control::{ControlRequest, ControlResponse, MessageSummary, RecipientSummary};
 use crate::inbox::{Inbox, Pop};
 use crate::job::{MessageMeta, RecipientReport, Report, WorkItem};
@@ -31,8 +32,20 @@ const IDLE_WAKEUP: Duration = Duration::from_secs(1);
 /// from starving the workers.
 const BATCH_MAX: usize = 4096;
 
+/// Longest the dispatcher waits for a bounce's commit before it journals the failure
+/// the bounce reports; a commit normally takes well under a millisecond, a sync on a
+/// struggling disk seconds.
+const BOUNCE_COMMIT_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// How long the dispatcher lets work gather after a busy round (see `run`).
 const BUSY_GATHER_INTERVAL: Duration = Duration::from_micros(500);
+
+/// How long reclaim passes continue after the last message finished: long enough for
+/// its done record's commit.
+const RECLAIM_TAIL: Duration = Duration::from_secs(3);
+
+/// How often done records that could not be appended are tried again.
+const DONE_RETRY_INTERVAL: Duration = Duration::from_secs(1);
 
 /// How often reclaim runs while messages are finishing.
 const RECLAIM_INTERVAL: Duration = Duration::from_millis(500);
@@ -116,6 +129,13 @@ pub(crate) struct Dispatcher {
     messages: HashMap<MessageKey, Entry>,
     /// Messages finished since the last reclaim pass.
     done_since_reclaim: usize,
+    /// Reclaim passes go on until then: the done records of the last messages become
+    /// durable (and so count for reclaim) only after their commit.
+    reclaim_until: Option<Instant>,
+    /// Messages whose done record could not be appended (disk full): retried every
+    /// `DONE_RETRY_INTERVAL`, and once more at shutdown.
+    pending_done: Vec<MessageId>,
+    last_done_retry: Instant,
     last_reclaim: Instant,
     /// Set by `Command::Shutdown`.
     shutdown_deadline: Option<Instant>,
@@ -125,6 +145,8 @@ pub(crate) struct Dispatcher {
     retry: RetrySchedule,
     /// `serve --hold`: hand out no jobs.
     hold: bool,
+    /// The spool's commit notices, to wait for a bounce to be durable.
+    commits: Arc<CommitWatch>,
 }
 
 impl std::fmt::Debug for Dispatcher {
@@ -151,6 +173,7 @@ impl Dispatcher {
         hostname: String,
         retry: RetrySchedule,
         hold: bool,
+        commits: Arc<CommitWatch>,
     ) -> Self {
         if hold {
             tracing::warn!(
@@ -167,11 +190,15 @@ impl Dispatcher {
             hostname,
             messages: HashMap::new(),
             done_since_reclaim: 0,
+            reclaim_until: None,
+            pending_done: Vec::new(),
+            last_done_retry: Instant::now(),
             last_reclaim: Instant::now(),
             shutdown_deadline: None,
             bounces_made: 0,
             retry,
             hold,
+            commits,
         }
     }
 
@@ -321,6 +348,9 @@ impl Dispatcher {
                 }
             }
         }
+        if !self.pending_done.is_empty() {
+            self.retry_pending_done();
+        }
         // Closing the job queues ends the workers once their current job is done.
         for queue in &self.job_queues {
             queue.close();
@@ -338,12 +368,20 @@ impl Dispatcher {
     fn sleep_for(&self) -> Duration {
         let now_ms = now_unix_ms();
         let mut sleep = IDLE_WAKEUP;
-        if let Some(wakeup) = self.scheduler.next_wakeup() {
+        // Shutting down or on hold, no job is handed out, so a rate limit's next token
+        // is no reason to wake (its bucket is only refreshed by handing out jobs: the
+        // wake-up would stay in the past and the loop would spin). Expiry is checked
+        // once per IDLE_WAKEUP then; reports wake the loop through the inbox.
+        let dispatching = self.shutdown_deadline.is_none() && !self.hold;
+        if dispatching && let Some(wakeup) = self.scheduler.next_wakeup() {
             let wakeup_ms = wakeup.unix_ms;
             sleep = sleep.min(Duration::from_millis(wakeup_ms.saturating_sub(now_ms)));
         }
-        if self.done_since_reclaim > 0 {
+        if self.reclaim_wanted() {
             sleep = sleep.min(RECLAIM_INTERVAL.saturating_sub(self.last_reclaim.elapsed()));
+        }
+        if !self.pending_done.is_empty() {
+            sleep = sleep.min(DONE_RETRY_INTERVAL.saturating_sub(self.last_done_retry.elapsed()));
         }
         sleep
     }
@@ -597,6 +635,7 @@ impl Dispatcher {
             }
         }
         let now_ms = now.unix_ms;
+        let mut bounce_failed = Vec::new();
         for (key, recipients) in expired {
             let Some(entry) = self.messages.get_mut(&key) else {
                 continue;
@@ -625,7 +664,11 @@ impl Dispatcher {
             }
             let failed: Vec<&RecipientReport> = reports.iter().collect();
             if !self.bounce(&meta, &failed, now_ms) {
-                tracing::error!(id = %meta.message.id, "cannot spool the bounce for an expired message; it is lost");
+                // Journal nothing: at the next start these recipients expire again and
+                // their bounce is tried again.
+                tracing::error!(id = %meta.message.id, "cannot spool the bounce for an expired message; it is tried again at the next start");
+                bounce_failed.push(key);
+                continue;
             }
             for report in &reports {
                 tracing::info!(id = %meta.message.id, to = meta.message.recipients.get(report.recipient.0 as usize).map_or("", String::as_str), reason = report.detail, "expired");
@@ -639,19 +682,49 @@ impl Dispatcher {
             }
         }
         for key in done {
-            if let Some(entry) = self.messages.remove(&key) {
+            if let Some(entry) = self.messages.remove(&key)
+                && !bounce_failed.contains(&key)
+            {
                 self.message_done(entry.meta.message.id);
             }
         }
     }
 
     fn message_done(&mut self, id: MessageId) {
+        if !self.append_done(id) {
+            self.pending_done.push(id);
+        }
+    }
+
+    fn append_done(&mut self, id: MessageId) -> bool {
         match self
             .spool
             .append_message_done(id, now_unix_ms(), DoneReason::AllRecipientsFinal)
         {
-            Ok(_) => self.done_since_reclaim += 1,
-            Err(error) => tracing::error!(%id, %error, "cannot journal that a message is done"),
+            Ok(_) => {
+                self.done_since_reclaim += 1;
+                self.reclaim_until = Some(Instant::now() + RECLAIM_TAIL);
+                true
+            }
+            Err(error) => {
+                // Until it is written the message's segment cannot be reclaimed, and a
+                // restart would deliver the message again.
+                tracing::error!(%id, %error, "cannot journal that a message is done; retrying");
+                false
+            }
+        }
+    }
+
+    fn retry_pending_done(&mut self) {
+        self.last_done_retry = Instant::now();
+        let pending = std::mem::take(&mut self.pending_done);
+        for (position, id) in pending.iter().enumerate() {
+            if !self.append_done(*id) {
+                // Still failing: keep this one and the rest for the next round.
+                self.pending_done
+                    .extend_from_slice(pending.get(position..).unwrap_or_default());
+                break;
+            }
         }
     }
 
@@ -697,8 +770,7 @@ impl Dispatcher {
             Ok(receipt) => {
                 tracing::info!(id = %original.id, bounce = %receipt.id, to = original.mail_from, "bounce queued");
                 // Scheduled at once: delivering it before its sync is harmless (nobody
-                // was promised anything), and the original's failure records come after
-                // it in the spool, so they are never durable without it.
+                // was promised anything).
                 self.accept(SpooledMessage {
                     id: receipt.id,
                     location: receipt.location,
@@ -713,7 +785,17 @@ impl Dispatcher {
                     state: tsubame_spool::MessageState::Queued,
                     recipient_states: vec![tsubame_spool::RecipientState::default()],
                 });
-                true
+                // The failure records the caller writes next must never be durable
+                // without the bounce: the disk may write pages in any order
+                // (spool-format/README.md), so wait for the bounce's own commit. Only
+                // failures wait, and one group commit is a fraction of a millisecond.
+                let durable = self
+                    .commits
+                    .wait_durable(receipt.sequence, BOUNCE_COMMIT_TIMEOUT);
+                if !durable {
+                    tracing::error!(id = %original.id, bounce = %receipt.id, "the bounce did not become durable; the failure is retried instead");
+                }
+                durable
             }
             Err(error) => {
                 tracing::error!(id = %original.id, %error, "cannot spool a bounce; the failure is retried instead");
@@ -723,9 +805,19 @@ impl Dispatcher {
     }
 
     fn maybe_reclaim(&mut self) {
-        if self.done_since_reclaim > 0 && self.last_reclaim.elapsed() >= RECLAIM_INTERVAL {
+        if !self.pending_done.is_empty() && self.last_done_retry.elapsed() >= DONE_RETRY_INTERVAL {
+            self.retry_pending_done();
+        }
+        if self.reclaim_wanted() && self.last_reclaim.elapsed() >= RECLAIM_INTERVAL {
             self.reclaim();
         }
+    }
+
+    fn reclaim_wanted(&self) -> bool {
+        self.done_since_reclaim > 0
+            || self
+                .reclaim_until
+                .is_some_and(|until| Instant::now() < until)
     }
 
     fn reclaim(&mut self) {
@@ -763,6 +855,22 @@ impl Dispatcher {
                 Ok(key) => match self.scheduler.remove_message(key) {
                     Ok(recipients) => {
                         self.messages.remove(&key);
+                        // Its jobs not yet started must not start: take them back. (A
+                        // transaction already in progress finishes; its outcome is
+                        // ignored.)
+                        let now = timestamp(now_unix_ms());
+                        for queue in &self.job_queues {
+                            for item in queue.take_where(|item| item.meta.message.id.0 == key.0) {
+                                for (recipient, _) in &item.recipients {
+                                    let _ = self.scheduler.complete(
+                                        item.job,
+                                        *recipient,
+                                        Outcome::Deferred,
+                                        now,
+                                    );
+                                }
+                            }
+                        }
                         let id = MessageId(key.0);
                         match self
                             .spool

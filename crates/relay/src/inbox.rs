@@ -101,6 +101,22 @@ impl<T> Inbox<T> {
         out.extend(state.items.drain(..count));
     }
 
+    /// Takes out every queued item `matches` picks, in order.
+    pub fn take_where(&self, mut matches: impl FnMut(&T) -> bool) -> Vec<T> {
+        let mut state = self.lock();
+        let mut taken = Vec::new();
+        let mut kept = VecDeque::with_capacity(state.items.len());
+        for item in state.items.drain(..) {
+            if matches(&item) {
+                taken.push(item);
+            } else {
+                kept.push_back(item);
+            }
+        }
+        state.items = kept;
+        taken
+    }
+
     /// Refuses further pushes and wakes every waiter; queued items can still be popped.
     pub fn close(&self) {
         self.lock().closed = true;
@@ -120,9 +136,12 @@ mod tests {
         inbox.push(1).unwrap();
         inbox.push(2).unwrap();
         assert!(matches!(inbox.pop_timeout(Duration::ZERO), Pop::Item(1)));
+        inbox.push(5).unwrap();
+        inbox.push(6).unwrap();
+        assert_eq!(inbox.take_where(|item| *item == 5), vec![5]);
         let mut drained = Vec::new();
         inbox.drain_into(&mut drained, 10);
-        assert_eq!(drained, vec![2]);
+        assert_eq!(drained, vec![2, 6]);
         assert!(matches!(
             inbox.pop_timeout(Duration::from_millis(1)),
             Pop::Timeout

@@ -13,15 +13,17 @@
 //!   connection reuse.
 //! * [`control`]: the queue control socket and its client.
 //!
-//! Durability: the dispatcher journals every outcome in the spool but never waits for
-//! those records' sync. A crash may lose the latest outcomes; the messages are then
-//! tried again (duplicates after a crash are allowed; loss is not). A bounce is spooled
-//! before the failure it reports, so the failure is never durable without it.
+//! Durability: the dispatcher journals outcomes in the spool but never waits for those
+//! records' sync. A crash may lose the latest outcomes; the messages are then tried
+//! again (duplicates after a crash are allowed; loss is not). A bounce is appended before
+//! the failure records it reports, and those wait for the bounce's commit (see
+//! `dispatcher`), so a failure is never durable without its bounce.
 
 #![forbid(unsafe_code)]
 
 mod body;
 mod bounce;
+mod commit_watch;
 mod connect;
 pub mod control;
 mod dispatcher;
@@ -136,8 +138,8 @@ pub fn start(
     let mut job_queues = Vec::with_capacity(upstreams.len());
     let mut workers = Vec::new();
     for upstream in &upstreams {
-        // The scheduler never has more than max_connections jobs in flight per upstream,
-        // so this queue never holds more than that.
+        // The scheduler never has more than 2 × max_connections jobs in flight per
+        // upstream (upstream::JOBS_PER_CONNECTION), so this queue never holds more.
         let jobs: Arc<Inbox<WorkItem>> = Arc::new(Inbox::default());
         job_queues.push(Arc::clone(&jobs));
         let worker_count = if upstream.used {
@@ -158,6 +160,11 @@ pub fn start(
     }
     drop(context);
 
+    let commits = Arc::new(commit_watch::CommitWatch::default());
+    {
+        let commits = Arc::clone(&commits);
+        spool.subscribe(Box::new(move |notice| commits.on_notice(notice)));
+    }
     let mut dispatcher = Dispatcher::new(
         scheduler,
         spool,
@@ -168,6 +175,7 @@ pub fn start(
         options.hostname,
         retry,
         options.hold,
+        commits,
     );
     dispatcher.recover(recovered);
     let dispatcher = std::thread::Builder::new()

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use tsubame_config::{BUILTIN_MX_UPSTREAM, Config, UpstreamConfig, UpstreamKind};
+use tsubame_config::{BUILTIN_MX_UPSTREAM, Config, TlsMode, UpstreamConfig, UpstreamKind};
 use tsubame_delivery::mx::{MxResolver, ResolverOptions};
 use tsubame_delivery::{Credentials, Secret, Timeouts, TlsSettings};
 use tsubame_queue::RouteLimits;
@@ -95,7 +95,18 @@ pub(crate) fn build_table(
                 }
                 _ => None,
             };
-            let tls = TlsSettings::new(upstream.tls_mode(), upstream.ca_file.as_deref()).map_err(
+            // A password goes only to a server whose certificate was checked: with
+            // credentials, "opportunistic" means STARTTLS required and verified (an
+            // unverified peer could be anyone on the path).
+            let mut tls_mode = upstream.tls_mode();
+            if credentials.is_some() && tls_mode == TlsMode::Opportunistic {
+                tracing::info!(
+                    upstream = upstream.name,
+                    "credentials are configured: STARTTLS is required and the certificate checked"
+                );
+                tls_mode = TlsMode::Required;
+            }
+            let tls = TlsSettings::new(tls_mode, upstream.ca_file.as_deref()).map_err(
                 |error| RelayError::Upstream {
                     message: format!("upstream {:?}: {error}", upstream.name),
                 },

@@ -1,5 +1,5 @@
 //! Delivery workers: plain threads, `max_connections` per upstream, fed by that
-//! upstream's crossbeam channel. Each keeps at most one connection open and reuses it
+//! upstream's job queue (an `Inbox`). Each keeps at most one connection open and reuses it
 //! for the next job to the same address (RSET between, in the client state machine),
 //! up to `max_messages_per_connection`, closing it after `idle_timeout_secs` without
 //! work. Blocking I/O is fine here: every wait has a timeout, and the event loop never
@@ -94,6 +94,18 @@ fn deliver(
         }
     };
     let mut results: Vec<RecipientReport> = Vec::with_capacity(item.recipients.len());
+    // An address the client cannot put on a command line fails on its own (RFC 3463
+    // 5.1.3, or 5.1.7 for the sender), instead of taking its whole transaction with it.
+    if !tsubame_delivery::client::valid_address(&message.mail_from, true) {
+        return report_all(
+            upstream,
+            &item,
+            Outcome::Failed,
+            "the sender address cannot be sent in a MAIL command",
+            "5.1.7",
+            None,
+        );
+    }
     // Recipients per destination: one group for a smarthost, one per domain for MX.
     let mut groups: BTreeMap<String, Vec<(tsubame_queue::RecipientIndex, String)>> =
         BTreeMap::new();
@@ -103,6 +115,16 @@ fn deliver(
             .get(recipient.0 as usize)
             .cloned()
             .unwrap_or_default();
+        if !tsubame_delivery::client::valid_address(&address, false) {
+            results.push(RecipientReport {
+                recipient,
+                outcome: Outcome::Failed,
+                detail: "the recipient address cannot be sent in a RCPT command".to_string(),
+                status: "5.1.3".to_string(),
+                remote: None,
+            });
+            continue;
+        }
         let key = match upstream.config.kind {
             UpstreamKind::Smtp => String::new(),
             UpstreamKind::Mx => domain_of(&address).unwrap_or("").to_ascii_lowercase(),
@@ -269,7 +291,7 @@ fn send_to_first_reachable(
                         // Nothing was sent (the connection had gone stale, or the
                         // envelope is invalid).
                         *cached = None;
-                        if let DeliveryError::Protocol { .. } = error {
+                        if error.is_permanent() {
                             return Err(GroupFailure {
                                 outcome: Outcome::Failed,
                                 detail: error.to_string(),

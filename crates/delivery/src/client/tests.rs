@@ -876,3 +876,29 @@ fn starttls_refusals() {
     );
     assert!(!session.is_ready());
 }
+
+#[test]
+fn addresses_that_fit_between_angle_brackets() {
+    use crate::client::valid_address;
+    let cases = [
+        ("user@example.com", false, true),
+        ("", true, true),
+        ("", false, false),
+        ("\"john doe\"@example.com", false, true),
+        ("\"a<b>c\"@example.com", false, true),
+        ("\"with \\\" quote\"@example.com", false, true),
+        ("john doe@example.com", false, false),
+        ("\"unterminated@example.com", false, false),
+        ("\"ok\"@exa mple.com", false, false),
+        ("user@example.com>", false, false),
+        ("user\r\n@example.com", false, false),
+        ("\"a\r\nMAIL\"@example.com", false, false),
+    ];
+    for (address, empty_allowed, expected) in cases {
+        assert_eq!(
+            valid_address(address, empty_allowed),
+            expected,
+            "{address:?} (empty allowed: {empty_allowed})"
+        );
+    }
+}
