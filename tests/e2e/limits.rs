@@ -381,21 +381,43 @@ fn client_that_never_reads_is_closed_and_frees_its_slot() {
         .unwrap();
     let burst = b"NOOP\r\n".repeat(16 * 1024);
     let mut sent = 0usize;
+    let mut ended_by = None;
     while sent < 64 * 1024 * 1024 {
         match stuck.write(&burst) {
             Ok(written) => sent += written,
-            Err(_) => break,
+            Err(error) => {
+                ended_by = Some(error.kind());
+                break;
+            }
         }
     }
     assert!(
         sent < 64 * 1024 * 1024,
         "the server kept reading a client that reads nothing"
     );
-    // Slot held: a second client from the same address is turned away.
-    let mut second = RawClient::connect(server.address());
-    match second.next(Duration::from_secs(5)) {
-        Next::Reply(reply) => assert_eq!(reply.code, 421, "{reply:?}"),
-        other => panic!("expected 421 while the stuck client holds the slot, got {other:?}"),
+    let closed_already = matches!(
+        ended_by,
+        Some(std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset)
+    );
+    if closed_already {
+        // On a starved machine the writes can outlast the timeout and the flush grace:
+        // the server has already closed the stuck client, which must have been its
+        // timeout (not a crash or a limit).
+        assert!(
+            server.log().contains("session timed out"),
+            "the stuck client was closed without a timeout:\n{}",
+            server.log()
+        );
+    } else {
+        // Slot held: a second client from the same address is turned away.
+        let mut second = RawClient::connect(server.address());
+        match second.next(Duration::from_secs(5)) {
+            Next::Reply(reply) => assert_eq!(
+                reply.code, 421,
+                "{reply:?} (the stuck client's writes ended with {ended_by:?})"
+            ),
+            other => panic!("expected 421 while the stuck client holds the slot, got {other:?}"),
+        }
     }
     // Command timeout (1 s) + flush grace (10 s) + sweeps: the slot must come free.
     let started = Instant::now();

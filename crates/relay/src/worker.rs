@@ -36,6 +36,8 @@ pub(crate) struct WorkerContext {
 struct Cached {
     connection: UpstreamConnection,
     messages_sent: usize,
+    /// The host name it was opened for (the smarthost's, or the MX host's).
+    target: String,
 }
 
 /// Runs one worker until its channel closes.
@@ -48,7 +50,33 @@ pub(crate) fn run(
     loop {
         match jobs.pop_timeout(upstream.idle_timeout()) {
             Pop::Item(item) => {
-                let report = deliver(&upstream, &context, &mut cached, item);
+                // A bug in one delivery must not leave its job in flight forever: the
+                // recipients are deferred, the connection dropped, the worker goes on.
+                let job = item.job;
+                let meta = Arc::clone(&item.meta);
+                let recipients = item.recipients.clone();
+                let report = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    deliver(&upstream, &context, &mut cached, item)
+                })) {
+                    Ok(report) => report,
+                    Err(_) => {
+                        cached = None;
+                        tracing::error!(id = %meta.message.id, upstream = upstream.name(), "delivery panicked; the recipients are deferred");
+                        let item = WorkItem {
+                            job,
+                            meta,
+                            recipients,
+                        };
+                        report_all(
+                            &upstream,
+                            &item,
+                            Outcome::Deferred,
+                            "local error in the delivery thread",
+                            "4.3.0",
+                            None,
+                        )
+                    }
+                };
                 if context.reports.push(Input::Report(report)).is_err() {
                     break;
                 }
@@ -136,6 +164,29 @@ fn deliver(
             .iter()
             .map(|(_, address)| address.clone())
             .collect();
+        // A smarthost's open connection is used without resolving its name again: a
+        // name with rotating addresses (most large relays) would otherwise defeat reuse,
+        // and the lookup is a syscall or a DNS query per message.
+        if upstream.config.kind == UpstreamKind::Smtp
+            && let Some(host) = upstream.config.host.as_deref()
+            && let Some(outcomes) = send_on_cached(
+                upstream,
+                cached,
+                host,
+                Message {
+                    mail_from: &message.mail_from,
+                    recipients: &addresses,
+                    body_type: item.meta.body_type,
+                    smtputf8: item.meta.smtputf8,
+                    body: &body,
+                },
+            )
+        {
+            for ((recipient, _), outcome) in recipients.iter().zip(outcomes) {
+                results.push(recipient_report(*recipient, &outcome, host));
+            }
+            continue;
+        }
         let outcome = match targets(upstream, &domain) {
             Ok(targets) => send_to_first_reachable(
                 upstream,
@@ -223,6 +274,46 @@ fn targets(upstream: &Upstream, domain: &str) -> Result<Vec<Target>, GroupFailur
     }
 }
 
+/// Sends on the open connection if it was opened for `target` and may carry another
+/// message. `None` when there is none, or when it turned out to have been closed by the
+/// upstream before the content went out (nothing was delivered: the caller opens a new
+/// one).
+fn send_on_cached(
+    upstream: &Upstream,
+    cached: &mut Option<Cached>,
+    target: &str,
+    message: Message<'_>,
+) -> Option<Vec<RecipientOutcome>> {
+    let open = cached.as_mut().filter(|cached| {
+        cached.target == target
+            && cached.connection.is_usable()
+            && cached.messages_sent < upstream.config.max_messages_per_connection
+    })?;
+    match open.connection.send(message) {
+        Ok(result) => {
+            open.messages_sent += 1;
+            if !open.connection.is_usable() {
+                *cached = None;
+            }
+            let stale = !result.content_sent
+                && cached.is_none()
+                && result.outcomes.iter().all(|outcome| {
+                    matches!(
+                        outcome,
+                        RecipientOutcome::Deferred(Reason::Local(
+                            LocalFailure::ConnectionLost { .. }
+                        ))
+                    )
+                });
+            (!stale).then_some(result.outcomes)
+        }
+        Err(_) => {
+            *cached = None;
+            None
+        }
+    }
+}
+
 /// Opens (or reuses) a connection to the first target address that answers and sends
 /// the message there. Connection-level failures move on to the next address (RFC 5321
 /// §5.1: try the next MX); once a transaction has run, its outcomes stand.
@@ -251,6 +342,7 @@ fn send_to_first_reachable(
                             *cached = Some(Cached {
                                 connection,
                                 messages_sent: 0,
+                                target: target.name.clone(),
                             })
                         }
                         Err(error) => {
