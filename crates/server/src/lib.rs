@@ -11,6 +11,7 @@
 mod event_loop;
 pub mod session;
 pub mod sink;
+pub mod tls;
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
