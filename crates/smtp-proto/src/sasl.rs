@@ -208,6 +208,7 @@ pub struct Credentials {
 }
 
 impl Credentials {
+    /// The password, for the caller's check; see [`Password`].
     pub fn password(&self) -> &Password {
         &self.password
     }
@@ -985,8 +986,7 @@ mod tests {
             (b"PLAINX", Err(UnknownMechanism)),
             (b"PLAI", Err(UnknownMechanism)),
             (b"", Err(UnknownMechanism)),
-            // No Unicode case folding: a Kelvin sign is not a K, and no ASCII name
-            // matches non-ASCII bytes.
+            // ASCII case folding only: a dotted capital I is not an I.
             ("LOGİN".as_bytes(), Err(UnknownMechanism)),
         ];
         for (name, expected) in cases {
