@@ -9,6 +9,7 @@
 //! * [`data`]: the DATA receiver (dot-unstuffing, end only at `<CRLF>.<CRLF>`,
 //!   line-ending normalisation against SMTP smuggling).
 //! * [`bdat`]: the BDAT receiver (RFC 3030 CHUNKING).
+//! * [`sasl`]: the server side of AUTH (RFC 4954) with PLAIN (RFC 4616) and LOGIN.
 #![forbid(unsafe_code)]
 
 pub mod bdat;
@@ -17,6 +18,7 @@ mod content;
 pub mod data;
 pub mod line;
 pub mod reply;
+pub mod sasl;
 
 pub use bdat::{BdatReceiver, BdatStatus};
 pub use command::{
@@ -26,3 +28,7 @@ pub use command::{
 pub use data::{DataOutcome, DataReceiver, DataStatus};
 pub use line::{Line, LineError, next_line, skip_past_line_end};
 pub use reply::{EnhancedCode, Reply};
+pub use sasl::{
+    Credentials, Failure, Mechanism, Password, ServerExchange, Step, UnknownMechanism,
+    write_challenge,
+};
