@@ -1055,6 +1055,15 @@ upstream = "mx"
             TlsMode::Required
         );
         assert_eq!(config.routes.len(), 1);
+        assert_eq!(
+            config.auth.users_file.as_deref(),
+            Some(Path::new("/etc/tsubame/users.toml"))
+        );
+        let scanner = config.users.find("scanner-2f").unwrap();
+        assert_eq!(scanner.upstream.as_deref(), Some("relay"));
+        assert!(scanner.sender_allowed("anyone@sub.example.com"));
+        assert!(!scanner.sender_allowed("scanner@example.net"));
+        assert!(scanner.recipient_allowed("someone@example.com"));
     }
 
     #[test]
