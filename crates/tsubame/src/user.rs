@@ -67,8 +67,11 @@ fn users_file(args: &UserArgs) -> anyhow::Result<PathBuf> {
     if let Some(path) = &args.users_file {
         return Ok(path.clone());
     }
-    if let Some(config) = &args.config {
-        let config = tsubame_config::Config::load(config)?;
+    if let Some(path) = &args.config {
+        // Parse, not load: load reads the users file, which `user add` may be creating.
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let config = tsubame_config::Config::parse(&text, &path.display().to_string())?;
         return config.auth.users_file.with_context(|| {
             "the configuration has no [auth] users_file; give --users-file".to_string()
         });

@@ -165,3 +165,42 @@ fn add_refuses_bad_input_and_leaves_the_file_alone() {
     assert!(said.contains("--password-stdin"), "{said}");
     assert_eq!(std::fs::read_to_string(&file).unwrap(), before);
 }
+
+/// With --config, the file is the configuration's `[auth] users_file`, which need not
+/// exist yet; `list --config` then shows the configuration's users and the file's.
+#[test]
+fn add_and_list_through_the_configuration() {
+    let directory = tempfile::tempdir().unwrap();
+    let users = directory.path().join("users.toml");
+    let config = directory.path().join("tsubame.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[[listener]]\naddress = \"127.0.0.1:2525\"\n[auth]\nusers_file = \"{}\"\n",
+            users.display()
+        ),
+    )
+    .unwrap();
+    let config = config.to_str().unwrap();
+    let output = tsubame(
+        &["user", "add", "dev", "--config", config, "--password-stdin"],
+        b"pass\n",
+    );
+    assert!(output.status.success(), "{}", text_of(&output));
+    assert!(
+        load_users_file(&users)
+            .unwrap()
+            .verify("dev", b"pass")
+            .is_ok()
+    );
+    let output = tsubame(&["user", "list", "--config", config], b"");
+    let listed = text_of(&output);
+    assert!(output.status.success(), "{listed}");
+    assert!(listed.contains("dev  senders: any"), "{listed}");
+    let output = tsubame(&["check-config", config], b"");
+    let checked = text_of(&output);
+    assert!(
+        checked.contains("1 device account(s) for AUTH (users file"),
+        "{checked}"
+    );
+}
