@@ -6,6 +6,7 @@
 #![forbid(unsafe_code)]
 
 pub mod delivery;
+pub mod users;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -17,6 +18,7 @@ pub use delivery::{
     BUILTIN_MX_UPSTREAM, DeliveryConfig, RouteConfig, Secret, TlsMode, UpstreamConfig,
     UpstreamKind, domain_matches, parse_upstream_url,
 };
+pub use users::{PasswordHashText, SenderPattern, User, Users, VerifyError};
 
 /// The configuration the relay starts on when no file is given: listen on
 /// 127.0.0.1:2525, spool in `./spool`, relay for loopback clients only.
@@ -45,6 +47,23 @@ pub struct Config {
     /// Tried in order; the first match names the upstream.
     #[serde(default, rename = "route")]
     pub routes: Vec<RouteConfig>,
+    #[serde(default)]
+    pub auth: AuthConfig,
+    /// Device accounts for SMTP AUTH: this file's `[[user]]` entries and, after
+    /// [`Config::load`], those of `auth.users_file` after them.
+    #[serde(default, rename = "user")]
+    pub users: Users,
+}
+
+/// `[auth]`: where device accounts come from besides the `[[user]]` entries here.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthConfig {
+    /// A file of `[[user]]` entries (what `tsubame user add` edits), read by
+    /// [`Config::load`]. A relative path is taken from the working directory, like the
+    /// spool directory. Keep it mode 0600.
+    #[serde(default)]
+    pub users_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
@@ -225,42 +244,67 @@ impl Config {
     }
 
     /// Reads and validates a configuration file.
+    /// Reads and validates a configuration file, and the users file it names.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        Self::parse(&text, &path.display().to_string())
+        let text = read_text(path)?;
+        let mut config = Self::parse(&text, &path.display().to_string())?;
+        if let Some(users_path) = config.auth.users_file.clone() {
+            let text = read_text(&users_path)?;
+            let origin = users_path.display().to_string();
+            let users = parse_users_text(&text, &origin)?;
+            let known = |name: &str| config.upstream(name).is_some();
+            let mut check = users::check_upstreams(&users, known);
+            if check.is_ok() {
+                check = users.iter().enumerate().try_for_each(|(index, user)| {
+                    match config.users.find(&user.name) {
+                        Some(_) => Err((
+                            Place::Entry {
+                                table: "user",
+                                index,
+                                key: "name",
+                            },
+                            format!("user {:?} is also defined in {}", user.name, path.display()),
+                        )),
+                        None => Ok(()),
+                    }
+                });
+            }
+            check.map_err(|(place, message)| invalid_at(&text, &origin, place, message))?;
+            config.users.push_all(users);
+            config
+                .users
+                .check()
+                .map_err(|(_, message)| invalid_at(&text, &origin, Place::Key("user"), message))?;
+        }
+        Ok(config)
     }
 
     /// Parses and validates configuration text; `origin` names it in errors.
+    /// Does no I/O: `auth.users_file` is read by [`Config::load`] only.
     pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
-        let config: Config = toml::from_str(text).map_err(|error| {
-            let (line, column) = error
-                .span()
-                .map(|span| line_and_column(text, span.start))
-                .unwrap_or((1, 1));
-            ConfigError::Invalid {
-                origin: origin.to_string(),
-                line,
-                column,
-                message: error.message().to_string(),
-            }
-        })?;
+        let config: Config = from_toml(text, origin)?;
         config
             .validate()
             .map_err(|(key, message)| (Place::Key(key), message))
             .and_then(|()| config.validate_delivery())
-            .map_err(|(place, message)| {
-                let (line, column) = place.locate(text);
-                ConfigError::Invalid {
-                    origin: origin.to_string(),
-                    line,
-                    column,
-                    message,
-                }
-            })?;
+            .and_then(|()| config.validate_users())
+            .map_err(|(place, message)| invalid_at(text, origin, place, message))?;
         Ok(config)
+    }
+
+    /// Checks the `[[user]]` entries of this file: unique names, known upstreams.
+    fn validate_users(&self) -> Result<(), (Place, String)> {
+        self.users.check().map_err(|(index, message)| {
+            (
+                Place::Entry {
+                    table: "user",
+                    index,
+                    key: "name",
+                },
+                message,
+            )
+        })?;
+        users::check_upstreams(&self.users, |name| self.upstream(name).is_some())
     }
 
     /// Checks a configuration changed after loading (command-line overrides) again.
@@ -268,6 +312,7 @@ impl Config {
         self.validate()
             .map_err(|(_, message)| message)
             .and_then(|()| self.validate_delivery().map_err(|(_, message)| message))
+            .and_then(|()| self.validate_users().map_err(|(_, message)| message))
     }
 
     /// Checks what types alone cannot. Returns the offending key and a message.
@@ -599,6 +644,16 @@ impl Config {
             "retries {retry}; bounce after {} s in the queue\n",
             delivery.max_age_secs
         ));
+        if !self.users.is_empty() || self.auth.users_file.is_some() {
+            let from = match &self.auth.users_file {
+                Some(path) => format!(" (users file {})", path.display()),
+                None => String::new(),
+            };
+            out.push_str(&format!(
+                "{} device account(s) for AUTH{from}\n",
+                self.users.len()
+            ));
+        }
         let limits = &self.limits;
         out.push_str(&format!(
             "limits: message {} bytes, {} recipients, {} connections ({} per IP)\n",
@@ -609,6 +664,60 @@ impl Config {
         ));
         out
     }
+}
+
+fn read_text(path: &Path) -> Result<String, ConfigError> {
+    std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// Deserializes TOML; a syntax or type error names its line and column.
+fn from_toml<T: serde::de::DeserializeOwned>(text: &str, origin: &str) -> Result<T, ConfigError> {
+    toml::from_str(text).map_err(|error| {
+        let (line, column) = error
+            .span()
+            .map(|span| line_and_column(text, span.start))
+            .unwrap_or((1, 1));
+        ConfigError::Invalid {
+            origin: origin.to_string(),
+            line,
+            column,
+            message: error.message().to_string(),
+        }
+    })
+}
+
+fn invalid_at(text: &str, origin: &str, place: Place, message: String) -> ConfigError {
+    let (line, column) = place.locate(text);
+    ConfigError::Invalid {
+        origin: origin.to_string(),
+        line,
+        column,
+        message,
+    }
+}
+
+/// Reads a users file (`[[user]]` entries only) on its own, checking everything but
+/// the upstream names, which only the configuration knows: for `tsubame user` without
+/// a configuration.
+pub fn load_users_file(path: &Path) -> Result<Users, ConfigError> {
+    parse_users_text(&read_text(path)?, &path.display().to_string())
+}
+
+/// Parses users-file text; `origin` names it in errors. Upstream names are not checked.
+pub fn parse_users_text(text: &str, origin: &str) -> Result<Users, ConfigError> {
+    let file: users::UsersFile = from_toml(text, origin)?;
+    file.users.check().map_err(|(index, message)| {
+        let place = Place::Entry {
+            table: "user",
+            index,
+            key: "name",
+        };
+        invalid_at(text, origin, place, message)
+    })?;
+    Ok(file.users)
 }
 
 /// A light check of a log filter: directives separated by commas, each `level` or
@@ -946,6 +1055,15 @@ upstream = "mx"
             TlsMode::Required
         );
         assert_eq!(config.routes.len(), 1);
+        assert_eq!(
+            config.auth.users_file.as_deref(),
+            Some(Path::new("/etc/tsubame/users.toml"))
+        );
+        let scanner = config.users.find("scanner-2f").unwrap();
+        assert_eq!(scanner.upstream.as_deref(), Some("relay"));
+        assert!(scanner.sender_allowed("anyone@sub.example.com"));
+        assert!(!scanner.sender_allowed("scanner@example.net"));
+        assert!(scanner.recipient_allowed("someone@example.com"));
     }
 
     #[test]

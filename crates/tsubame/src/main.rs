@@ -7,6 +7,7 @@ mod inspect;
 mod queue;
 mod serve;
 mod sink;
+mod user;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -33,7 +34,8 @@ use clap::{Parser, Subcommand};
         tsubame queue list --spool ./spool\n  \
         tsubame spool inspect --spool ./spool --json\n  \
         tsubame sink --listen 127.0.0.1:2526 --tempfail-rate 0.05\n  \
-        tsubame bench --target 127.0.0.1:2525 -n 20000 -s 1024 -c 50\n\n\
+        tsubame bench --target 127.0.0.1:2525 -n 20000 -s 1024 -c 50\n  \
+        tsubame user add printer --users-file /etc/tsubame/users.toml\n\n\
         Every message is synced to the spool before the client hears 250."
 )]
 struct Cli {
@@ -63,6 +65,9 @@ enum Command {
     /// Look at and act on a running server's delivery queue (list, show, flush,
     /// delete), through the control socket in its spool directory.
     Queue(queue::QueueArgs),
+    /// Device accounts for SMTP AUTH: add a user or set a new password (argon2id hash
+    /// in the users file), or list users and their restrictions.
+    User(user::UserArgs),
     /// Look at a spool offline.
     Spool {
         #[command(subcommand)]
@@ -88,6 +93,7 @@ fn main() -> ExitCode {
         Command::Sink(args) => sink::run(args),
         Command::Bench(args) => bench::run(args),
         Command::Queue(args) => queue::run(args),
+        Command::User(args) => user::run(args),
         Command::Spool {
             command: SpoolCommand::Inspect(args),
         } => inspect::run(args),
