@@ -279,7 +279,7 @@ impl Limiter {
         for (rule, ring) in rules.iter().zip(rings.iter_mut()) {
             ring.advance(now.unix_ms / rule.window.slot_ms());
         }
-        refusal(rules, rings, recipients, now)?;
+        refusal(rules, rings.iter().copied(), recipients, now)?;
         for (rule, ring) in rules.iter().zip(rings.iter_mut()) {
             ring.add(rule.amount(recipients));
         }
@@ -301,14 +301,25 @@ impl Limiter {
             return Ok(());
         }
         let now = now.max(self.latest);
-        let mut rings = match self.keys.peek(key) {
-            Some(rings) => rings.clone(),
-            None => fresh_rings(&self.rules, now),
+        let Some(rings) = self.keys.peek(key) else {
+            // An untracked key has nothing counted: only a transaction too large for a
+            // limit is refused.
+            return refusal(
+                &self.rules,
+                self.rules
+                    .iter()
+                    .map(|rule| Ring::new(now.unix_ms / rule.window.slot_ms())),
+                recipients,
+                now,
+            );
         };
-        for (rule, ring) in self.rules.iter().zip(rings.iter_mut()) {
+        // Advanced copies on the stack: a pure check allocates nothing.
+        let advanced = self.rules.iter().zip(rings.iter()).map(|(rule, ring)| {
+            let mut ring = *ring;
             ring.advance(now.unix_ms / rule.window.slot_ms());
-        }
-        refusal(&self.rules, &rings, recipients, now)
+            ring
+        });
+        refusal(&self.rules, advanced, recipients, now)
     }
 
     /// Forgets up to `max_entries` least recently used keys that have nothing counted in
@@ -381,12 +392,12 @@ fn fresh_rings(rules: &[Rule], now: Timestamp) -> Box<[Ring]> {
 /// when every limit admits it.
 fn refusal(
     rules: &[Rule],
-    rings: &[Ring],
+    rings: impl Iterator<Item = Ring>,
     recipients: u32,
     now: Timestamp,
 ) -> Result<(), Exceeded> {
     let mut worst: Option<(Option<u64>, Exceeded)> = None;
-    for (rule, ring) in rules.iter().zip(rings.iter()) {
+    for (rule, ring) in rules.iter().zip(rings) {
         let amount = rule.amount(recipients);
         if ring.total() + u64::from(amount) <= u64::from(rule.limit) {
             continue;
