@@ -45,8 +45,8 @@ pub use login::{
 
 /// Upper bound on any table's configured number of keys: 1,000,000. With the largest
 /// per-key size (a [`Limiter`] key with all six limits and a user name of
-/// [`MAX_USER_NAME_BYTES`]) that is under 1 GiB, which is the most a relay on a small
-/// machine should ever spend on this; the defaults are a tenth of it.
+/// [`MAX_USER_NAME_BYTES`], about 1.2 KB estimated) that is about 1.2 GB, the most a
+/// relay should ever spend on this; the defaults are a tenth of it.
 pub const MAX_TRACKED_KEYS: usize = 1_000_000;
 
 /// A point in time, milliseconds since the Unix epoch, as passed in by the caller.

@@ -36,9 +36,9 @@ pub const SLOTS_PER_WINDOW: usize = 21;
 const SLOTS_IN_WINDOW: u64 = SLOTS_PER_WINDOW as u64 - 1;
 
 /// Default maximum number of keys a [`Limiter`] tracks: 100,000, several times the
-/// distinct senders a single relay sees in a day. At most about 600 bytes each with all
-/// six limits configured and short keys (see [`Limiter`]), so about 60 MB when full;
-/// usually one or two limits are set, about 200 bytes each.
+/// distinct senders a single relay sees in a day. About 700 bytes each (estimated, not
+/// measured) with all six limits configured and address keys (see [`Limiter`]), so about
+/// 70 MB when full; usually one or two limits are set, about 200-300 bytes each.
 pub const DEFAULT_LIMITER_MAX_KEYS: usize = 100_000;
 
 /// The length of a rate limit's window.
