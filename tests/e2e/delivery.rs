@@ -913,3 +913,41 @@ fn credentials_never_go_to_an_unverified_server_even_with_opportunistic_tls() {
     );
     server.stop();
 }
+
+#[test]
+fn recipients_beyond_max_recipients_per_transaction_go_in_another_transaction() {
+    let _limit = hard_limit(Duration::from_secs(90));
+    let upstream = Aiosmtpd::start(&[]);
+    let config = upstream_config(upstream.port(), "max_recipients_per_transaction = 2\n");
+    let server = Server::start(&ServerOptions::new().deliver().config(&config));
+    let content = message(
+        "split-transactions",
+        "three recipients, two per transaction\n",
+    );
+    send(
+        &server,
+        "sender@example.com",
+        &["a@example.net", "b@example.net", "c@example.net"],
+        &content,
+    );
+    let received = upstream.wait_for(2, DELIVERY_TIMEOUT);
+    let mut sizes: Vec<usize> = received
+        .iter()
+        .map(|message| message.recipients().len())
+        .collect();
+    sizes.sort_unstable();
+    assert_eq!(sizes, vec![1, 2], "{received:?}");
+    let mut everyone: Vec<String> = received
+        .iter()
+        .flat_map(|message| message.recipients())
+        .collect();
+    everyone.sort();
+    assert_eq!(
+        everyone,
+        vec!["a@example.net", "b@example.net", "c@example.net"]
+    );
+    for message in &received {
+        tsubame_tests::assert_bytes_eq(&message.content, &content, "content of each part");
+    }
+    server.stop();
+}
