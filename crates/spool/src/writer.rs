@@ -46,6 +46,13 @@ pub const MAX_SEGMENT_SIZE_BYTES: u64 = format::MAX_SEGMENT_FILE_SIZE_BYTES / 2;
 /// and `msync` ranges never reach past the file.
 const SEGMENT_SIZE_GRANULE_BYTES: u64 = 4096;
 
+/// How long the committer lets appends gather before a sync when the previous sync
+/// ended less than `COMMIT_BUSY_WINDOW` ago (a busy relay). Measured end to end against
+/// no gathering, same run: 7–10 % less CPU per message at 1 and 10 KiB, throughput up;
+/// 400 µs did better than 150 µs. An idle relay syncs at once, as before.
+const COMMIT_GATHER: Duration = Duration::from_micros(400);
+const COMMIT_BUSY_WINDOW: Duration = Duration::from_millis(1);
+
 /// How long the committer waits before it tries to pre-create a spare segment again after
 /// a failure (usually a full disk), so it does not retry on every commit.
 const SPARE_RETRY_INTERVAL: Duration = Duration::from_secs(1);
@@ -635,6 +642,7 @@ struct CommitBatch {
 
 fn run_committer(shared: Arc<Shared>) {
     let mut durable_sequence = 0u64;
+    let mut last_sync_end: Option<Instant> = None;
     loop {
         let batch = {
             let mut state = shared.lock_state();
@@ -648,6 +656,14 @@ fn run_committer(shared: Arc<Shared>) {
                     .wait(state)
                     .unwrap_or_else(PoisonError::into_inner);
                 state.committer_waiting = false;
+            }
+            // Under load (the last sync ended moments ago), let a few more appends join
+            // this sync: fewer msyncs, each write-protecting and flushing more at once.
+            let busy = last_sync_end.is_some_and(|end| end.elapsed() < COMMIT_BUSY_WINDOW);
+            if busy && !state.shut_down {
+                drop(state);
+                std::thread::sleep(COMMIT_GATHER);
+                state = shared.lock_state();
             }
             let spare_number = if state.spare_wanted && !state.shut_down {
                 state.spare_creation_running = true;
@@ -665,6 +681,7 @@ fn run_committer(shared: Arc<Shared>) {
         };
         if batch.through_sequence > durable_sequence {
             let result = sync_ranges(&shared, &batch.ranges);
+            last_sync_end = Some(Instant::now());
             if result.is_err() {
                 shared.seal_poisoned_active();
             }
