@@ -101,7 +101,7 @@ impl AuthExchange {
         message.push(0);
         message.extend_from_slice(password.expose().as_bytes());
         let mut line = b"AUTH PLAIN ".to_vec();
-        base64_encode(&message, &mut line);
+        tsubame_smtp_proto::sasl::encode_base64(&message, &mut line);
         line.extend_from_slice(b"\r\n");
         Ok((
             Self {
@@ -147,34 +147,9 @@ impl AuthExchange {
 
 fn encoded_line(bytes: &[u8]) -> SecretBytes {
     let mut line = Vec::with_capacity(bytes.len().div_ceil(3) * 4 + 2);
-    base64_encode(bytes, &mut line);
+    tsubame_smtp_proto::sasl::encode_base64(bytes, &mut line);
     line.extend_from_slice(b"\r\n");
     SecretBytes(line)
-}
-
-/// Standard base64 with padding (RFC 4648 §4), appended to `out`.
-fn base64_encode(input: &[u8], out: &mut Vec<u8>) {
-    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    // The mask keeps the index below 64, the alphabet's length.
-    let symbol = |index: u32| ALPHABET[(index & 0x3f) as usize];
-    for chunk in input.chunks(3) {
-        let [first, second, third] = match *chunk {
-            [a] => [a, 0, 0],
-            [a, b] => [a, b, 0],
-            [a, b, c] => [a, b, c],
-            // `chunks(3)` yields one to three bytes.
-            _ => continue,
-        };
-        let group = u32::from(first) << 16 | u32::from(second) << 8 | u32::from(third);
-        out.push(symbol(group >> 18));
-        out.push(symbol(group >> 12));
-        out.push(if chunk.len() > 1 {
-            symbol(group >> 6)
-        } else {
-            b'='
-        });
-        out.push(if chunk.len() > 2 { symbol(group) } else { b'=' });
-    }
 }
 
 #[cfg(test)]
@@ -185,25 +160,6 @@ mod tests {
 
     fn reply(text: &str) -> Reply {
         parse_reply(text.as_bytes()).unwrap().unwrap().0
-    }
-
-    #[test]
-    fn base64_rfc4648_vectors() {
-        // RFC 4648 §10.
-        let cases = [
-            ("", ""),
-            ("f", "Zg=="),
-            ("fo", "Zm8="),
-            ("foo", "Zm9v"),
-            ("foob", "Zm9vYg=="),
-            ("fooba", "Zm9vYmE="),
-            ("foobar", "Zm9vYmFy"),
-        ];
-        for (input, expected) in cases {
-            let mut out = Vec::new();
-            base64_encode(input.as_bytes(), &mut out);
-            assert_eq!(out, expected.as_bytes(), "{input:?}");
-        }
     }
 
     #[test]
@@ -271,7 +227,7 @@ mod tests {
         let (exchange, line) = AuthExchange::login("user", Secret::new(password));
         let (plain, plain_line) = AuthExchange::plain("user", &Secret::new(password)).unwrap();
         let mut encoded = Vec::new();
-        base64_encode(password.as_bytes(), &mut encoded);
+        tsubame_smtp_proto::sasl::encode_base64(password.as_bytes(), &mut encoded);
         let encoded = String::from_utf8(encoded).unwrap();
         for debug in [
             format!("{:?}", Secret::new(password)),

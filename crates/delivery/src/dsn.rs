@@ -290,13 +290,16 @@ pub fn rfc5322_date(unix_ms: u64) -> String {
     )
 }
 
-/// A proleptic Gregorian calendar date.
+/// A proleptic Gregorian calendar date in UTC. The one calendar conversion of the
+/// workspace: bounces' Date fields and `tsubame spool inspect`'s timestamps use it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct CivilDate {
-    year: u64,
-    month_name: &'static str,
+pub struct CivilDate {
+    pub year: u64,
+    /// 1..=12.
+    pub month: u64,
+    pub month_name: &'static str,
     /// 1..=31.
-    day: u64,
+    pub day: u64,
 }
 
 impl CivilDate {
@@ -307,7 +310,7 @@ impl CivilDate {
     /// describes in "chrono-Compatible Low-Level Date Algorithms" (civil_from_days),
     /// restricted to dates after the epoch so everything stays unsigned. No overflow:
     /// `u64::MAX` milliseconds is about 2.1e11 days.
-    fn from_days_since_epoch(days: u64) -> CivilDate {
+    pub fn from_days_since_epoch(days: u64) -> CivilDate {
         let days_since_march_0000 = days + DAYS_FROM_MARCH_0000_TO_EPOCH;
         let cycle = days_since_march_0000 / DAYS_PER_400_YEARS;
         // 0..=146_096
@@ -329,6 +332,11 @@ impl CivilDate {
         let year = cycle * 400 + year_of_cycle + u64::from(month_from_march >= 10);
         CivilDate {
             year,
+            month: if month_from_march < 10 {
+                month_from_march + 3
+            } else {
+                month_from_march - 9
+            },
             month_name: MONTH_NAMES_FROM_MARCH[month_from_march as usize],
             day,
         }

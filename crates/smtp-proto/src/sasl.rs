@@ -466,6 +466,32 @@ impl Base64Error {
     }
 }
 
+/// Standard base64 with padding (RFC 4648 §4), appended to `out`: what the SMTP
+/// client sends in AUTH, and the inverse of [`decode_base64`].
+pub fn encode_base64(input: &[u8], out: &mut Vec<u8>) {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    // The mask keeps the index below 64, the alphabet's length.
+    let symbol = |index: u32| ALPHABET[(index & 0x3f) as usize];
+    for chunk in input.chunks(3) {
+        let [first, second, third] = match *chunk {
+            [a] => [a, 0, 0],
+            [a, b] => [a, b, 0],
+            [a, b, c] => [a, b, c],
+            // `chunks(3)` yields one to three bytes.
+            _ => continue,
+        };
+        let group = u32::from(first) << 16 | u32::from(second) << 8 | u32::from(third);
+        out.push(symbol(group >> 18));
+        out.push(symbol(group >> 12));
+        out.push(if chunk.len() > 1 {
+            symbol(group >> 6)
+        } else {
+            b'='
+        });
+        out.push(if chunk.len() > 2 { symbol(group) } else { b'=' });
+    }
+}
+
 /// Decodes strict base64: RFC 4648 §4's standard alphabet, padding required, no
 /// whitespace or line breaks, and zero pad bits (§3.5), so that every byte string has
 /// exactly one accepted encoding. The empty input decodes to nothing.
@@ -933,6 +959,25 @@ mod tests {
             vec![USERNAME, PASSWORD_PROMPT, Seen::Failed(Failure::TooLong)]
         );
         assert_eq!(decode_base64(&over), Err(Base64Error::TooLong));
+    }
+
+    #[test]
+    fn base64_rfc4648_vectors() {
+        // RFC 4648 §10.
+        let cases = [
+            ("", ""),
+            ("f", "Zg=="),
+            ("fo", "Zm8="),
+            ("foo", "Zm9v"),
+            ("foob", "Zm9vYg=="),
+            ("fooba", "Zm9vYmE="),
+            ("foobar", "Zm9vYmFy"),
+        ];
+        for (input, expected) in cases {
+            let mut out = Vec::new();
+            encode_base64(input.as_bytes(), &mut out);
+            assert_eq!(out, expected.as_bytes(), "{input:?}");
+        }
     }
 
     #[test]

@@ -226,25 +226,15 @@ fn write_table(out: &mut impl Write, report: &ScanReport) -> std::io::Result<()>
 /// `2026-11-26T06:30:37.123Z`, computed without a date library (proleptic Gregorian,
 /// the days-to-civil algorithm).
 pub(crate) fn format_unix_ms(unix_ms: u64) -> String {
+    const SECONDS_PER_DAY: u64 = 86_400;
     let seconds = unix_ms / 1000;
-    let days = (seconds / 86_400) as i64;
-    let second_of_day = seconds % 86_400;
-    let shifted = days + 719_468;
-    let era = shifted.div_euclid(146_097);
-    let day_of_era = shifted.rem_euclid(146_097);
-    let year_of_era =
-        (day_of_era - day_of_era / 1460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
-    let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
-    let month_index = (5 * day_of_year + 2) / 153;
-    let day = day_of_year - (153 * month_index + 2) / 5 + 1;
-    let month = if month_index < 10 {
-        month_index + 3
-    } else {
-        month_index - 9
-    };
-    let year = year_of_era + era * 400 + i64::from(month <= 2);
+    let second_of_day = seconds % SECONDS_PER_DAY;
+    let date = tsubame_delivery::dsn::CivilDate::from_days_since_epoch(seconds / SECONDS_PER_DAY);
     format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
+        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:03}Z",
+        date.year,
+        date.month,
+        date.day,
         second_of_day / 3600,
         second_of_day / 60 % 60,
         second_of_day % 60,
