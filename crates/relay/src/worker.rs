@@ -73,7 +73,6 @@ pub(crate) fn run(
                             Outcome::Deferred,
                             "local error in the delivery thread",
                             "4.3.0",
-                            None,
                         )
                     }
                 };
@@ -117,7 +116,6 @@ fn deliver(
                 Outcome::Deferred,
                 &format!("local error reading the spool: {error}"),
                 "4.3.0",
-                None,
             );
         }
     };
@@ -131,19 +129,16 @@ fn deliver(
             Outcome::Failed,
             "the sender address cannot be sent in a MAIL command",
             "5.1.7",
-            None,
         );
     }
     // Recipients per destination: one group for a smarthost, one per domain for MX.
-    let mut groups: BTreeMap<String, Vec<(tsubame_queue::RecipientIndex, String)>> =
-        BTreeMap::new();
+    let mut groups: BTreeMap<String, Vec<tsubame_queue::RecipientIndex>> = BTreeMap::new();
     for &(recipient, _attempt) in &item.recipients {
         let address = message
             .recipients
             .get(recipient.0 as usize)
-            .cloned()
-            .unwrap_or_default();
-        if !tsubame_delivery::client::valid_address(&address, false) {
+            .map_or("", String::as_str);
+        if !tsubame_delivery::client::valid_address(address, false) {
             results.push(RecipientReport {
                 recipient,
                 outcome: Outcome::Failed,
@@ -155,61 +150,57 @@ fn deliver(
         }
         let key = match upstream.config.kind {
             UpstreamKind::Smtp => String::new(),
-            UpstreamKind::Mx => domain_of(&address).unwrap_or("").to_ascii_lowercase(),
+            UpstreamKind::Mx => domain_of(address).unwrap_or("").to_ascii_lowercase(),
         };
-        groups.entry(key).or_default().push((recipient, address));
+        groups.entry(key).or_default().push(recipient);
     }
     for (domain, recipients) in groups {
-        let addresses: Vec<String> = recipients
-            .iter()
-            .map(|(_, address)| address.clone())
-            .collect();
+        // The common case, one job for all of a message's recipients in order, borrows
+        // the message's own list; otherwise the group's addresses are copied once.
+        let whole = recipients.len() == message.recipients.len()
+            && recipients
+                .iter()
+                .enumerate()
+                .all(|(position, recipient)| recipient.0 as usize == position);
+        let copied: Vec<String>;
+        let addresses: &[String] = if whole {
+            &message.recipients
+        } else {
+            copied = recipients
+                .iter()
+                .filter_map(|recipient| message.recipients.get(recipient.0 as usize).cloned())
+                .collect();
+            &copied
+        };
+        let outgoing = Message {
+            mail_from: &message.mail_from,
+            recipients: addresses,
+            body_type: item.meta.body_type,
+            smtputf8: item.meta.smtputf8,
+            body: &body,
+        };
         // A smarthost's open connection is used without resolving its name again: a
         // name with rotating addresses (most large relays) would otherwise defeat reuse,
         // and the lookup is a syscall or a DNS query per message.
         if upstream.config.kind == UpstreamKind::Smtp
             && let Some(host) = upstream.config.host.as_deref()
-            && let Some(outcomes) = send_on_cached(
-                upstream,
-                cached,
-                host,
-                Message {
-                    mail_from: &message.mail_from,
-                    recipients: &addresses,
-                    body_type: item.meta.body_type,
-                    smtputf8: item.meta.smtputf8,
-                    body: &body,
-                },
-            )
+            && let Some(outcomes) = send_on_cached(upstream, cached, host, outgoing)
         {
-            for ((recipient, _), outcome) in recipients.iter().zip(outcomes) {
+            for (recipient, outcome) in recipients.iter().zip(outcomes) {
                 results.push(recipient_report(*recipient, &outcome, host));
             }
             continue;
         }
-        let outcome = match targets(upstream, &domain) {
-            Ok(targets) => send_to_first_reachable(
-                upstream,
-                cached,
-                &targets,
-                Message {
-                    mail_from: &message.mail_from,
-                    recipients: &addresses,
-                    body_type: item.meta.body_type,
-                    smtputf8: item.meta.smtputf8,
-                    body: &body,
-                },
-            ),
-            Err(failure) => Err(failure),
-        };
+        let outcome = targets(upstream, &domain)
+            .and_then(|targets| send_to_first_reachable(upstream, cached, &targets, outgoing));
         match outcome {
             Ok((remote, result)) => {
-                for ((recipient, _), outcome) in recipients.iter().zip(result) {
+                for (recipient, outcome) in recipients.iter().zip(result) {
                     results.push(recipient_report(*recipient, &outcome, &remote));
                 }
             }
             Err(failure) => {
-                for (recipient, _) in &recipients {
+                for recipient in &recipients {
                     results.push(RecipientReport {
                         recipient: *recipient,
                         outcome: failure.outcome,
@@ -274,28 +265,36 @@ fn targets(upstream: &Upstream, domain: &str) -> Result<Vec<Target>, GroupFailur
     }
 }
 
-/// Sends on the open connection if it was opened for `target` and may carry another
-/// message. `None` when there is none, or when it turned out to have been closed by the
-/// upstream before the content went out (nothing was delivered: the caller opens a new
-/// one).
-fn send_on_cached(
-    upstream: &Upstream,
-    cached: &mut Option<Cached>,
-    target: &str,
-    message: Message<'_>,
-) -> Option<Vec<RecipientOutcome>> {
-    let open = cached.as_mut().filter(|cached| {
-        cached.target == target
-            && cached.connection.is_usable()
-            && cached.messages_sent < upstream.config.max_messages_per_connection
-    })?;
+/// Tries per address: a reused connection that turns out to have been closed by the
+/// upstream meanwhile (idle timeout, restart) fails before the content goes out, and then
+/// one fresh connection gets the message at once.
+const TRIES_PER_ADDRESS: usize = 2;
+
+/// What one send on the open connection came to.
+enum Sent {
+    /// The transaction ran; its outcomes stand.
+    Outcomes(Vec<RecipientOutcome>),
+    /// A reused connection had been closed by the upstream before the content went out:
+    /// nothing was delivered; the connection is dropped and a new one may be tried.
+    Stale,
+    /// Nothing was sent (the connection was unusable, or the envelope is invalid).
+    Refused(DeliveryError),
+}
+
+/// Sends `message` on the open connection in `cached` (which must be `Some`).
+fn send_on_open(cached: &mut Option<Cached>, message: Message<'_>) -> Sent {
+    let Some(open) = cached.as_mut() else {
+        return Sent::Stale;
+    };
+    let reused = open.messages_sent > 0;
     match open.connection.send(message) {
         Ok(result) => {
             open.messages_sent += 1;
             if !open.connection.is_usable() {
                 *cached = None;
             }
-            let stale = !result.content_sent
+            let stale = reused
+                && !result.content_sent
                 && cached.is_none()
                 && result.outcomes.iter().all(|outcome| {
                     matches!(
@@ -305,12 +304,47 @@ fn send_on_cached(
                         ))
                     )
                 });
-            (!stale).then_some(result.outcomes)
+            if stale {
+                Sent::Stale
+            } else {
+                Sent::Outcomes(result.outcomes)
+            }
         }
-        Err(_) => {
+        Err(error) => {
             *cached = None;
-            None
+            Sent::Refused(error)
         }
+    }
+}
+
+/// May the open connection carry another message to `matches`' destination?
+fn reusable(
+    upstream: &Upstream,
+    cached: &Option<Cached>,
+    matches: impl Fn(&Cached) -> bool,
+) -> bool {
+    cached.as_ref().is_some_and(|cached| {
+        matches(cached)
+            && cached.connection.is_usable()
+            && cached.messages_sent < upstream.config.max_messages_per_connection
+    })
+}
+
+/// Sends on the open connection if it was opened for `target` and may carry another
+/// message. `None` when there is none, or when it turned out stale or refused the
+/// message (the caller then opens a new one, which reports any refusal).
+fn send_on_cached(
+    upstream: &Upstream,
+    cached: &mut Option<Cached>,
+    target: &str,
+    message: Message<'_>,
+) -> Option<Vec<RecipientOutcome>> {
+    if !reusable(upstream, cached, |cached| cached.target == target) {
+        return None;
+    }
+    match send_on_open(cached, message) {
+        Sent::Outcomes(outcomes) => Some(outcomes),
+        Sent::Stale | Sent::Refused(_) => None,
     }
 }
 
@@ -326,16 +360,10 @@ fn send_to_first_reachable(
     let mut last_error: Option<DeliveryError> = None;
     for target in targets {
         for &address in &target.addresses {
-            // At most two tries per address: a reused connection that turns out to have
-            // been closed by the upstream meanwhile (idle timeout, restart) fails before
-            // the content goes out, and then a fresh connection gets the message at once.
-            for _ in 0..2 {
-                let reusable = cached.as_ref().is_some_and(|cached| {
+            for _ in 0..TRIES_PER_ADDRESS {
+                if !reusable(upstream, cached, |cached| {
                     cached.connection.address() == address
-                        && cached.connection.is_usable()
-                        && cached.messages_sent < upstream.config.max_messages_per_connection
-                });
-                if !reusable {
+                }) {
                     close(cached);
                     match crate::connect::open(upstream, &target.name, address) {
                         Ok(connection) => {
@@ -352,47 +380,19 @@ fn send_to_first_reachable(
                         }
                     }
                 }
-                let Some(open) = cached.as_mut() else {
-                    break;
-                };
-                let reused = open.messages_sent > 0;
-                match open.connection.send(message) {
-                    Ok(result) => {
-                        open.messages_sent += 1;
-                        if !open.connection.is_usable() {
-                            *cached = None;
-                        }
-                        let stale = reused
-                            && !result.content_sent
-                            && cached.is_none()
-                            && result.outcomes.iter().all(|outcome| {
-                                matches!(
-                                    outcome,
-                                    RecipientOutcome::Deferred(Reason::Local(
-                                        LocalFailure::ConnectionLost { .. }
-                                    ))
-                                )
-                            });
-                        if stale {
-                            tracing::debug!(upstream = upstream.name(), %address, "reused connection had been closed; trying a new one");
-                            continue;
-                        }
-                        return Ok((target.name.clone(), result.outcomes));
+                match send_on_open(cached, message) {
+                    Sent::Outcomes(outcomes) => return Ok((target.name.clone(), outcomes)),
+                    Sent::Stale => {
+                        tracing::debug!(upstream = upstream.name(), %address, "reused connection had been closed; trying a new one");
                     }
-                    Err(error) => {
-                        // Nothing was sent (the connection had gone stale, or the
-                        // envelope is invalid).
-                        *cached = None;
-                        if error.is_permanent() {
-                            return Err(GroupFailure {
-                                outcome: Outcome::Failed,
-                                detail: error.to_string(),
-                                status: "5.1.3",
-                            });
-                        }
-                        last_error = Some(error);
-                        continue;
+                    Sent::Refused(error) if error.is_permanent() => {
+                        return Err(GroupFailure {
+                            outcome: Outcome::Failed,
+                            detail: error.to_string(),
+                            status: "5.1.3",
+                        });
                     }
+                    Sent::Refused(error) => last_error = Some(error),
                 }
             }
         }
@@ -505,7 +505,6 @@ fn report_all(
     outcome: Outcome,
     detail: &str,
     status: &str,
-    remote: Option<String>,
 ) -> Report {
     Report {
         job: item.job,
@@ -519,7 +518,8 @@ fn report_all(
                 outcome,
                 detail: detail.to_string(),
                 status: status.to_string(),
-                remote: remote.clone(),
+                // Nobody answered: these outcomes are our own.
+                remote: None,
             })
             .collect(),
     }
