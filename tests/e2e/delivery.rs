@@ -541,41 +541,60 @@ fn generated_login() -> (String, String) {
     )
 }
 
+/// aiosmtpd with the test PKI's certificate and the given TLS flags (`--starttls`,
+/// `--require-starttls`, `--implicit-tls`), requiring `login` (AUTH) when given.
+fn tls_upstream(
+    pki: &tsubame_tests::pki::TestPki,
+    tls_flags: &[&str],
+    login: Option<&(String, String)>,
+) -> Aiosmtpd {
+    let certificate = pki.certificate().display().to_string();
+    let key = pki.key().display().to_string();
+    let mut options = vec!["--cert", certificate.as_str(), "--key", key.as_str()];
+    options.extend_from_slice(tls_flags);
+    let mut environment = Vec::new();
+    if let Some((username, password)) = login {
+        options.push("--auth");
+        environment.push(("TSUBAME_TEST_SMTP_USERNAME", username.as_str()));
+        environment.push(("TSUBAME_TEST_SMTP_PASSWORD", password.as_str()));
+    }
+    Aiosmtpd::start_with_env(
+        std::net::SocketAddr::from(([127, 0, 0, 1], free_port())),
+        &options,
+        &environment,
+    )
+}
+
+/// The one-upstream config with TLS `mode`, the test CA, and `username` whose password
+/// comes from the environment variable UPSTREAM_PASSWORD.
+fn tls_upstream_config(
+    port: u16,
+    mode: &str,
+    pki: &tsubame_tests::pki::TestPki,
+    username: &str,
+) -> String {
+    upstream_config(port, "").replace(
+        "tls = \"none\"",
+        &format!(
+            "tls = \"{mode}\"\nca_file = \"{}\"\nusername = \"{username}\"\npassword_env = \"UPSTREAM_PASSWORD\"",
+            pki.ca().display()
+        ),
+    )
+}
+
 #[test]
 fn starttls_required_with_auth_against_aiosmtpd() {
     let _limit = hard_limit(Duration::from_secs(90));
     let pki = tsubame_tests::pki::TestPki::new();
-    let (username, password) = generated_login();
-    let certificate = pki.certificate().display().to_string();
-    let key = pki.key().display().to_string();
-    let upstream = Aiosmtpd::start_with_env(
-        std::net::SocketAddr::from(([127, 0, 0, 1], free_port())),
-        &[
-            "--cert",
-            &certificate,
-            "--key",
-            &key,
-            "--starttls",
-            "--require-starttls",
-            "--auth",
-        ],
-        &[
-            ("TSUBAME_TEST_SMTP_USERNAME", &username),
-            ("TSUBAME_TEST_SMTP_PASSWORD", &password),
-        ],
-    );
-    let config = upstream_config(upstream.port(), "").replace(
-        "tls = \"none\"",
-        &format!(
-            "tls = \"required\"\nca_file = \"{}\"\nusername = \"{username}\"\npassword_env = \"UPSTREAM_PASSWORD\"",
-            pki.ca().display()
-        ),
-    );
+    let login = generated_login();
+    let (username, password) = &login;
+    let upstream = tls_upstream(&pki, &["--starttls", "--require-starttls"], Some(&login));
+    let config = tls_upstream_config(upstream.port(), "required", &pki, username);
     let server = Server::start(
         &ServerOptions::new()
             .deliver()
             .config(&config)
-            .env("UPSTREAM_PASSWORD", &password),
+            .env("UPSTREAM_PASSWORD", password),
     );
     let content = message("starttls-auth", "over TLS, logged in\n");
     send(
@@ -594,7 +613,7 @@ fn starttls_required_with_auth_against_aiosmtpd() {
     );
     assert_eq!(received[0].envelope["auth_login"], username.as_str());
     assert!(
-        !server.log().contains(&password),
+        !server.log().contains(password.as_str()),
         "the password appears in the log"
     );
     server.stop();
@@ -604,33 +623,12 @@ fn starttls_required_with_auth_against_aiosmtpd() {
 fn implicit_tls_with_auth_and_a_wrong_password_defers_until_fixed() {
     let _limit = hard_limit(Duration::from_secs(90));
     let pki = tsubame_tests::pki::TestPki::new();
-    let (username, password) = generated_login();
-    let certificate = pki.certificate().display().to_string();
-    let key = pki.key().display().to_string();
-    let upstream = Aiosmtpd::start_with_env(
-        std::net::SocketAddr::from(([127, 0, 0, 1], free_port())),
-        &[
-            "--cert",
-            &certificate,
-            "--key",
-            &key,
-            "--implicit-tls",
-            "--auth",
-        ],
-        &[
-            ("TSUBAME_TEST_SMTP_USERNAME", &username),
-            ("TSUBAME_TEST_SMTP_PASSWORD", &password),
-        ],
-    );
+    let login = generated_login();
+    let (username, password) = &login;
+    let upstream = tls_upstream(&pki, &["--implicit-tls"], Some(&login));
     // smtps:// verifies the certificate against the public roots, which do not know the
     // test CA: the config names the CA, and --upstream is not used here.
-    let config = upstream_config(upstream.port(), "").replace(
-        "tls = \"none\"",
-        &format!(
-            "tls = \"implicit\"\nca_file = \"{}\"\nusername = \"{username}\"\npassword_env = \"UPSTREAM_PASSWORD\"",
-            pki.ca().display()
-        ),
-    );
+    let config = tls_upstream_config(upstream.port(), "implicit", &pki, username);
     let spool = tempfile::tempdir().unwrap();
     let wrong = Server::start(
         &ServerOptions::new()
@@ -662,7 +660,7 @@ fn implicit_tls_with_auth_and_a_wrong_password_defers_until_fixed() {
             .deliver()
             .config(&config)
             .spool(spool.path())
-            .env("UPSTREAM_PASSWORD", &password),
+            .env("UPSTREAM_PASSWORD", password),
     );
     assert!(
         wait_until(DELIVERY_TIMEOUT, || !upstream.received().is_empty()),
@@ -684,9 +682,7 @@ fn implicit_tls_with_auth_and_a_wrong_password_defers_until_fixed() {
 fn opportunistic_tls_encrypts_when_offered_even_with_an_unverifiable_certificate() {
     let _limit = hard_limit(Duration::from_secs(90));
     let pki = tsubame_tests::pki::TestPki::new();
-    let certificate = pki.certificate().display().to_string();
-    let key = pki.key().display().to_string();
-    let upstream = Aiosmtpd::start(&["--cert", &certificate, "--key", &key, "--starttls"]);
+    let upstream = tls_upstream(&pki, &["--starttls"], None);
     // smtp:// is opportunistic STARTTLS; the test CA is unknown to tsubame here.
     let server = Server::start(
         &ServerOptions::new()
@@ -861,32 +857,17 @@ fn a_quoted_local_part_with_a_space_is_delivered_with_its_neighbours() {
 fn credentials_never_go_to_an_unverified_server_even_with_opportunistic_tls() {
     let _limit = hard_limit(Duration::from_secs(90));
     let pki = tsubame_tests::pki::TestPki::new();
-    let (username, password) = generated_login();
-    let certificate = pki.certificate().display().to_string();
-    let key = pki.key().display().to_string();
+    let login = generated_login();
+    let (username, password) = &login;
     // The upstream's certificate is signed by a CA tsubame does not know.
-    let upstream = Aiosmtpd::start_with_env(
-        std::net::SocketAddr::from(([127, 0, 0, 1], free_port())),
-        &[
-            "--cert",
-            &certificate,
-            "--key",
-            &key,
-            "--starttls",
-            "--auth",
-        ],
-        &[
-            ("TSUBAME_TEST_SMTP_USERNAME", &username),
-            ("TSUBAME_TEST_SMTP_PASSWORD", &password),
-        ],
-    );
+    let upstream = tls_upstream(&pki, &["--starttls"], Some(&login));
     // smtp:// is opportunistic; with a login it must verify the server anyway.
     let server = Server::start(
         &ServerOptions::new()
             .deliver()
             .arg("--upstream")
             .arg(&format!("smtp://{username}@{}", upstream.address()))
-            .env("TSUBAME_UPSTREAM_PASSWORD", &password),
+            .env("TSUBAME_UPSTREAM_PASSWORD", password),
     );
     let id = send(
         &server,
@@ -906,7 +887,7 @@ fn credentials_never_go_to_an_unverified_server_even_with_opportunistic_tls() {
         log.contains("certificate") || log.contains("UnknownIssuer"),
         "{log}"
     );
-    assert!(!log.contains(&password));
+    assert!(!log.contains(password.as_str()));
     assert!(
         upstream.received().is_empty(),
         "mail went to an unverified server with our login"

@@ -84,6 +84,9 @@ pub struct Relay {
     control: Option<control::ControlServer>,
 }
 
+/// How often shutdown looks whether a busy worker has finished its job.
+const WORKER_EXIT_POLL_INTERVAL: Duration = Duration::from_millis(10);
+
 /// Milliseconds since the Unix epoch.
 pub(crate) fn now_unix_ms() -> u64 {
     std::time::SystemTime::now()
@@ -224,7 +227,7 @@ impl Relay {
         // job. Wait for them only until the deadline.
         for worker in self.workers.drain(..) {
             while !worker.is_finished() && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(10));
+                std::thread::sleep(WORKER_EXIT_POLL_INTERVAL);
             }
             if worker.is_finished() {
                 let _ = worker.join();
