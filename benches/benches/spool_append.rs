@@ -200,5 +200,33 @@ fn raw_fdatasync(criterion: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, append, group_commit, raw_fdatasync);
+/// What a delivery worker pays to get a body to send: `Spool::body`, a borrow from the
+/// segment's read-only mapping with both checksums verified (no copy). Per byte, so the
+/// CRC32C rate shows (crates/spool/src/bodies.rs quotes it).
+fn body(criterion: &mut Criterion) {
+    let mut group = criterion.benchmark_group("spool_body");
+    for body_bytes in [1024, 64 * 1024, 1024 * 1024] {
+        let directory = scratch_directory();
+        let spool = open(directory.path());
+        let message = Message::new(body_bytes);
+        let receipt = spool
+            .append_message(&message.envelope(), &message.body)
+            .expect("append");
+        group.throughput(Throughput::Bytes(body_bytes as u64));
+        group.bench_with_input(
+            BenchmarkId::from_parameter(body_bytes),
+            &receipt,
+            |bencher, receipt| {
+                bencher.iter(|| {
+                    let body = spool.body(receipt.id, receipt.location).expect("body");
+                    black_box(body.len())
+                });
+            },
+        );
+        spool.shutdown();
+    }
+    group.finish();
+}
+
+criterion_group!(benches, append, group_commit, raw_fdatasync, body);
 criterion_main!(benches);
