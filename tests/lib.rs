@@ -1963,7 +1963,17 @@ pub mod pki {
         }
     }
 
+    /// Key options of every certificate: P-256, no passphrase (fast to make).
+    const EC_KEY: [&str; 5] = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+
     impl TestPki {
+        /// A CA and the server certificate `server` (CN 127.0.0.1).
         #[track_caller]
         pub fn new() -> TestPki {
             let directory = tempfile::Builder::new()
@@ -1977,15 +1987,8 @@ pub mod pki {
                  keyUsage=digitalSignature\nextendedKeyUsage=serverAuth\n",
             )
             .unwrap_or_else(|error| panic!("server.ext: {error}"));
-            let ec = [
-                "-newkey",
-                "ec",
-                "-pkeyopt",
-                "ec_paramgen_curve:prime256v1",
-                "-nodes",
-            ];
             let mut ca = vec!["req", "-x509"];
-            ca.extend(ec);
+            ca.extend(EC_KEY);
             ca.extend([
                 "-keyout",
                 "ca.key",
@@ -1997,16 +2000,25 @@ pub mod pki {
                 "/CN=tsubame test CA",
             ]);
             openssl(path, &ca);
+            let pki = TestPki { directory };
+            pki.issue("server", "127.0.0.1");
+            pki
+        }
+
+        /// Another certificate for 127.0.0.1 and localhost from the same CA, with
+        /// common name `common_name`: `NAME.pem` and `NAME.key` in the PKI's directory.
+        #[track_caller]
+        pub fn issue(&self, name: &str, common_name: &str) -> (PathBuf, PathBuf) {
+            let path = self.directory.path();
+            let (key, csr, pem) = (
+                format!("{name}.key"),
+                format!("{name}.csr"),
+                format!("{name}.pem"),
+            );
+            let subject = format!("/CN={common_name}");
             let mut request = vec!["req"];
-            request.extend(ec);
-            request.extend([
-                "-keyout",
-                "server.key",
-                "-out",
-                "server.csr",
-                "-subj",
-                "/CN=127.0.0.1",
-            ]);
+            request.extend(EC_KEY);
+            request.extend(["-keyout", &key, "-out", &csr, "-subj", &subject]);
             openssl(path, &request);
             openssl(
                 path,
@@ -2014,21 +2026,26 @@ pub mod pki {
                     "x509",
                     "-req",
                     "-in",
-                    "server.csr",
+                    &csr,
                     "-CA",
                     "ca.pem",
                     "-CAkey",
                     "ca.key",
                     "-CAcreateserial",
                     "-out",
-                    "server.pem",
+                    &pem,
                     "-days",
                     "2",
                     "-extfile",
                     "server.ext",
                 ],
             );
-            TestPki { directory }
+            (path.join(pem), path.join(key))
+        }
+
+        /// The PKI's directory (the CA is `ca.pem` in it).
+        pub fn directory(&self) -> &Path {
+            self.directory.path()
         }
 
         pub fn ca(&self) -> PathBuf {

@@ -1,5 +1,6 @@
 //! The listener side's TLS configuration against a client nobody here wrote:
-//! `openssl s_client`. Certificates are made per test with the `openssl` command.
+//! `openssl s_client`. Certificates are made per test by `tsubame_tests::pki` (the
+//! `openssl` command).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::io::{Read, Write};
@@ -10,79 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tsubame_server::tls::{ReloadableTls, TlsConfigError, load_server_config};
-
-fn openssl(directory: &Path, arguments: &[&str]) {
-    let output = Command::new("openssl")
-        .current_dir(directory)
-        .args(arguments)
-        .output()
-        .expect("openssl is missing: apt-get install openssl (scripts/test does)");
-    assert!(
-        output.status.success(),
-        "openssl {arguments:?}: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-}
-
-/// A CA and, signed by it, a certificate for 127.0.0.1 named `name` (`name.pem`,
-/// `name.key`).
-fn make_pki(directory: &Path, names: &[&str]) {
-    let ec = [
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:prime256v1",
-        "-nodes",
-    ];
-    let mut ca = vec!["req", "-x509"];
-    ca.extend(ec);
-    ca.extend([
-        "-keyout",
-        "ca.key",
-        "-out",
-        "ca.pem",
-        "-days",
-        "2",
-        "-subj",
-        "/CN=test CA",
-    ]);
-    openssl(directory, &ca);
-    std::fs::write(
-        directory.join("leaf.ext"),
-        "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n",
-    )
-    .unwrap();
-    for name in names {
-        let key = format!("{name}.key");
-        let csr = format!("{name}.csr");
-        let pem = format!("{name}.pem");
-        let subject = format!("/CN={name}");
-        let mut request = vec!["req"];
-        request.extend(ec);
-        request.extend(["-keyout", &key, "-out", &csr, "-subj", &subject]);
-        openssl(directory, &request);
-        openssl(
-            directory,
-            &[
-                "x509",
-                "-req",
-                "-in",
-                &csr,
-                "-CA",
-                "ca.pem",
-                "-CAkey",
-                "ca.key",
-                "-CAcreateserial",
-                "-out",
-                &pem,
-                "-days",
-                "2",
-                "-extfile",
-                "leaf.ext",
-            ],
-        );
-    }
-}
+use tsubame_tests::pki::TestPki;
 
 /// Serves TLS handshakes on a loopback port with the current configuration of `tls`,
 /// one connection at a time, until the test ends.
@@ -135,43 +64,36 @@ fn s_client(directory: &Path, port: u16, extra: &[&str]) -> (bool, String) {
 
 #[test]
 fn serves_tls_1_3_and_1_2_and_refuses_1_0() {
-    let directory = tempfile::tempdir().unwrap();
-    make_pki(directory.path(), &["first"]);
-    let tls = Arc::new(
-        ReloadableTls::load(
-            &directory.path().join("first.pem"),
-            &directory.path().join("first.key"),
-        )
-        .unwrap(),
-    );
+    let pki = TestPki::new();
+    let directory = pki.directory();
+    let (certificate, key) = pki.issue("first", "first");
+    let tls = Arc::new(ReloadableTls::load(&certificate, &key).unwrap());
     let port = serve(tls);
-    let (ok, text) = s_client(directory.path(), port, &["-tls1_3"]);
+    let (ok, text) = s_client(directory, port, &["-tls1_3"]);
     assert!(
         ok && text.contains("TLSv1.3") && text.contains("Verification: OK"),
         "{text}"
     );
-    let (ok, text) = s_client(directory.path(), port, &["-tls1_2"]);
+    let (ok, text) = s_client(directory, port, &["-tls1_2"]);
     assert!(ok && text.contains("TLSv1.2"), "{text}");
     // The client is allowed TLS 1.0 at security level 0, so a refusal is the server's.
-    let (ok, text) = s_client(
-        directory.path(),
-        port,
-        &["-tls1", "-cipher", "DEFAULT@SECLEVEL=0"],
-    );
+    let (ok, text) = s_client(directory, port, &["-tls1", "-cipher", "DEFAULT@SECLEVEL=0"]);
     assert!(!ok, "TLS 1.0 must be refused: {text}");
 }
 
 #[test]
 fn reload_takes_a_new_certificate_and_keeps_the_old_one_on_error() {
-    let directory = tempfile::tempdir().unwrap();
-    make_pki(directory.path(), &["first", "second"]);
-    let certificate = directory.path().join("live.pem");
-    let key = directory.path().join("live.key");
-    std::fs::copy(directory.path().join("first.pem"), &certificate).unwrap();
-    std::fs::copy(directory.path().join("first.key"), &key).unwrap();
+    let pki = TestPki::new();
+    let directory = pki.directory();
+    let (first_certificate, first_key) = pki.issue("first", "first");
+    let (second_certificate, second_key) = pki.issue("second", "second");
+    let certificate = directory.join("live.pem");
+    let key = directory.join("live.key");
+    std::fs::copy(&first_certificate, &certificate).unwrap();
+    std::fs::copy(&first_key, &key).unwrap();
     let tls = Arc::new(ReloadableTls::load(&certificate, &key).unwrap());
     let port = serve(Arc::clone(&tls));
-    let (ok, text) = s_client(directory.path(), port, &["-showcerts"]);
+    let (ok, text) = s_client(directory, port, &["-showcerts"]);
     assert!(
         ok && (text.contains("CN=first") || text.contains("CN = first")),
         "{text}"
@@ -183,14 +105,14 @@ fn reload_takes_a_new_certificate_and_keeps_the_old_one_on_error() {
         tls.reload(),
         Err(TlsConfigError::NoCertificate { .. })
     ));
-    let (ok, text) = s_client(directory.path(), port, &[]);
+    let (ok, text) = s_client(directory, port, &[]);
     assert!(ok, "the old certificate must still be served: {text}");
 
     // The renewed pair: new handshakes get it.
-    std::fs::copy(directory.path().join("second.pem"), &certificate).unwrap();
-    std::fs::copy(directory.path().join("second.key"), &key).unwrap();
+    std::fs::copy(&second_certificate, &certificate).unwrap();
+    std::fs::copy(&second_key, &key).unwrap();
     tls.reload().unwrap();
-    let (ok, text) = s_client(directory.path(), port, &["-showcerts"]);
+    let (ok, text) = s_client(directory, port, &["-showcerts"]);
     assert!(
         ok && (text.contains("CN=second") || text.contains("CN = second")),
         "{text}"
@@ -199,9 +121,10 @@ fn reload_takes_a_new_certificate_and_keeps_the_old_one_on_error() {
 
 #[test]
 fn bad_files_are_refused_with_their_names_and_no_key_material() {
-    let directory = tempfile::tempdir().unwrap();
-    make_pki(directory.path(), &["first", "second"]);
-    let path = |name: &str| directory.path().join(name);
+    let pki = TestPki::new();
+    pki.issue("first", "first");
+    pki.issue("second", "second");
+    let path = |name: &str| pki.directory().join(name);
     // A key that is not the certificate's.
     let error = load_server_config(&path("first.pem"), &path("second.key")).unwrap_err();
     assert!(matches!(error, TlsConfigError::Mismatch { .. }), "{error}");
