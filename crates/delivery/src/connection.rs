@@ -41,7 +41,6 @@ use crate::client::{
 };
 use crate::ehlo::Capabilities;
 use crate::reply::{MAX_REPLY_LINE_BYTES, MAX_REPLY_LINES, Reply, ReplyError, parse_reply};
-use crate::tls::{TlsError, TlsSettings};
 
 /// RFC 5321 sets no connect timeout; 30 s is Postfix's `smtp_connect_timeout` default,
 /// longer than any handshake to a live host takes.
@@ -204,7 +203,7 @@ pub struct ConnectOptions<'a> {
     /// allowed (matched against the certificate's IP addresses; no SNI is sent).
     /// Unused for [`TlsMode::None`].
     pub server_name: &'a str,
-    /// From [`TlsSettings::config`], built once per upstream. Required for every
+    /// From [`TlsSettings::config`](crate::TlsSettings::config), built once per upstream. Required for every
     /// mode but [`TlsMode::None`]. Whether the certificate is verified is this
     /// configuration's business: the opportunistic one does not verify.
     pub tls_config: Option<Arc<ClientConfig>>,
@@ -224,13 +223,6 @@ pub enum DeliveryError {
     /// was sent, not even a TCP handshake.
     #[error("no TLS configuration given for upstream {address} with TLS mode {mode:?}")]
     TlsConfigMissing { address: SocketAddr, mode: TlsMode },
-    /// Building a TLS configuration failed ([`UpstreamConnection::connect_with_tls`]
-    /// only; [`UpstreamConnection::open`] takes a built one).
-    #[error("TLS configuration for {address}: {source}")]
-    TlsConfig {
-        address: SocketAddr,
-        source: TlsError,
-    },
     /// [`ConnectOptions::server_name`] is neither a DNS name nor an IP address;
     /// nothing was sent.
     #[error("invalid TLS server name {server_name:?} for {address}")]
@@ -720,32 +712,6 @@ impl UpstreamConnection {
                 tls: TlsMode::None,
                 server_name: "",
                 tls_config: None,
-                credentials: None,
-                timeouts,
-            },
-        )
-    }
-
-    /// [`Self::open`] without credentials, building a TLS configuration for this one
-    /// connection ([`TlsSettings::new`] without a CA file: web PKI roots) and taking
-    /// the IP address as the server name. Callers that know the host name, or open
-    /// more than one connection, should use `open` with shared [`TlsSettings`].
-    pub fn connect_with_tls(
-        address: SocketAddr,
-        helo_name: &str,
-        tls: TlsMode,
-        timeouts: Timeouts,
-    ) -> Result<Self, DeliveryError> {
-        let settings = TlsSettings::new(tls, None)
-            .map_err(|source| DeliveryError::TlsConfig { address, source })?;
-        let server_name = address.ip().to_string();
-        Self::open(
-            address,
-            &ConnectOptions {
-                helo_name,
-                tls,
-                server_name: &server_name,
-                tls_config: settings.config(),
                 credentials: None,
                 timeouts,
             },

@@ -68,7 +68,7 @@ pub const LINE_MAX_BYTES: usize = 998;
 pub const LINE_PREFERRED_BYTES: usize = 78;
 
 /// Most bytes of an upstream reply shown as `Diagnostic-Code` and in the text part; the
-/// rest is cut and marked with [`TRUNCATION_MARK`].
+/// rest is cut and marked with `TRUNCATION_MARK`.
 ///
 /// Four reply lines of the 512 octets RFC 5321 §4.5.3.1.5 sets as the minimum line length:
 /// enough for a multi-line rejection with its explanation URL, while a peer that sends

@@ -243,16 +243,34 @@ fn smtp_sink_without_esmtp_gets_helo() {
     connection.quit().expect("quit");
 }
 
+/// Opens a session in TLS mode `tls` without credentials, trusting the web PKI roots
+/// and taking the IP address as the server name.
+fn connect_with_tls(
+    address: SocketAddr,
+    helo_name: &str,
+    tls: TlsMode,
+    timeouts: Timeouts,
+) -> Result<UpstreamConnection, DeliveryError> {
+    let settings = tsubame_delivery::TlsSettings::new(tls, None).expect("TLS settings");
+    let server_name = address.ip().to_string();
+    UpstreamConnection::open(
+        address,
+        &tsubame_delivery::ConnectOptions {
+            helo_name,
+            tls,
+            server_name: &server_name,
+            tls_config: settings.config(),
+            credentials: None,
+            timeouts,
+        },
+    )
+}
+
 #[test]
 fn required_tls_without_starttls_sends_no_mail() {
     let sink = start_smtp_sink(&[]);
-    let error = UpstreamConnection::connect_with_tls(
-        sink.address,
-        HELO_NAME,
-        TlsMode::Required,
-        timeouts(),
-    )
-    .expect_err("smtp-sink offers no STARTTLS");
+    let error = connect_with_tls(sink.address, HELO_NAME, TlsMode::Required, timeouts())
+        .expect_err("smtp-sink offers no STARTTLS");
     assert!(
         matches!(error, DeliveryError::StartTlsNotOffered { .. }),
         "{error:?}"
@@ -268,13 +286,8 @@ fn required_tls_without_starttls_sends_no_mail() {
 fn implicit_tls_against_a_plain_text_server_fails_the_handshake() {
     // smtp-sink greets in plain text, which is no TLS record.
     let sink = start_smtp_sink(&[]);
-    let error = UpstreamConnection::connect_with_tls(
-        sink.address,
-        HELO_NAME,
-        TlsMode::Implicit,
-        timeouts(),
-    )
-    .expect_err("no TLS on the other side");
+    let error = connect_with_tls(sink.address, HELO_NAME, TlsMode::Implicit, timeouts())
+        .expect_err("no TLS on the other side");
     assert!(
         matches!(error, DeliveryError::TlsHandshake { .. }),
         "{error:?}"
@@ -284,13 +297,9 @@ fn implicit_tls_against_a_plain_text_server_fails_the_handshake() {
 #[test]
 fn opportunistic_tls_proceeds_in_plain_text() {
     let sink = start_smtp_sink(&[]);
-    let mut connection = UpstreamConnection::connect_with_tls(
-        sink.address,
-        HELO_NAME,
-        TlsMode::Opportunistic,
-        timeouts(),
-    )
-    .expect("connect");
+    let mut connection =
+        connect_with_tls(sink.address, HELO_NAME, TlsMode::Opportunistic, timeouts())
+            .expect("connect");
     assert_eq!(
         connection.tls_summary(),
         None,

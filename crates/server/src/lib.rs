@@ -182,11 +182,6 @@ pub fn system_hostname() -> String {
 /// the accept path). Called on an event-loop thread; it must not block.
 pub type Handoff = Arc<dyn Fn(SpooledMessage) + Send + Sync>;
 
-/// A handoff that drops every message (they stay in the spool for the next start).
-pub fn discard_handoff() -> Handoff {
-    Arc::new(|_message: SpooledMessage| {})
-}
-
 /// Binds every listener and starts the event loops; every durable message goes to
 /// `handoff`.
 pub fn start(
