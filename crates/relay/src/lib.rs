@@ -7,7 +7,7 @@
 //! control socket ──Control──► dispatcher
 //! ```
 //!
-//! * [`routing`](mod@routing): which upstream each recipient goes to.
+//! * `routing`: which upstream each recipient goes to.
 //! * `dispatcher`: one thread, the only owner of queue state.
 //! * `worker`: blocking delivery threads, `max_connections` per upstream, with
 //!   connection reuse.
