@@ -1794,7 +1794,11 @@ pub mod upstream {
             let mut command = Command::new(smtp_sink_program());
             // -u: smtp-sink drops privileges to this user when run as root; the dump
             // directory must stay writable, so keep root (tests run as root in CI).
-            let user = if rustix_is_root() { "root" } else { "nobody" };
+            let user = if rustix::process::getuid().is_root() {
+                "root"
+            } else {
+                "nobody"
+            };
             command
                 .arg("-u")
                 .arg(user)
@@ -1837,14 +1841,6 @@ pub mod upstream {
                 .map(|bytes| String::from_utf8_lossy(&bytes).into_owned())
                 .collect()
         }
-    }
-
-    fn rustix_is_root() -> bool {
-        std::env::var("USER").is_ok_and(|user| user == "root")
-            || Command::new("id")
-                .arg("-u")
-                .output()
-                .is_ok_and(|output| output.stdout.starts_with(b"0"))
     }
 }
 

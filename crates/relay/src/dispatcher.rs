@@ -518,11 +518,9 @@ impl Dispatcher {
         let now_ms = now_unix_ms();
         let now = timestamp(now_ms);
         let id = report.message.message.id;
-        let upstream_name = self
-            .upstreams
-            .get(report.upstream)
-            .map_or("?", |upstream| upstream.name())
-            .to_string();
+        // Shared, not copied: the name is only read for the log lines below.
+        let upstream = self.upstreams.get(report.upstream).map(Arc::clone);
+        let upstream_name = upstream.as_deref().map_or("?", Upstream::name);
         if !self.messages.contains_key(&MessageKey(id.0)) {
             // Deleted by an operator while this job was in flight: its outcome changes
             // nothing (no journal record, no bounce); the scheduler frees the slot.
