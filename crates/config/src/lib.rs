@@ -6,17 +6,20 @@
 #![forbid(unsafe_code)]
 
 pub mod delivery;
+pub mod listener;
 pub mod users;
 
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
-use ipnet::IpNet;
 use serde::Deserialize;
 
 pub use delivery::{
     BUILTIN_MX_UPSTREAM, DeliveryConfig, RouteConfig, Secret, TlsMode, UpstreamConfig,
     UpstreamKind, domain_matches, parse_upstream_url,
+};
+pub use listener::{
+    ListenerConfig, ListenerMode, ListenerProfile, LoginGuardConfig, RateLimitConfig,
+    RateLimitTable, default_relay_networks,
 };
 pub use users::{PasswordHashText, SenderPattern, User, Users, VerifyError};
 
@@ -49,6 +52,10 @@ pub struct Config {
     pub routes: Vec<RouteConfig>,
     #[serde(default)]
     pub auth: AuthConfig,
+    #[serde(default)]
+    pub rate_limits: RateLimitConfig,
+    #[serde(default)]
+    pub login_guard: LoginGuardConfig,
     /// Device accounts for SMTP AUTH: this file's `[[user]]` entries and, after
     /// [`Config::load`], those of `auth.users_file` after them.
     #[serde(default, rename = "user")]
@@ -75,23 +82,6 @@ pub struct ServerConfig {
     /// Event-loop threads; 0 means half the cores, at least one.
     #[serde(default)]
     pub threads: usize,
-}
-
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ListenerConfig {
-    pub address: SocketAddr,
-    /// Clients inside these networks may relay. Everyone else gets `550 5.7.1` at RCPT.
-    #[serde(default = "default_relay_networks")]
-    pub relay_networks: Vec<IpNet>,
-}
-
-/// Loopback only: never an open relay by default.
-pub fn default_relay_networks() -> Vec<IpNet> {
-    ["127.0.0.0/8", "::1/128"]
-        .iter()
-        .filter_map(|network| network.parse().ok())
-        .collect()
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -331,7 +321,10 @@ impl Config {
                     format!("listener {} is configured twice", listener.address),
                 ));
             }
+            listener.validate()?;
         }
+        self.rate_limits.validate()?;
+        self.login_guard.validate()?;
         if self.spool.segment_size_bytes < SEGMENT_SIZE_BYTES_MIN {
             return Err((
                 "segment_size_bytes",
@@ -532,20 +525,8 @@ impl Config {
     pub fn summary(&self) -> String {
         let mut out = String::new();
         for listener in &self.listeners {
-            let networks: Vec<String> = listener
-                .relay_networks
-                .iter()
-                .map(ToString::to_string)
-                .collect();
-            out.push_str(&format!(
-                "listener {}: relay for {}\n",
-                listener.address,
-                if networks.is_empty() {
-                    "nobody".to_string()
-                } else {
-                    networks.join(", ")
-                }
-            ));
+            out.push_str(&listener.summary(self.users.len()));
+            out.push('\n');
         }
         out.push_str(&format!(
             "spool {} (segments of {} bytes)\n",
@@ -653,6 +634,14 @@ impl Config {
                 "{} device account(s) for AUTH{from}\n",
                 self.users.len()
             ));
+        }
+        if let Some(rates) = self.rate_limits.summary() {
+            out.push_str(&rates);
+            out.push('\n');
+        }
+        if !self.users.is_empty() {
+            out.push_str(&self.login_guard.summary());
+            out.push('\n');
         }
         let limits = &self.limits;
         out.push_str(&format!(
@@ -879,7 +868,7 @@ format = "json"
         assert_eq!(config.server.hostname.as_deref(), Some("relay.example.com"));
         assert_eq!(
             config.listeners[0].relay_networks,
-            vec!["192.168.0.0/16".parse::<IpNet>().unwrap()]
+            vec!["192.168.0.0/16".parse::<ipnet::IpNet>().unwrap()]
         );
         assert_eq!(config.listeners[1].relay_networks, default_relay_networks());
         assert_eq!(config.limits.max_recipients, 200);

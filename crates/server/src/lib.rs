@@ -8,6 +8,7 @@
 //! for messages a successful notice covers.
 #![forbid(unsafe_code)]
 
+pub mod conversation;
 mod event_loop;
 pub mod session;
 pub mod sink;
@@ -44,6 +45,9 @@ pub(crate) struct Shared {
     /// Called once per message whose record is durable (its client heard or will hear
     /// 250), from an event-loop thread: must not block.
     pub handoff: Handoff,
+    /// Who watches live conversations (`tsubame trace`).
+    #[expect(dead_code, reason = "the event loop reports to it in the next change")]
+    pub observer: Arc<dyn conversation::Observer>,
     pub hostname: String,
     pub shutdown: AtomicBool,
     /// Connections open over all loops. Invariant: equals the sum of `per_ip`.
@@ -182,13 +186,40 @@ pub fn system_hostname() -> String {
 /// the accept path). Called on an event-loop thread; it must not block.
 pub type Handoff = Arc<dyn Fn(SpooledMessage) + Send + Sync>;
 
-/// Binds every listener and starts the event loops; every durable message goes to
-/// `handoff`.
+/// What the server reports to the rest of the relay.
+#[derive(Clone)]
+pub struct Hooks {
+    /// Every durable message.
+    pub handoff: Handoff,
+    /// Conversations someone watches live.
+    pub observer: Arc<dyn conversation::Observer>,
+}
+
+impl Hooks {
+    /// Messages go to `handoff`; nobody watches conversations.
+    pub fn new(handoff: Handoff) -> Self {
+        Self {
+            handoff,
+            observer: Arc::new(conversation::Nobody),
+        }
+    }
+}
+
+impl std::fmt::Debug for Hooks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Hooks")
+            .field("observer", &self.observer)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Binds every listener and starts the event loops.
 pub fn start(
     config: Arc<Config>,
     spool: Spool,
-    handoff: Handoff,
+    hooks: Hooks,
 ) -> Result<RunningServer, ServerError> {
+    let Hooks { handoff, observer } = hooks;
     let listeners = event_loop::bind_listeners(&config)?;
     let local_addresses: Vec<SocketAddr> = listeners
         .iter()
@@ -207,6 +238,7 @@ pub fn start(
         config,
         spool,
         handoff,
+        observer,
         hostname,
         shutdown: AtomicBool::new(false),
         connections: AtomicUsize::new(0),

@@ -112,7 +112,8 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         "delivery started"
     );
     let config = Arc::new(config);
-    let server = tsubame_server::start(Arc::clone(&config), spool.clone(), relay.handoff())?;
+    let hooks = tsubame_server::Hooks::new(relay.handoff());
+    let server = tsubame_server::start(Arc::clone(&config), spool.clone(), hooks)?;
     let shutdown = server.shutdown_handle();
     std::thread::Builder::new()
         .name("signals".to_string())
@@ -136,18 +137,18 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
 
 fn apply_overrides(config: &mut Config, args: &ServeArgs) -> anyhow::Result<()> {
     if !args.listen.is_empty() {
-        let relay_networks = config
+        // The new addresses take the first configured listener's policy.
+        let template = config
             .listeners
             .first()
-            .map_or_else(tsubame_config::default_relay_networks, |listener| {
-                listener.relay_networks.clone()
-            });
+            .cloned()
+            .unwrap_or_else(|| ListenerConfig::plain(args.listen[0]));
         config.listeners = args
             .listen
             .iter()
             .map(|address| ListenerConfig {
                 address: *address,
-                relay_networks: relay_networks.clone(),
+                ..template.clone()
             })
             .collect();
     }
