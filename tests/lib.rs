@@ -67,6 +67,43 @@ pub fn assert_bytes_eq(actual: &[u8], expected: &[u8], what: &str) {
     }
 }
 
+/// A message's content as its client sent it: what tsubame stored or delivered, minus
+/// the one Received header (RFC 5321 §4.4) tsubame puts on top. Panics when that header
+/// is missing, malformed, or there twice.
+#[track_caller]
+pub fn without_received(content: &[u8]) -> &[u8] {
+    let shown = || escape(content.get(..content.len().min(300)).unwrap_or_default());
+    assert!(
+        content.starts_with(b"Received: from "),
+        "no Received header on top: \"{}\"",
+        shown()
+    );
+    // The header ends at the first CRLF not followed by folding white space.
+    let end = content
+        .windows(3)
+        .position(|window| {
+            window[0] == b'\r' && window[1] == b'\n' && window[2] != b'\t' && window[2] != b' '
+        })
+        .map(|position| position + 2)
+        .unwrap_or_else(|| panic!("Received header does not end: \"{}\"", shown()));
+    let header = String::from_utf8_lossy(&content[..end]);
+    assert!(
+        header.contains(" (tsubame) with ") && header.trim_end().ends_with("+0000"),
+        "not tsubame's Received header: {header:?}"
+    );
+    let rest = &content[end..];
+    assert!(
+        !(rest.starts_with(b"Received: from ")
+            && String::from_utf8_lossy(rest)
+                .lines()
+                .take(3)
+                .any(|line| line.contains("(tsubame)"))),
+        "tsubame's Received header twice: \"{}\"",
+        shown()
+    );
+    rest
+}
+
 /// Text with every `\n` turned into `\r\n` (test messages are written with `\n`).
 pub fn crlf(text: &str) -> Vec<u8> {
     text.replace('\n', "\r\n").into_bytes()

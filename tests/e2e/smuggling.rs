@@ -130,7 +130,7 @@ fn smuggled_end_of_data_sequences_do_not_end_data() {
         let id = finish(&mut client, case);
         let stored = show(server.spool(), &id).content;
         assert_bytes_eq(
-            &stored,
+            tsubame_tests::without_received(&stored),
             &expected_content(),
             &format!("{case} (two writes)"),
         );
@@ -146,7 +146,11 @@ fn smuggled_end_of_data_sequences_do_not_end_data() {
         client.send(&wire);
         let id = finish(&mut client, case);
         let stored = show(server.spool(), &id).content;
-        assert_bytes_eq(&stored, &expected_content(), &format!("{case} (one write)"));
+        assert_bytes_eq(
+            tsubame_tests::without_received(&stored),
+            &expected_content(),
+            &format!("{case} (one write)"),
+        );
         assert_relay_safe(&stored, case);
         ids.push(id);
     }
@@ -184,7 +188,7 @@ fn lone_dot_with_bare_lf_right_after_data_does_not_end_it() {
         expected.extend_from_slice(SMUGGLED);
         expected.extend_from_slice(b"after\r\n");
         let stored = show(server.spool(), &id).content;
-        assert_bytes_eq(&stored, &expected, case);
+        assert_bytes_eq(tsubame_tests::without_received(&stored), &expected, case);
         assert_relay_safe(&stored, case);
     }
 }
@@ -199,7 +203,7 @@ fn stuffed_dot_lines_with_bare_line_endings_are_unstuffed_and_safe() {
     let id = finish(&mut client, "stuffed dots after bare line endings");
     let stored = show(server.spool(), &id).content;
     assert_bytes_eq(
-        &stored,
+        tsubame_tests::without_received(&stored),
         b"Subject: stuffed\r\n\r\na\r\n.\r\nb\r\n.x\r\nc\r\n",
         "unstuffed content",
     );

@@ -60,6 +60,8 @@
 use std::collections::HashSet;
 use std::fmt::Write as _;
 
+pub use tsubame_smtp_proto::date::{CivilDate, rfc5322_date};
+
 /// Longest line of the report, CRLF excluded: the hard limit of RFC 5322 §2.1.1.
 pub const LINE_MAX_BYTES: usize = 998;
 
@@ -117,23 +119,6 @@ const FALLBACK_STATUS_DELAYED: &str = "4.0.0";
 /// Most digits of the subject and the detail of an enhanced status code (RFC 3463 §2:
 /// `subject = 1*3digit`, `detail = 1*3digit`).
 const STATUS_PART_MAX_DIGITS: usize = 3;
-
-const MILLISECONDS_PER_SECOND: u64 = 1000;
-const SECONDS_PER_MINUTE: u64 = 60;
-const SECONDS_PER_HOUR: u64 = 3600;
-const SECONDS_PER_DAY: u64 = 86_400;
-/// Days from 0000-03-01 to 1970-01-01 in the proleptic Gregorian calendar: the civil
-/// date computation counts from a 1 March so that the leap day ends its year.
-const DAYS_FROM_MARCH_0000_TO_EPOCH: u64 = 719_468;
-/// Days in a 400-year Gregorian cycle, which repeats exactly.
-const DAYS_PER_400_YEARS: u64 = 146_097;
-/// 1970-01-01 was a Thursday; index 4 of [`WEEKDAY_NAMES`].
-const EPOCH_WEEKDAY: u64 = 4;
-const WEEKDAY_NAMES: [&str; 7] = ["Sun", "Mon", "Tue", "Wed", "Thu", "Fri", "Sat"];
-/// Month names from March, the first month of the computation's year.
-const MONTH_NAMES_FROM_MARCH: [&str; 12] = [
-    "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec", "Jan", "Feb",
-];
 
 /// What happened to one recipient (RFC 3464 §2.3.3). `delivered`, `relayed` and
 /// `expanded` are success notifications, which tsubame does not send.
@@ -268,79 +253,6 @@ pub fn build_dsn(input: &DsnInput<'_>) -> Vec<u8> {
     out.extend_from_slice(boundary.as_bytes());
     out.extend_from_slice(b"--\r\n");
     out
-}
-
-/// `unix_ms` as an RFC 5322 §3.3 date-time in UTC, e.g. `Thu, 01 Jan 1970 00:00:00
-/// +0000`. Milliseconds are dropped. Every `u64` is accepted; years past 9999 get more
-/// digits (the grammar's `4*DIGIT` allows them).
-pub fn rfc5322_date(unix_ms: u64) -> String {
-    let seconds = unix_ms / MILLISECONDS_PER_SECOND;
-    let days = seconds / SECONDS_PER_DAY;
-    let second_of_day = seconds % SECONDS_PER_DAY;
-    let weekday = WEEKDAY_NAMES[((days + EPOCH_WEEKDAY) % 7) as usize];
-    let date = CivilDate::from_days_since_epoch(days);
-    format!(
-        "{weekday}, {:02} {} {:04} {:02}:{:02}:{:02} +0000",
-        date.day,
-        date.month_name,
-        date.year,
-        second_of_day / SECONDS_PER_HOUR,
-        second_of_day % SECONDS_PER_HOUR / SECONDS_PER_MINUTE,
-        second_of_day % SECONDS_PER_MINUTE,
-    )
-}
-
-/// A proleptic Gregorian calendar date in UTC. The one calendar conversion of the
-/// workspace: bounces' Date fields and `tsubame spool inspect`'s timestamps use it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct CivilDate {
-    pub year: u64,
-    /// 1..=12.
-    pub month: u64,
-    pub month_name: &'static str,
-    /// 1..=31.
-    pub day: u64,
-}
-
-impl CivilDate {
-    /// The date `days` after 1970-01-01.
-    ///
-    /// Counts in 400-year cycles from 0000-03-01, with years that start on 1 March so the
-    /// leap day is the last day of its year; the method is the one Howard Hinnant
-    /// describes in "chrono-Compatible Low-Level Date Algorithms" (civil_from_days),
-    /// restricted to dates after the epoch so everything stays unsigned. No overflow:
-    /// `u64::MAX` milliseconds is about 2.1e11 days.
-    pub fn from_days_since_epoch(days: u64) -> CivilDate {
-        let days_since_march_0000 = days + DAYS_FROM_MARCH_0000_TO_EPOCH;
-        let cycle = days_since_march_0000 / DAYS_PER_400_YEARS;
-        // 0..=146_096
-        let day_of_cycle = days_since_march_0000 % DAYS_PER_400_YEARS;
-        // Taking out one day per 4-year block (1460 days), putting one back per century
-        // (36 524 days) and taking out the cycle's very last day leaves a count that
-        // divided by 365 gives the year of the cycle: 0..=399.
-        let year_of_cycle = (day_of_cycle - day_of_cycle / 1460 + day_of_cycle / 36_524
-            - day_of_cycle / (DAYS_PER_400_YEARS - 1))
-            / 365;
-        // 0..=365, 0 = 1 March.
-        let day_of_year =
-            day_of_cycle - (365 * year_of_cycle + year_of_cycle / 4 - year_of_cycle / 100);
-        // Months from March alternate 31 and 30 days in a 153-day five-month pattern;
-        // 0..=11 because day_of_year <= 365 gives (5 * 365 + 2) / 153 = 11.
-        let month_from_march = (5 * day_of_year + 2) / 153;
-        let day = day_of_year - (153 * month_from_march + 2) / 5 + 1;
-        // January and February belong to the next calendar year.
-        let year = cycle * 400 + year_of_cycle + u64::from(month_from_march >= 10);
-        CivilDate {
-            year,
-            month: if month_from_march < 10 {
-                month_from_march + 3
-            } else {
-                month_from_march - 9
-            },
-            month_name: MONTH_NAMES_FROM_MARCH[month_from_march as usize],
-            day,
-        }
-    }
 }
 
 /// One MIME body part: its header section (each field ending in CRLF, without the blank

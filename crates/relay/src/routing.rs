@@ -1,6 +1,8 @@
-//! Which upstream a recipient goes to: the first `[[route]]` whose conditions all
-//! match, else `[delivery] default_upstream`.
+//! Which upstream a recipient goes to: the logged-in user's own `upstream` when the
+//! account names one; else the first `[[route]]` whose conditions all match; else
+//! `[delivery] default_upstream`.
 
+use std::collections::HashMap;
 use std::net::IpAddr;
 
 use ipnet::IpNet;
@@ -23,6 +25,8 @@ struct Rule {
 pub(crate) struct Router {
     rules: Vec<Rule>,
     default_upstream: usize,
+    /// Accounts with an `upstream` of their own.
+    user_upstreams: HashMap<String, usize>,
 }
 
 /// What a route may look at.
@@ -51,13 +55,28 @@ impl Router {
                 upstream: index_of(&route.upstream).unwrap_or(default_upstream),
             })
             .collect();
+        let user_upstreams = config
+            .users
+            .iter()
+            .filter_map(|user| {
+                let upstream = index_of(user.upstream.as_deref()?)?;
+                Some((user.name.clone(), upstream))
+            })
+            .collect();
         Self {
             rules,
             default_upstream,
+            user_upstreams,
         }
     }
 
     pub fn route(&self, input: &RouteInput<'_>) -> usize {
+        if let Some(&upstream) = input
+            .authenticated_user
+            .and_then(|user| self.user_upstreams.get(user))
+        {
+            return upstream;
+        }
         self.rules
             .iter()
             .find(|rule| rule.matches(input))
@@ -159,6 +178,24 @@ mod tests {
         assert_eq!(router.route(&anonymous), 0);
         anonymous.authenticated_user = Some("scanner");
         assert_eq!(router.route(&anonymous), 1);
+    }
+
+    #[test]
+    fn a_users_own_upstream_comes_before_the_routes() {
+        let hash = tsubame_config::users::hash_password(b"unused").unwrap();
+        let router = router(&format!(
+            "[[route]]\nupstream = \"a\"\n\
+             [[user]]\nname = \"scanner\"\npassword_hash = \"{}\"\nupstream = \"b\"\n\
+             [[user]]\nname = \"printer\"\npassword_hash = \"{}\"\n",
+            hash.expose(),
+            hash.expose()
+        ));
+        let mut message = input("x@y.example", "u@z.example", "127.0.0.1");
+        assert_eq!(router.route(&message), 1);
+        message.authenticated_user = Some("scanner");
+        assert_eq!(router.route(&message), 2);
+        message.authenticated_user = Some("printer");
+        assert_eq!(router.route(&message), 1);
     }
 
     #[test]

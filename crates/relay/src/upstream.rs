@@ -128,7 +128,11 @@ pub(crate) fn build_table(
                 || config
                     .routes
                     .iter()
-                    .any(|route| route.upstream == upstream.name);
+                    .any(|route| route.upstream == upstream.name)
+                || config
+                    .users
+                    .iter()
+                    .any(|user| user.upstream.as_deref() == Some(upstream.name.as_str()));
             let resolver = match upstream.kind {
                 UpstreamKind::Mx if used => Some(
                     MxResolver::new(ResolverOptions {

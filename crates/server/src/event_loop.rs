@@ -7,17 +7,21 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use crossbeam_channel::Receiver;
+use crossbeam_channel::{Receiver, Sender};
 use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token, Waker};
+use rustls::ServerConnection;
 use slab::Slab;
 use tsubame_config::Config;
+use tsubame_policy::{Decision, Timestamp};
 use tsubame_spool::{
     CommitNotice, Envelope, MessageState, RecipientState, SpoolError, SpooledMessage,
 };
 
-use crate::session::{Event, Session, SessionContext, Waiting, replies};
-use crate::{ServerError, Shared};
+use crate::conversation::{Direction, Observer};
+use crate::login::{LoginDone, LoginJob, Outcome};
+use crate::session::{Event, Session, SessionContext, TlsInfo, Waiting, replies};
+use crate::{Listener, ServerError, Shared};
 
 /// Pending connections the kernel queues per listener. Bursts of hundreds of clients
 /// connecting at once (load tests, notification systems) must not see refused SYNs.
@@ -140,8 +144,17 @@ struct Connection {
     id: u64,
     stream: TcpStream,
     peer: SocketAddr,
+    listener: Arc<Listener>,
     may_relay: bool,
     session: Session,
+    /// The TLS session once STARTTLS or an implicit-TLS listener started one. Boxed:
+    /// it is large, and most connections on a busy relay are plain.
+    tls: Option<Box<ServerConnection>>,
+    /// The session was told the handshake completed.
+    tls_reported: bool,
+    /// The 220 to STARTTLS is being written; the handshake starts once it is out.
+    tls_upgrade_pending: bool,
+    close_notify_sent: bool,
     /// Received bytes not yet consumed by the session (an incomplete command line, or
     /// input that arrived while a message waited for its commit).
     input: Vec<u8>,
@@ -169,6 +182,11 @@ pub(crate) struct EventLoop {
     listeners: Vec<(TcpListener, usize)>,
     connections: Slab<Connection>,
     notices: Receiver<CommitNotice>,
+    /// Checked logins come back here from the login pool.
+    logins: Receiver<LoginDone>,
+    login_replies: Sender<LoginDone>,
+    /// Checked logins whose answer is due later (the login guard's delay).
+    delayed_logins: Vec<LoginDone>,
     /// In sequence order (appends from one loop are sequential).
     pending: VecDeque<Pending>,
     scratch: Vec<u8>,
@@ -203,6 +221,7 @@ impl EventLoop {
                     let _ = subscriber_waker.wake();
                 }
             }));
+        let (login_replies, logins) = crossbeam_channel::unbounded();
         Ok(Self {
             poll,
             waker,
@@ -210,6 +229,9 @@ impl EventLoop {
             listeners: own_listeners,
             connections: Slab::new(),
             notices,
+            logins,
+            login_replies,
+            delayed_logins: Vec::new(),
             pending: VecDeque::new(),
             scratch: vec![0; READ_CHUNK_BYTES],
             next_connection_id: 0,
@@ -227,7 +249,13 @@ impl EventLoop {
         let mut shutdown_deadline: Option<Instant> = None;
         loop {
             let now = Instant::now();
-            let timeout = next_sweep.saturating_duration_since(now);
+            let wake_at = self
+                .delayed_logins
+                .iter()
+                .map(|done| done.answer_at)
+                .min()
+                .map_or(next_sweep, |due| due.min(next_sweep));
+            let timeout = wake_at.saturating_duration_since(now);
             if let Err(error) = self.poll.poll(&mut events, Some(timeout)) {
                 if error.kind() == io::ErrorKind::Interrupted {
                     continue;
@@ -237,7 +265,12 @@ impl EventLoop {
             }
             for event in events.iter() {
                 match event.token() {
-                    WAKER_TOKEN => self.drain_notices(),
+                    WAKER_TOKEN => {
+                        self.drain_notices();
+                        while let Ok(done) = self.logins.try_recv() {
+                            self.delayed_logins.push(done);
+                        }
+                    }
                     Token(value) if value >= LISTENER_TOKEN_BASE => {
                         self.accept(value - LISTENER_TOKEN_BASE)
                     }
@@ -255,6 +288,7 @@ impl EventLoop {
                 }
             }
             let now = Instant::now();
+            self.answer_due_logins(now);
             if now >= next_sweep {
                 self.sweep_timeouts(now);
                 next_sweep = now + TIMEOUT_SWEEP_INTERVAL;
@@ -331,13 +365,30 @@ impl EventLoop {
                 continue;
             }
             let _ = stream.set_nodelay(true);
-            let listener_config = self.shared.config.listeners.get(listener_index);
-            let may_relay = listener_config.is_some_and(|config| {
-                config
-                    .relay_networks
-                    .iter()
-                    .any(|network| network.contains(&peer.ip()))
-            });
+            let Some(listener) = self.shared.listeners.get(listener_index).cloned() else {
+                self.shared.release(peer.ip());
+                continue;
+            };
+            let may_relay = listener
+                .config
+                .relay_networks
+                .iter()
+                .any(|network| network.contains(&peer.ip()));
+            // Implicit TLS (RFC 8314): the handshake comes first; the greeting waits in
+            // the TLS session until it completes.
+            let tls = match (listener.config.mode, &listener.tls) {
+                (tsubame_config::ListenerMode::Smtps, Some(tls)) => {
+                    match ServerConnection::new(tls.current()) {
+                        Ok(connection) => Some(Box::new(connection)),
+                        Err(error) => {
+                            tracing::error!(%error, client = %peer, "cannot start TLS");
+                            self.shared.release(peer.ip());
+                            continue;
+                        }
+                    }
+                }
+                _ => None,
+            };
             let entry = self.connections.vacant_entry();
             let token = Token(entry.key());
             if let Err(error) =
@@ -352,12 +403,25 @@ impl EventLoop {
             self.next_connection_id += 1;
             let mut output = Vec::new();
             Session::greeting(&self.shared.hostname, &mut output);
+            if self.shared.observer.watching(peer.ip(), None) {
+                self.shared.observer.line(
+                    peer,
+                    None,
+                    Direction::Note,
+                    &format!("connected to {}", listener.config.address),
+                );
+            }
             entry.insert(Connection {
                 id: self.next_connection_id,
                 stream,
                 peer,
+                listener,
                 may_relay,
-                session: Session::new(),
+                session: Session::new(peer),
+                tls,
+                tls_reported: false,
+                tls_upgrade_pending: false,
+                close_notify_sent: false,
                 input: Vec::new(),
                 output,
                 output_written: 0,
@@ -401,16 +465,20 @@ impl EventLoop {
             scratch,
             shared,
             pending,
+            login_replies,
+            delayed_logins,
+            waker,
             ..
         } = self;
         let Some(connection) = connections.get_mut(token.0) else {
             return;
         };
-        let context = SessionContext {
-            hostname: &shared.hostname,
-            limits: &shared.config.limits,
-            may_relay: connection.may_relay,
-        };
+        let listener = Arc::clone(&connection.listener);
+        let context = session_context(shared, &listener, connection.may_relay);
+        let observer = &*shared.observer;
+        let traced = observer.watching(connection.peer.ip(), connection.session.login());
+        connection.session.set_traced(traced);
+        let transcript_start = connection.output.len();
         // Input left over from before (a commit just returned, or the output drained).
         let mut event = process_input(connection, &context, shared, pending, token);
         while !connection.closing && event == Event::NeedInput && !connection.socket_drained {
@@ -418,7 +486,9 @@ impl EventLoop {
                 connection.read_paused_for_output = true;
                 break;
             }
-            let read = match connection.stream.read(scratch) {
+            let received = receive(connection, scratch);
+            report_handshake(connection, observer, traced);
+            let read = match received {
                 Ok(0) => {
                     connection.closing = true;
                     break;
@@ -438,8 +508,9 @@ impl EventLoop {
             connection.last_activity = Instant::now();
             // A short read means the socket buffer is empty for now. Linux's epoll raises a
             // new edge for every segment that arrives later, so we skip the read that
-            // would only return WouldBlock (one syscall per command round trip).
-            let drained = read < scratch.len();
+            // would only return WouldBlock (one syscall per command round trip). Not
+            // under TLS: a short read of plaintext says nothing about the socket.
+            let drained = connection.tls.is_none() && read < scratch.len();
             let received = scratch.get(..read).unwrap_or_default();
             if connection.input.is_empty() {
                 // Common case: process straight from the scratch buffer, keep leftovers.
@@ -460,9 +531,124 @@ impl EventLoop {
                 break;
             }
         }
-        if event == Event::Close {
-            connection.closing = true;
+        match event {
+            Event::Close => connection.closing = true,
+            Event::StartTls => {
+                // RFC 3207 §4.2 and CVE-2011-0411: whatever the client sent after
+                // STARTTLS, before the handshake, is discarded, never executed.
+                if !connection.input.is_empty() {
+                    tracing::info!(client = %connection.peer, bytes = connection.input.len(), "discarded input pipelined after STARTTLS");
+                }
+                connection.input.clear();
+                connection.tls_upgrade_pending = true;
+            }
+            Event::Login => {
+                start_login(
+                    connection,
+                    shared,
+                    token,
+                    login_replies,
+                    delayed_logins,
+                    waker,
+                );
+            }
+            Event::NeedInput | Event::MessageReady | Event::AwaitingCommit => {}
         }
+        if traced {
+            report_transcript(connection, observer, transcript_start);
+        }
+    }
+
+    /// Answers the logins whose checks are back and whose delay has passed.
+    fn answer_due_logins(&mut self, now: Instant) {
+        if self.delayed_logins.is_empty() {
+            return;
+        }
+        let (due, later): (Vec<LoginDone>, Vec<LoginDone>) =
+            std::mem::take(&mut self.delayed_logins)
+                .into_iter()
+                .partition(|done| done.answer_at <= now);
+        self.delayed_logins = later;
+        for done in due {
+            self.answer_login(done);
+        }
+    }
+
+    fn answer_login(&mut self, done: LoginDone) {
+        let LoginDone {
+            token,
+            connection_id,
+            username,
+            outcome,
+            ..
+        } = done;
+        let Some(connection) = self.connections.get_mut(token.0) else {
+            return;
+        };
+        if connection.id != connection_id {
+            return;
+        }
+        let shared = &*self.shared;
+        let client = connection.peer;
+        let now = Timestamp::from_unix_ms(now_unix_ms());
+        let listener = Arc::clone(&connection.listener);
+        let context = session_context(shared, &listener, connection.may_relay);
+        let start = connection.output.len();
+        let mut guard = shared
+            .login_guard
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match outcome {
+            Outcome::Accepted => {
+                guard.after_success(client.ip(), &username, now);
+                drop(guard);
+                tracing::info!(%client, user = ?username, "login succeeded");
+                connection
+                    .session
+                    .login_succeeded(&username, &mut connection.output);
+            }
+            Outcome::Rejected(reason) => {
+                let next = guard.after_failure(client.ip(), Some(&username), now);
+                drop(guard);
+                let locked = matches!(next, Decision::Locked { .. });
+                tracing::warn!(%client, user = ?username, reason, locked, "login failed");
+                connection.session.login_failed(
+                    replies::AUTH_INVALID,
+                    &mut connection.output,
+                    &context,
+                );
+            }
+            Outcome::LockedOut => {
+                drop(guard);
+                tracing::warn!(%client, user = ?username, "login refused: too many failed logins");
+                connection.session.login_failed(
+                    replies::LOCKED_OUT,
+                    &mut connection.output,
+                    &context,
+                );
+            }
+            Outcome::Unavailable => {
+                drop(guard);
+                connection.session.login_failed(
+                    replies::AUTH_TEMPORARY,
+                    &mut connection.output,
+                    &context,
+                );
+            }
+        }
+        let observer = &*shared.observer;
+        if observer.watching(client.ip(), Some(&username)) {
+            if outcome == Outcome::Accepted {
+                observer.line(
+                    client,
+                    Some(&username),
+                    Direction::Note,
+                    &format!("authenticated as {username}"),
+                );
+            }
+            report_transcript(connection, observer, start);
+        }
+        self.drive(token);
     }
 
     /// Writes as much pending output as the socket takes, closes the connection when it is
@@ -472,31 +658,86 @@ impl EventLoop {
             return Written::Closed;
         };
         let mut failed = false;
-        while connection.output_written < connection.output.len() {
-            let unwritten = connection
-                .output
-                .get(connection.output_written..)
-                .unwrap_or_default();
-            match connection.stream.write(unwritten) {
-                Ok(0) => {
-                    failed = true;
-                    break;
+        let mut tls_pending = false;
+        if let Some(tls) = connection.tls.as_deref_mut() {
+            // Plaintext into the TLS session (it holds it while handshaking), records out.
+            while connection.output_written < connection.output.len() {
+                let unwritten = connection
+                    .output
+                    .get(connection.output_written..)
+                    .unwrap_or_default();
+                match tls.writer().write(unwritten) {
+                    // Its buffer is full: wait until the socket takes records.
+                    Ok(0) => break,
+                    Ok(written) => connection.output_written += written,
+                    Err(_) => {
+                        failed = true;
+                        break;
+                    }
                 }
-                Ok(written) => connection.output_written += written,
-                Err(error) if error.kind() == io::ErrorKind::WouldBlock => break,
-                Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
-                Err(_) => {
-                    failed = true;
-                    break;
+            }
+            if connection.closing
+                && connection.output_written == connection.output.len()
+                && !connection.close_notify_sent
+            {
+                tls.send_close_notify();
+                connection.close_notify_sent = true;
+            }
+            if flush_tls(tls, &mut connection.stream).is_err() {
+                failed = true;
+            }
+            tls_pending = tls.wants_write();
+        } else {
+            while connection.output_written < connection.output.len() {
+                let unwritten = connection
+                    .output
+                    .get(connection.output_written..)
+                    .unwrap_or_default();
+                match connection.stream.write(unwritten) {
+                    Ok(0) => {
+                        failed = true;
+                        break;
+                    }
+                    Ok(written) => connection.output_written += written,
+                    Err(error) if error.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(_) => {
+                        failed = true;
+                        break;
+                    }
                 }
             }
         }
-        let drained = connection.output_written == connection.output.len();
-        if drained {
+        let output_done = connection.output_written == connection.output.len();
+        if output_done {
             connection.output.clear();
             connection.output_written = 0;
             if connection.output.capacity() > OUTPUT_BUFFER_HIGH_BYTES {
                 connection.output = Vec::new();
+            }
+        }
+        let drained = output_done && !tls_pending;
+        let mut upgraded = false;
+        if drained && connection.tls_upgrade_pending && !failed && !connection.closing {
+            // The 220 is out in plain text: from here on the socket speaks TLS.
+            connection.tls_upgrade_pending = false;
+            let started = connection
+                .listener
+                .tls
+                .as_ref()
+                .map(|tls| ServerConnection::new(tls.current()));
+            match started {
+                Some(Ok(tls)) => {
+                    connection.tls = Some(Box::new(tls));
+                    connection.session.tls_started();
+                    connection.socket_drained = false;
+                    upgraded = true;
+                }
+                Some(Err(error)) => {
+                    tracing::error!(%error, client = %connection.peer, "cannot start TLS");
+                    failed = true;
+                }
+                None => failed = true,
             }
         }
         if failed || (drained && connection.closing) {
@@ -524,7 +765,7 @@ impl EventLoop {
         if !drained {
             return Written::Pending;
         }
-        if std::mem::take(&mut connection.read_paused_for_output) {
+        if std::mem::take(&mut connection.read_paused_for_output) || upgraded {
             Written::DrainedResumeReading
         } else {
             Written::Drained
@@ -536,6 +777,11 @@ impl EventLoop {
             // No deregister: closing the socket (its only descriptor) removes it from
             // the epoll set, and saves a syscall per connection.
             self.shared.release(connection.peer.ip());
+            let observer = &*self.shared.observer;
+            let user = connection.session.login();
+            if observer.watching(connection.peer.ip(), user) {
+                observer.line(connection.peer, user, Direction::Note, "disconnected");
+            }
             tracing::debug!(client = %connection.peer, "disconnected");
         }
     }
@@ -582,11 +828,9 @@ impl EventLoop {
         if connection.id != connection_id {
             return;
         }
-        let context = SessionContext {
-            hostname: &self.shared.hostname,
-            limits: &self.shared.config.limits,
-            may_relay: connection.may_relay,
-        };
+        let listener = Arc::clone(&connection.listener);
+        let context = session_context(&self.shared, &listener, connection.may_relay);
+        let start = connection.output.len();
         match &notice.result {
             Ok(()) => {
                 let (from, recipients, size_bytes) = log_fields.unwrap_or_default();
@@ -612,6 +856,10 @@ impl EventLoop {
             }
         }
         connection.content_started = None;
+        let observer = &*self.shared.observer;
+        if observer.watching(connection.peer.ip(), connection.session.login()) {
+            report_transcript(connection, observer, start);
+        }
         self.drive(token);
     }
 
@@ -681,6 +929,180 @@ fn now_unix_ms() -> u64 {
         .map_or(0, |elapsed| elapsed.as_millis() as u64)
 }
 
+fn session_context<'a>(
+    shared: &'a Shared,
+    listener: &'a Listener,
+    may_relay: bool,
+) -> SessionContext<'a> {
+    SessionContext {
+        hostname: &shared.hostname,
+        limits: &shared.config.limits,
+        may_relay,
+        listener: &listener.config,
+        users: &shared.config.users,
+        rates: &shared.rates,
+        now_unix_ms: now_unix_ms(),
+        stamp_received: true,
+    }
+}
+
+/// Reads received plaintext into `buffer`: straight from the socket, or through the TLS
+/// session (which first takes records from the socket, answers handshake messages and
+/// decrypts). `Ok(0)` is the end of the stream.
+fn receive(connection: &mut Connection, buffer: &mut [u8]) -> io::Result<usize> {
+    let Some(tls) = connection.tls.as_deref_mut() else {
+        return connection.stream.read(buffer);
+    };
+    loop {
+        match tls.reader().read(buffer) {
+            Ok(read) => return Ok(read),
+            Err(error) if error.kind() == io::ErrorKind::WouldBlock => {}
+            Err(error) => return Err(error),
+        }
+        if tls.read_tls(&mut connection.stream)? == 0 {
+            return Ok(0);
+        }
+        let processed = tls.process_new_packets();
+        // Handshake messages, and the alert when processing failed, go out either way.
+        flush_tls(tls, &mut connection.stream)?;
+        if let Err(error) = processed {
+            return Err(io::Error::new(io::ErrorKind::InvalidData, error));
+        }
+    }
+}
+
+/// Writes the TLS session's pending records until the socket would block.
+fn flush_tls(tls: &mut ServerConnection, stream: &mut TcpStream) -> io::Result<()> {
+    while tls.wants_write() {
+        match tls.write_tls(stream) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(_) => {}
+            Err(error) if error.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+            Err(error) if error.kind() == io::ErrorKind::Interrupted => {}
+            Err(error) => return Err(error),
+        }
+    }
+    Ok(())
+}
+
+/// Tells the session (and a watcher) once the TLS handshake has completed.
+fn report_handshake(connection: &mut Connection, observer: &dyn Observer, traced: bool) {
+    let Some(tls) = connection.tls.as_deref() else {
+        return;
+    };
+    if connection.tls_reported || tls.is_handshaking() {
+        return;
+    }
+    connection.tls_reported = true;
+    let version = match tls.protocol_version() {
+        Some(rustls::ProtocolVersion::TLSv1_3) => "TLSv1.3",
+        Some(rustls::ProtocolVersion::TLSv1_2) => "TLSv1.2",
+        _ => "TLS",
+    };
+    let cipher = tls
+        .negotiated_cipher_suite()
+        .map(|suite| format!("{:?}", suite.suite()))
+        .unwrap_or_default();
+    tracing::debug!(client = %connection.peer, version, cipher, "TLS established");
+    if traced {
+        observer.line(
+            connection.peer,
+            connection.session.login(),
+            Direction::Note,
+            &format!("TLS established: {version} {cipher}"),
+        );
+    }
+    connection
+        .session
+        .tls_established(TlsInfo { version, cipher });
+}
+
+/// Sends a watched session's new commands and replies to the observer, in order.
+fn report_transcript(connection: &mut Connection, observer: &dyn Observer, start: usize) {
+    let entries = connection.session.take_transcript();
+    let user = connection.session.login();
+    let peer = connection.peer;
+    let mut cursor = start;
+    let replies = |from: usize, to: usize| {
+        let text = connection.output.get(from..to).unwrap_or_default();
+        for line in text
+            .split(|&byte| byte == b'\n')
+            .filter(|line| !line.is_empty())
+        {
+            let line = line.strip_suffix(b"\r").unwrap_or(line);
+            observer.line(
+                peer,
+                user,
+                Direction::Server,
+                &String::from_utf8_lossy(line),
+            );
+        }
+    };
+    for (offset, direction, text) in entries {
+        let offset = offset.max(cursor);
+        replies(cursor, offset);
+        cursor = offset;
+        observer.line(peer, user, direction, &text);
+    }
+    replies(cursor, connection.output.len());
+}
+
+/// Sends AUTH's credentials to the login pool, or refuses them at once when the login
+/// guard has locked the client or the user out.
+fn start_login(
+    connection: &mut Connection,
+    shared: &Shared,
+    token: Token,
+    replies: &Sender<LoginDone>,
+    delayed: &mut Vec<LoginDone>,
+    waker: &Arc<Waker>,
+) {
+    let Some(credentials) = connection.session.take_credentials() else {
+        return;
+    };
+    let now = Instant::now();
+    let decision = shared
+        .login_guard
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .before_attempt(
+            connection.peer.ip(),
+            Some(&credentials.username),
+            Timestamp::from_unix_ms(now_unix_ms()),
+        );
+    let answer_at = match decision {
+        Decision::Allow => now,
+        Decision::Delay(delay) => now + delay,
+        Decision::Locked { .. } => {
+            delayed.push(LoginDone {
+                token,
+                connection_id: connection.id,
+                username: credentials.username.clone(),
+                outcome: Outcome::LockedOut,
+                answer_at: now,
+            });
+            return;
+        }
+    };
+    let job = LoginJob {
+        token,
+        connection_id: connection.id,
+        credentials,
+        answer_at,
+        reply: replies.clone(),
+        waker: Arc::clone(waker),
+    };
+    if let Err(job) = shared.logins.submit(job) {
+        delayed.push(LoginDone {
+            token,
+            connection_id: connection.id,
+            username: job.credentials.username.clone(),
+            outcome: Outcome::Unavailable,
+            answer_at: now,
+        });
+    }
+}
+
 /// Feeds the connection's buffered input to its session.
 fn process_input(
     connection: &mut Connection,
@@ -721,11 +1143,24 @@ fn after_process(
         return Event::NeedInput;
     };
     let received_at_unix_ms = now_unix_ms();
+    let user = connection.session.login();
+    let recipients = u32::try_from(parts.recipients.len()).unwrap_or(u32::MAX);
+    if let Err(reply) =
+        shared
+            .rates
+            .count_message(connection.peer.ip(), user, recipients, received_at_unix_ms)
+    {
+        tracing::info!(client = %connection.peer, user = ?user, reply = %reply.text, "message refused by a rate limit");
+        connection
+            .session
+            .refuse_message(reply, &mut connection.output, context);
+        return process_input(connection, context, shared, pending, token);
+    }
     let envelope = Envelope {
         received_at_unix_ms,
         client_address: connection.peer,
         helo: parts.helo,
-        authenticated_user: None,
+        authenticated_user: user,
         mail_from: parts.mail_from,
         mail_parameters: parts.mail_parameters,
         recipients: parts.recipients,
@@ -742,7 +1177,7 @@ fn after_process(
                     received_at_unix_ms,
                     client_address: connection.peer.to_string(),
                     helo: parts.helo.to_string(),
-                    authenticated_user: None,
+                    authenticated_user: user.map(str::to_string),
                     mail_from: parts.mail_from.to_string(),
                     mail_parameters: parts.mail_parameters.to_string(),
                     recipients: parts.recipients.to_vec(),

@@ -10,6 +10,9 @@
 
 pub mod conversation;
 mod event_loop;
+mod login;
+pub mod rates;
+pub mod received;
 pub mod session;
 pub mod sink;
 pub mod tls;
@@ -20,8 +23,12 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
-use tsubame_config::Config;
+use tsubame_config::{Config, ListenerConfig};
+use tsubame_policy::LoginGuard;
 use tsubame_spool::{Spool, SpooledMessage};
+
+use crate::rates::RatePolicy;
+use crate::tls::{ReloadableTls, TlsConfigError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -36,6 +43,21 @@ pub enum ServerError {
         #[source]
         source: std::io::Error,
     },
+    #[error("listener {address}: {source}")]
+    Tls {
+        address: SocketAddr,
+        #[source]
+        source: TlsConfigError,
+    },
+    #[error("{0}")]
+    Policy(#[from] tsubame_policy::Error),
+}
+
+/// A listener's settings and its certificate.
+#[derive(Debug)]
+pub(crate) struct Listener {
+    pub config: ListenerConfig,
+    pub tls: Option<ReloadableTls>,
 }
 
 /// State every loop shares.
@@ -46,9 +68,13 @@ pub(crate) struct Shared {
     /// 250), from an event-loop thread: must not block.
     pub handoff: Handoff,
     /// Who watches live conversations (`tsubame trace`).
-    #[expect(dead_code, reason = "the event loop reports to it in the next change")]
     pub observer: Arc<dyn conversation::Observer>,
     pub hostname: String,
+    /// By the index of the listener in the configuration.
+    pub listeners: Vec<Arc<Listener>>,
+    pub logins: login::LoginPool,
+    pub login_guard: Mutex<LoginGuard>,
+    pub rates: RatePolicy,
     pub shutdown: AtomicBool,
     /// Connections open over all loops. Invariant: equals the sum of `per_ip`.
     pub connections: AtomicUsize,
@@ -158,6 +184,28 @@ impl ShutdownHandle {
             let _ = waker.wake();
         }
     }
+
+    /// Reads every listener's certificate and key again (SIGHUP). Connections keep the
+    /// certificate they started with; new handshakes get the new one. A listener whose
+    /// files do not load keeps its old certificate, and the log says why. Returns the
+    /// number of listeners that failed.
+    pub fn reload_certificates(&self) -> usize {
+        let mut failed = 0;
+        for listener in &self.shared.listeners {
+            let Some(tls) = &listener.tls else {
+                continue;
+            };
+            let address = listener.config.address;
+            match tls.reload() {
+                Ok(()) => tracing::info!(%address, "certificate reloaded"),
+                Err(error) => {
+                    failed += 1;
+                    tracing::error!(%address, %error, "certificate not reloaded; the old one stays in use");
+                }
+            }
+        }
+        failed
+    }
 }
 
 /// Event loops when the config says 0: half the cores, at least one. Most of a loop's
@@ -234,12 +282,39 @@ pub fn start(
         0 => default_thread_count(),
         threads => threads,
     };
+    let mut listener_states = Vec::new();
+    for listener in &config.listeners {
+        let tls = match (&listener.certificate_file, &listener.key_file) {
+            (Some(certificate), Some(key)) => Some(ReloadableTls::load(certificate, key).map_err(
+                |source| ServerError::Tls {
+                    address: listener.address,
+                    source,
+                },
+            )?),
+            _ => None,
+        };
+        for relaxation in listener.relaxations() {
+            tracing::warn!(address = %listener.address, "RELAXED LISTENER: {relaxation}");
+        }
+        listener_states.push(Arc::new(Listener {
+            config: listener.clone(),
+            tls,
+        }));
+    }
+    let logins = login::LoginPool::start(Arc::clone(&config), default_thread_count())
+        .map_err(|source| ServerError::EventLoop { source })?;
+    let login_guard = Mutex::new(LoginGuard::new(config.login_guard.policy())?);
+    let rates = RatePolicy::new(&config.rate_limits)?;
     let shared = Arc::new(Shared {
         config,
         spool,
         handoff,
         observer,
         hostname,
+        listeners: listener_states,
+        logins,
+        login_guard,
+        rates,
         shutdown: AtomicBool::new(false),
         connections: AtomicUsize::new(0),
         per_ip: Mutex::new(HashMap::new()),

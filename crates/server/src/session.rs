@@ -6,12 +6,18 @@
 //! [`Session::refuse_message`]. While a message waits for its commit the session reads
 //! no further commands, so pipelined replies stay in order (RFC 2920 §3.1).
 
+use std::net::SocketAddr;
+
 use tsubame_smtp_proto::command::{Body, Command, MailParameters, ReversePath};
 use tsubame_smtp_proto::line::{LineError, next_line, skip_past_line_end};
 use tsubame_smtp_proto::reply::{EnhancedCode, Reply};
+use tsubame_smtp_proto::sasl::{self, Credentials, Mechanism, ServerExchange, Step};
 use tsubame_smtp_proto::{BdatReceiver, BdatStatus, DataOutcome, DataReceiver, DataStatus};
 
-use tsubame_config::Limits;
+use tsubame_config::{Limits, ListenerConfig, ListenerMode, User, Users};
+
+use crate::conversation::Direction;
+use crate::rates::{RatePolicy, Stage};
 
 /// Replies used in more than one place, with their RFC 3463 codes.
 pub(crate) mod replies {
@@ -84,6 +90,57 @@ pub(crate) mod replies {
         Reply::new(502, EnhancedCode::new(5, 5, 1), "AUTH is not available");
     pub const TLS_UNAVAILABLE: Reply =
         Reply::new(502, EnhancedCode::new(5, 5, 1), "STARTTLS is not available");
+    pub const READY_FOR_TLS: Reply =
+        Reply::new(220, EnhancedCode::new(2, 0, 0), "Ready to start TLS");
+    pub const TLS_ALREADY_ACTIVE: Reply =
+        Reply::new(503, EnhancedCode::new(5, 5, 1), "TLS already active");
+    /// RFC 4954 §6.
+    pub const AUTH_OK: Reply =
+        Reply::new(235, EnhancedCode::new(2, 7, 0), "Authentication succeeded");
+    /// RFC 4954 §6; also for an unknown user and a refused authorization identity, so
+    /// the reply does not tell a guesser which part was wrong.
+    pub const AUTH_INVALID: Reply = Reply::new(
+        535,
+        EnhancedCode::new(5, 7, 8),
+        "Authentication credentials invalid",
+    );
+    /// RFC 4954 §6.
+    pub const ENCRYPTION_REQUIRED: Reply = Reply::new(
+        538,
+        EnhancedCode::new(5, 7, 11),
+        "Encryption required for requested authentication mechanism",
+    );
+    pub const AUTH_REQUIRED: Reply =
+        Reply::new(530, EnhancedCode::new(5, 7, 0), "Authentication required");
+    pub const LOCKED_OUT: Reply = Reply::new(
+        454,
+        EnhancedCode::new(4, 7, 0),
+        "Too many failed logins, try again later",
+    );
+    pub const AUTH_TEMPORARY: Reply = Reply::new(
+        454,
+        EnhancedCode::new(4, 7, 0),
+        "Temporary authentication failure",
+    );
+    pub const ALREADY_AUTHENTICATED: Reply =
+        Reply::new(503, EnhancedCode::new(5, 5, 1), "Already authenticated");
+    pub const AUTH_IN_TRANSACTION: Reply = Reply::new(
+        503,
+        EnhancedCode::new(5, 5, 1),
+        "AUTH is not allowed during a mail transaction",
+    );
+    pub const AUTH_NEEDS_EHLO: Reply =
+        Reply::new(503, EnhancedCode::new(5, 5, 1), "Send EHLO before AUTH");
+    pub const SENDER_NOT_ALLOWED: Reply = Reply::new(
+        550,
+        EnhancedCode::new(5, 7, 1),
+        "Sender address not allowed for your login",
+    );
+    pub const RECIPIENT_NOT_ALLOWED: Reply = Reply::new(
+        550,
+        EnhancedCode::new(5, 7, 1),
+        "Recipient domain not allowed for your login",
+    );
     pub const TOO_MANY_ERRORS: Reply = Reply::new(
         421,
         EnhancedCode::new(4, 7, 0),
@@ -135,6 +192,25 @@ pub struct SessionContext<'a> {
     pub limits: &'a Limits,
     /// The client is inside the listener's `relay_networks`.
     pub may_relay: bool,
+    /// The listener the client connected to: TLS, AUTH policy.
+    pub listener: &'a ListenerConfig,
+    /// Device accounts; AUTH is offered only when there is one.
+    pub users: &'a Users,
+    pub rates: &'a RatePolicy,
+    /// The time, for the Received header's date and the rate limits.
+    pub now_unix_ms: u64,
+    /// Put a Received header at the top of each message (not in `tsubame sink`, which
+    /// only counts what arrives).
+    pub stamp_received: bool,
+}
+
+/// The TLS session a client is on, for the Received header and the log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsInfo {
+    /// `TLSv1.3` or `TLSv1.2`.
+    pub version: &'static str,
+    /// The IANA name of the cipher suite, e.g. `TLS13_AES_256_GCM_SHA384`.
+    pub cipher: String,
 }
 
 /// What the loop must do after [`Session::process`].
@@ -148,6 +224,13 @@ pub enum Event {
     AwaitingCommit,
     /// Flush the output and close the connection.
     Close,
+    /// The 220 to STARTTLS is in the output: discard buffered input, write the output,
+    /// start the TLS handshake, then call [`Session::tls_started`].
+    StartTls,
+    /// The client sent credentials: take them with [`Session::take_credentials`], check
+    /// them off the event loop, and report with [`Session::login_succeeded`] or
+    /// [`Session::login_failed`].
+    Login,
 }
 
 /// Where a deadline comes from, so the loop can choose the timeout reply.
@@ -174,6 +257,14 @@ enum Phase {
     },
     MessageReady,
     AwaitingCommit,
+    /// In an AUTH exchange, waiting for the client's response line.
+    Auth(Box<ServerExchange>),
+    /// The exchange produced credentials; the loop takes them.
+    LoginReady(Option<Credentials>),
+    /// The loop is checking the credentials.
+    AwaitingLogin,
+    /// The 220 to STARTTLS was written; nothing more is read before the handshake.
+    StartingTls,
     Closed,
 }
 
@@ -206,12 +297,22 @@ pub struct MessageParts<'a> {
     pub body: &'a [u8],
 }
 
+/// One entry of a watched conversation: where the replies stood in the output buffer
+/// when it happened, who said it, and the text (redacted).
+pub type TranscriptEntry = (usize, Direction, String);
+
 /// One client's SMTP session.
 #[derive(Debug)]
 pub struct Session {
     phase: Phase,
+    client: SocketAddr,
     helo: Option<Helo>,
     transaction: Option<Transaction>,
+    tls: Option<TlsInfo>,
+    /// The logged-in user's name.
+    login: Option<String>,
+    /// Kept while someone watches this conversation (`tsubame trace`).
+    transcript: Option<Vec<TranscriptEntry>>,
     /// The message content being received. Kept between messages to reuse its
     /// allocation unless it grew beyond [`BODY_CAPACITY_KEPT_BYTES`].
     body: Vec<u8>,
@@ -224,11 +325,15 @@ pub struct Session {
 const BODY_CAPACITY_KEPT_BYTES: usize = 64 * 1024;
 
 impl Session {
-    pub fn new() -> Self {
+    pub fn new(client: SocketAddr) -> Self {
         Self {
             phase: Phase::Command,
+            client,
             helo: None,
             transaction: None,
+            tls: None,
+            login: None,
+            transcript: None,
             body: Vec::new(),
             commands: 0,
             errors: 0,
@@ -245,7 +350,13 @@ impl Session {
         match self.phase {
             Phase::Data(_) | Phase::Bdat { .. } => Waiting::Content,
             Phase::MessageReady | Phase::AwaitingCommit => Waiting::Commit,
-            Phase::Command | Phase::SkippingLongLine | Phase::Closed => Waiting::Command,
+            Phase::Command
+            | Phase::SkippingLongLine
+            | Phase::Auth(_)
+            | Phase::LoginReady(_)
+            | Phase::AwaitingLogin
+            | Phase::StartingTls
+            | Phase::Closed => Waiting::Command,
         }
     }
 
@@ -264,6 +375,31 @@ impl Session {
                 Phase::Closed => return (consumed, Event::Close),
                 Phase::MessageReady => return (consumed, Event::MessageReady),
                 Phase::AwaitingCommit => return (consumed, Event::AwaitingCommit),
+                Phase::StartingTls => return (consumed, Event::StartTls),
+                Phase::LoginReady(_) => return (consumed, Event::Login),
+                Phase::AwaitingLogin => return (consumed, Event::AwaitingCommit),
+                Phase::Auth(_) => {
+                    let line = match next_line(rest, sasl::MAX_AUTH_LINE_BYTES) {
+                        Ok(Some(line)) => line,
+                        Ok(None) => return (consumed, Event::NeedInput),
+                        Err(LineError::TooLong { .. }) => {
+                            self.note_client(out, "***");
+                            self.phase = Phase::SkippingLongLine;
+                            self.error(sasl::Failure::TooLong.reply(), out, context);
+                            continue;
+                        }
+                    };
+                    let text = rest.get(..line.content_bytes).unwrap_or_default();
+                    consumed += line.length_bytes;
+                    self.note_client(out, if text == b"*" { "*" } else { "***" });
+                    let Phase::Auth(mut exchange) =
+                        std::mem::replace(&mut self.phase, Phase::Command)
+                    else {
+                        unreachable!("matched Auth above");
+                    };
+                    let step = exchange.on_line(text);
+                    self.sasl_step(exchange, step, out, context);
+                }
                 Phase::SkippingLongLine => match skip_past_line_end(rest) {
                     Some(length) => {
                         consumed += length;
@@ -279,7 +415,7 @@ impl Session {
                     } => {
                         consumed += used;
                         match outcome {
-                            DataOutcome::Complete => self.phase = Phase::MessageReady,
+                            DataOutcome::Complete => self.content_complete(out),
                             DataOutcome::TooLarge => {
                                 self.fail_message(replies::MESSAGE_TOO_BIG, out, context)
                             }
@@ -327,6 +463,9 @@ impl Session {
                     };
                     let text = rest.get(..line.content_bytes).unwrap_or_default();
                     consumed += line.length_bytes;
+                    if self.transcript.is_some() {
+                        self.note_client(out, &redact_command(text));
+                    }
                     self.commands = self.commands.saturating_add(1);
                     if self.commands > context.limits.max_commands_per_session {
                         replies::TOO_MANY_COMMANDS.write_to(out);
@@ -360,19 +499,36 @@ impl Session {
             }
             Command::Mail { from, parameters } => self.mail(from, parameters, out, context),
             Command::Rcpt { to, .. } => {
-                let Some(transaction) = self.transaction.as_mut() else {
+                let Some(transaction) = self.transaction.as_ref() else {
                     return self.error(replies::MAIL_FIRST, out, context);
                 };
                 if to.utf8 && !transaction.smtputf8 {
                     return self.error(replies::NEEDS_SMTPUTF8, out, context);
                 }
-                if !context.may_relay {
+                let user = self.user(context);
+                if !(context.may_relay || user.is_some()) {
                     return self.error(replies::RELAY_DENIED, out, context);
+                }
+                if user.is_some_and(|user| !user.recipient_allowed(to.mailbox)) {
+                    return self.error(replies::RECIPIENT_NOT_ALLOWED, out, context);
                 }
                 if transaction.recipients.len() >= context.limits.max_recipients {
                     return self.error(replies::TOO_MANY_RECIPIENTS, out, context);
                 }
-                transaction.recipients.push(to.mailbox.to_string());
+                let recipients =
+                    u32::try_from(transaction.recipients.len() + 1).unwrap_or(u32::MAX);
+                if let Err(reply) = context.rates.check(
+                    self.client.ip(),
+                    self.login.as_deref(),
+                    recipients,
+                    Stage::Recipient,
+                    context.now_unix_ms,
+                ) {
+                    return self.error(reply, out, context);
+                }
+                if let Some(transaction) = self.transaction.as_mut() {
+                    transaction.recipients.push(to.mailbox.to_string());
+                }
                 replies::RECIPIENT_OK.write_to(out);
             }
             Command::Data
@@ -386,7 +542,7 @@ impl Session {
             Command::Data => match self.transaction_state() {
                 Err(reply) => self.error(reply, out, context),
                 Ok(()) => {
-                    self.body.clear();
+                    self.start_content(context);
                     let limits = context.limits;
                     let max_message_bytes =
                         usize::try_from(limits.max_message_size_bytes).unwrap_or(usize::MAX);
@@ -413,18 +569,225 @@ impl Session {
             Command::Vrfy { .. } => replies::VRFY.write_to(out),
             Command::Expn { .. } => self.error(replies::EXPN, out, context),
             Command::Help { .. } => replies::HELP.write_to(out),
-            Command::Auth { .. } => self.error(replies::AUTH_UNAVAILABLE, out, context),
-            Command::StartTls => self.error(replies::TLS_UNAVAILABLE, out, context),
+            Command::Auth {
+                mechanism,
+                initial_response,
+            } => self.auth(mechanism, initial_response, out, context),
+            Command::StartTls => self.start_tls(out, context),
         }
     }
 
+    /// Whether this listener offers STARTTLS to this session now.
+    fn offers_starttls(&self, context: &SessionContext<'_>) -> bool {
+        context.listener.mode == ListenerMode::Smtp
+            && context.listener.has_tls()
+            && self.tls.is_none()
+    }
+
+    /// Whether AUTH is offered now: there are accounts, and TLS is on or not needed.
+    fn offers_auth(&self, context: &SessionContext<'_>) -> bool {
+        !context.users.is_empty()
+            && (self.tls.is_some() || !context.listener.tls_required_for_auth())
+    }
+
+    /// The logged-in user's account.
+    fn user<'c>(&self, context: &SessionContext<'c>) -> Option<&'c User> {
+        self.login
+            .as_deref()
+            .and_then(|name| context.users.find(name))
+    }
+
+    fn start_tls(&mut self, out: &mut Vec<u8>, context: &SessionContext<'_>) {
+        if self.tls.is_some() {
+            return self.error(replies::TLS_ALREADY_ACTIVE, out, context);
+        }
+        if !self.offers_starttls(context) {
+            return self.error(replies::TLS_UNAVAILABLE, out, context);
+        }
+        replies::READY_FOR_TLS.write_to(out);
+        self.phase = Phase::StartingTls;
+    }
+
+    fn auth(
+        &mut self,
+        mechanism: &str,
+        initial_response: Option<&str>,
+        out: &mut Vec<u8>,
+        context: &SessionContext<'_>,
+    ) {
+        if context.users.is_empty() {
+            return self.error(replies::AUTH_UNAVAILABLE, out, context);
+        }
+        let Some(helo) = &self.helo else {
+            return self.error(replies::HELO_FIRST, out, context);
+        };
+        if !helo.extended && !context.listener.allows_auth_after_helo() {
+            return self.error(replies::AUTH_NEEDS_EHLO, out, context);
+        }
+        if self.login.is_some() {
+            return self.error(replies::ALREADY_AUTHENTICATED, out, context);
+        }
+        if self.transaction.is_some() {
+            return self.error(replies::AUTH_IN_TRANSACTION, out, context);
+        }
+        if self.tls.is_none() && context.listener.tls_required_for_auth() {
+            return self.error(replies::ENCRYPTION_REQUIRED, out, context);
+        }
+        let mechanism = match Mechanism::parse(mechanism.as_bytes()) {
+            Ok(mechanism) => mechanism,
+            Err(unknown) => return self.error(unknown.reply(), out, context),
+        };
+        let (exchange, step) =
+            ServerExchange::start(mechanism, initial_response.map(str::as_bytes));
+        self.sasl_step(Box::new(exchange), step, out, context);
+    }
+
+    fn sasl_step(
+        &mut self,
+        exchange: Box<ServerExchange>,
+        step: Step,
+        out: &mut Vec<u8>,
+        context: &SessionContext<'_>,
+    ) {
+        match step {
+            Step::Challenge(challenge) => {
+                sasl::write_challenge(challenge, out);
+                self.phase = Phase::Auth(exchange);
+            }
+            Step::Done(credentials) => self.phase = Phase::LoginReady(Some(credentials)),
+            Step::Failed(failure) => {
+                self.phase = Phase::Command;
+                self.error(failure.reply(), out, context);
+            }
+        }
+    }
+
+    /// The credentials to check, once after [`Event::Login`].
+    pub fn take_credentials(&mut self) -> Option<Credentials> {
+        match &mut self.phase {
+            Phase::LoginReady(credentials) => {
+                let taken = credentials.take();
+                self.phase = Phase::AwaitingLogin;
+                taken
+            }
+            _ => None,
+        }
+    }
+
+    /// The credentials were right: `235`.
+    pub fn login_succeeded(&mut self, name: &str, out: &mut Vec<u8>) {
+        if !matches!(self.phase, Phase::AwaitingLogin) {
+            return;
+        }
+        replies::AUTH_OK.write_to(out);
+        self.login = Some(name.to_string());
+        self.phase = Phase::Command;
+    }
+
+    /// The login failed (`535`), was refused (`454`), or could not be checked.
+    pub fn login_failed(&mut self, reply: Reply, out: &mut Vec<u8>, context: &SessionContext<'_>) {
+        if !matches!(self.phase, Phase::AwaitingLogin) {
+            return;
+        }
+        self.phase = Phase::Command;
+        self.error(reply, out, context);
+    }
+
+    /// The logged-in user, if any.
+    pub fn login(&self) -> Option<&str> {
+        self.login.as_deref()
+    }
+
+    /// The TLS handshake is about to start after STARTTLS: everything learnt from the
+    /// client before it is forgotten (RFC 3207 §4.2), and the client must EHLO again.
+    pub fn tls_started(&mut self) {
+        self.helo = None;
+        self.login = None;
+        self.reset_transaction();
+        self.phase = Phase::Command;
+    }
+
+    /// The TLS handshake completed.
+    pub fn tls_established(&mut self, info: TlsInfo) {
+        self.tls = Some(info);
+    }
+
+    pub fn tls(&self) -> Option<&TlsInfo> {
+        self.tls.as_ref()
+    }
+
+    /// Starts or stops keeping a transcript for a watcher.
+    pub fn set_traced(&mut self, traced: bool) {
+        match (traced, self.transcript.is_some()) {
+            (true, false) => self.transcript = Some(Vec::new()),
+            (false, true) => self.transcript = None,
+            _ => {}
+        }
+    }
+
+    /// The transcript entries since the last call (empty when not traced).
+    pub fn take_transcript(&mut self) -> Vec<TranscriptEntry> {
+        self.transcript
+            .as_mut()
+            .map(std::mem::take)
+            .unwrap_or_default()
+    }
+
+    fn note_client(&mut self, out: &[u8], text: &str) {
+        if let Some(transcript) = &mut self.transcript {
+            transcript.push((out.len(), Direction::Client, text.to_string()));
+        }
+    }
+
+    /// The content of the message is complete.
+    fn content_complete(&mut self, out: &[u8]) {
+        if let Some(transcript) = &mut self.transcript {
+            transcript.push((
+                out.len(),
+                Direction::Note,
+                format!("message content: {} bytes", self.body.len()),
+            ));
+        }
+        self.phase = Phase::MessageReady;
+    }
+
+    /// A new message's content begins: the body starts with our Received header.
+    fn start_content(&mut self, context: &SessionContext<'_>) {
+        self.body.clear();
+        if !context.stamp_received {
+            return;
+        }
+        let header = crate::received::header(&crate::received::Trace {
+            helo: self.helo.as_ref().map(|helo| helo.name.as_str()),
+            extended: self.helo.as_ref().is_some_and(|helo| helo.extended),
+            client: self.client.ip(),
+            hostname: context.hostname,
+            tls: self.tls.as_ref(),
+            user: self.login.as_deref(),
+            show_user: context.listener.received_header_user,
+            smtputf8: self
+                .transaction
+                .as_ref()
+                .is_some_and(|transaction| transaction.smtputf8),
+            now_unix_ms: context.now_unix_ms,
+        });
+        self.body.extend_from_slice(header.as_bytes());
+    }
+
     fn ehlo_reply(&self, client_name: &str, context: &SessionContext<'_>) -> Reply {
-        let text = format!(
-            "{} greets {}\nPIPELINING\nSIZE {}\n8BITMIME\nSMTPUTF8\nENHANCEDSTATUSCODES\nCHUNKING\nHELP",
+        let mut text = format!(
+            "{} greets {}\nPIPELINING\nSIZE {}\n8BITMIME\nSMTPUTF8\nENHANCEDSTATUSCODES\nCHUNKING",
             context.hostname,
             sanitize_for_reply(client_name),
             context.limits.max_message_size_bytes
         );
+        if self.offers_starttls(context) {
+            text.push_str("\nSTARTTLS");
+        }
+        if self.offers_auth(context) {
+            text.push_str("\nAUTH PLAIN LOGIN");
+        }
+        text.push_str("\nHELP");
         Reply::owned(250, None, text)
     }
 
@@ -440,6 +803,9 @@ impl Session {
         };
         if self.transaction.is_some() {
             return self.error(replies::NESTED_MAIL, out, context);
+        }
+        if context.listener.require_auth && self.login.is_none() {
+            return self.error(replies::AUTH_REQUIRED, out, context);
         }
         if !helo.extended && parameters != MailParameters::default() {
             return self.error(replies::PARAMETERS_NEED_EHLO, out, context);
@@ -459,6 +825,21 @@ impl Session {
                 address.mailbox.to_string()
             }
         };
+        if self
+            .user(context)
+            .is_some_and(|user| !user.sender_allowed(&mail_from))
+        {
+            return self.error(replies::SENDER_NOT_ALLOWED, out, context);
+        }
+        if let Err(reply) = context.rates.check(
+            self.client.ip(),
+            self.login.as_deref(),
+            0,
+            Stage::Mail,
+            context.now_unix_ms,
+        ) {
+            return self.error(reply, out, context);
+        }
         let mut spooled_parameters = Vec::new();
         match parameters.body {
             Some(Body::EightBitMime) => spooled_parameters.push("BODY=8BITMIME".to_string()),
@@ -504,7 +885,7 @@ impl Session {
                 match transaction.and_then(|transaction| transaction.bdat.take()) {
                     Some(receiver) => (receiver, None),
                     None => {
-                        self.body.clear();
+                        self.start_content(context);
                         (BdatReceiver::new(max_message_bytes), None)
                     }
                 }
@@ -538,7 +919,7 @@ impl Session {
         }
         if last {
             receiver.finish(&mut self.body);
-            self.phase = Phase::MessageReady;
+            self.content_complete(out);
         } else {
             if let Some(transaction) = self.transaction.as_mut() {
                 transaction.bdat = Some(receiver);
@@ -632,9 +1013,15 @@ impl Session {
     }
 }
 
-impl Default for Session {
-    fn default() -> Self {
-        Self::new()
+/// A command line for a transcript: AUTH's initial response is replaced by `***`.
+fn redact_command(line: &[u8]) -> String {
+    let text = String::from_utf8_lossy(line);
+    let mut words = text.split(' ').filter(|word| !word.is_empty());
+    match (words.next(), words.next(), words.next()) {
+        (Some(verb), Some(mechanism), Some(_)) if verb.eq_ignore_ascii_case("AUTH") => {
+            format!("{verb} {mechanism} ***")
+        }
+        _ => text.into_owned(),
     }
 }
 
@@ -678,6 +1065,13 @@ mod tests {
         session: Session,
         limits: Limits,
         may_relay: bool,
+        listener: ListenerConfig,
+        users: Users,
+        rates: RatePolicy,
+        stamp_received: bool,
+        tls: bool,
+        /// Login checks the harness answers: (name, password) pairs that are right.
+        accounts: Vec<(String, String)>,
         output: Vec<u8>,
     }
 
@@ -688,9 +1082,15 @@ mod tests {
 
         fn with_limits(limits: Limits) -> Self {
             Self {
-                session: Session::new(),
+                session: Session::new("192.0.2.7:40000".parse().unwrap()),
                 limits,
                 may_relay: true,
+                listener: ListenerConfig::plain("127.0.0.1:2525".parse().unwrap()),
+                users: Users::default(),
+                rates: RatePolicy::unlimited(),
+                stamp_received: false,
+                tls: false,
+                accounts: Vec::new(),
                 output: Vec::new(),
             }
         }
@@ -705,12 +1105,44 @@ mod tests {
                     hostname: "relay.test",
                     limits: &self.limits,
                     may_relay: self.may_relay,
+                    listener: &self.listener,
+                    users: &self.users,
+                    rates: &self.rates,
+                    now_unix_ms: 1_234_567_890_000,
+                    stamp_received: self.stamp_received,
                 };
                 let (used, event) =
                     self.session
                         .process(&input[offset..], &mut self.output, &context);
                 offset += used;
                 match event {
+                    Event::StartTls => {
+                        assert!(self.tls, "STARTTLS accepted without a certificate");
+                        // What the loop does: drop pipelined input, then TLS.
+                        offset = input.len();
+                        self.session.tls_started();
+                        self.session.tls_established(TlsInfo {
+                            version: "TLSv1.3",
+                            cipher: "TLS13_AES_128_GCM_SHA256".to_string(),
+                        });
+                    }
+                    Event::Login => {
+                        let credentials = self.session.take_credentials().unwrap();
+                        let right = self.accounts.iter().any(|(name, password)| {
+                            *name == credentials.username
+                                && password.as_bytes() == credentials.password().expose()
+                        }) && credentials.authzid.is_none();
+                        if right {
+                            self.session
+                                .login_succeeded(&credentials.username, &mut self.output);
+                        } else {
+                            self.session.login_failed(
+                                replies::AUTH_INVALID,
+                                &mut self.output,
+                                &context,
+                            );
+                        }
+                    }
                     Event::MessageReady => {
                         let parts = self.session.message().expect("message ready");
                         spooled.push((
@@ -931,6 +1363,11 @@ mod tests {
                         hostname: "relay.test",
                         limits: &harness.limits,
                         may_relay: true,
+                        listener: &harness.listener,
+                        users: &harness.users,
+                        rates: &harness.rates,
+                        now_unix_ms: 0,
+                        stamp_received: false,
                     };
                     let (used, event) =
                         harness
@@ -967,5 +1404,253 @@ mod tests {
     #[test]
     fn ehlo_name_cannot_inject_reply_lines() {
         assert_eq!(sanitize_for_reply("a\rb\nc"), "a?b?c");
+    }
+
+    /// A harness whose listener has a certificate, with one account `scanner` (password
+    /// `right`) that may send only as `scans@example.com` to `example.net`.
+    fn login_harness() -> Harness {
+        let mut harness = Harness::new();
+        harness.listener.certificate_file = Some("cert.pem".into());
+        harness.listener.key_file = Some("key.pem".into());
+        harness.tls = true;
+        harness.users = Users::new(vec![User {
+            name: "scanner".to_string(),
+            password_hash: tsubame_config::users::hash_password(b"unused by the harness").unwrap(),
+            allowed_senders: vec![
+                tsubame_config::SenderPattern::parse("scans@example.com").unwrap(),
+            ],
+            allowed_recipient_domains: vec!["example.net".to_string()],
+            upstream: None,
+        }])
+        .unwrap();
+        harness.accounts = vec![("scanner".to_string(), "right".to_string())];
+        harness
+    }
+
+    fn base64(bytes: &[u8]) -> String {
+        let mut out = Vec::new();
+        tsubame_smtp_proto::sasl::encode_base64(bytes, &mut out);
+        String::from_utf8(out).unwrap()
+    }
+
+    /// AUTH PLAIN's initial response for `scanner` / `password`.
+    fn plain(password: &str) -> String {
+        base64(format!("\0scanner\0{password}").as_bytes())
+    }
+
+    #[test]
+    fn starttls_is_offered_with_a_certificate_and_resets_the_session() {
+        let mut harness = login_harness();
+        let (replies, _) = harness.feed(b"EHLO x\r\n");
+        assert!(replies.contains("250-STARTTLS\r\n"), "{replies}");
+        // AUTH needs TLS first: not offered, and refused with 538.
+        assert!(!replies.contains("AUTH"), "{replies}");
+        let (replies, _) = harness.feed(format!("AUTH PLAIN {}\r\n", plain("right")).as_bytes());
+        assert!(replies.starts_with("538 5.7.11 "), "{replies}");
+
+        // Pipelined MAIL after STARTTLS is dropped, and the session starts over.
+        let (replies, _) =
+            harness.feed(b"MAIL FROM:<a@b.c>\r\nSTARTTLS\r\nMAIL FROM:<evil@x.y>\r\n");
+        assert_eq!(codes(&replies), ["250", "220"], "{replies}");
+        assert!(
+            replies.contains("220 2.0.0 Ready to start TLS"),
+            "{replies}"
+        );
+        let (replies, _) = harness.feed(b"RCPT TO:<d@e.f>\r\nEHLO x\r\n");
+        assert_eq!(codes(&replies), ["503", "250"], "{replies}");
+        assert!(!replies.contains("STARTTLS"), "{replies}");
+        assert!(replies.contains("250-AUTH PLAIN LOGIN\r\n"), "{replies}");
+        let (replies, _) = harness.feed(b"STARTTLS\r\n");
+        assert!(
+            replies.starts_with("503 5.5.1 TLS already active"),
+            "{replies}"
+        );
+    }
+
+    #[test]
+    fn starttls_without_a_certificate_is_not_available() {
+        let (replies, _) = Harness::new().feed(b"EHLO x\r\nSTARTTLS\r\n");
+        assert!(!replies.contains("STARTTLS\r\n"), "{replies}");
+        assert!(
+            replies.ends_with("502 5.5.1 STARTTLS is not available\r\n"),
+            "{replies}"
+        );
+    }
+
+    #[test]
+    fn auth_plain_login_and_their_failures() {
+        let mut harness = login_harness();
+        harness.feed(b"EHLO x\r\nSTARTTLS\r\n");
+        harness.feed(b"EHLO x\r\n");
+        let cases: Vec<(String, Vec<&str>)> = vec![
+            (format!("AUTH PLAIN {}\r\n", plain("wrong")), vec!["535"]),
+            (
+                format!("AUTH PLAIN\r\n{}\r\n", plain("wrong")),
+                vec!["334", "535"],
+            ),
+            ("AUTH LOGIN\r\n*\r\n".to_string(), vec!["334", "501"]),
+            (
+                "AUTH LOGIN\r\nnot base64!\r\n".to_string(),
+                vec!["334", "501"],
+            ),
+            ("AUTH CRAM-MD5\r\n".to_string(), vec!["504"]),
+            ("AUTH PLAIN =\r\n".to_string(), vec!["501"]),
+        ];
+        for (input, want) in cases {
+            let (replies, _) = harness.feed(input.as_bytes());
+            assert_eq!(codes(&replies), want, "{input:?}: {replies}");
+        }
+        // LOGIN, in steps: user name, then password.
+        let (replies, _) = harness.feed(
+            format!(
+                "AUTH LOGIN\r\n{}\r\n{}\r\n",
+                base64(b"scanner"),
+                base64(b"right")
+            )
+            .as_bytes(),
+        );
+        assert_eq!(codes(&replies), ["334", "334", "235"], "{replies}");
+        assert!(
+            replies.contains("235 2.7.0 Authentication succeeded"),
+            "{replies}"
+        );
+        assert_eq!(harness.session.login(), Some("scanner"));
+        let (replies, _) = harness.feed(format!("AUTH PLAIN {}\r\n", plain("right")).as_bytes());
+        assert!(
+            replies.starts_with("503 5.5.1 Already authenticated"),
+            "{replies}"
+        );
+    }
+
+    #[test]
+    fn a_login_relays_within_its_restrictions() {
+        let mut harness = login_harness();
+        harness.may_relay = false;
+        harness.feed(b"EHLO x\r\nSTARTTLS\r\n");
+        harness.feed(b"EHLO x\r\n");
+        // Not logged in and outside relay_networks: no relaying.
+        let (replies, _) =
+            harness.feed(b"MAIL FROM:<scans@example.com>\r\nRCPT TO:<a@example.net>\r\nRSET\r\n");
+        assert_eq!(codes(&replies), ["250", "550", "250"], "{replies}");
+        let (replies, _) = harness.feed(format!("AUTH PLAIN {}\r\n", plain("right")).as_bytes());
+        assert_eq!(codes(&replies), ["235"], "{replies}");
+        let (replies, _) = harness.feed(b"MAIL FROM:<boss@example.com>\r\n");
+        assert!(
+            replies.starts_with("550 5.7.1 Sender address not allowed"),
+            "{replies}"
+        );
+        let (replies, spooled) = harness.feed(
+            b"MAIL FROM:<scans@example.com>\r\nRCPT TO:<a@example.org>\r\nRCPT TO:<a@example.net>\r\nDATA\r\nhi\r\n.\r\n",
+        );
+        assert_eq!(
+            codes(&replies),
+            ["250", "550", "250", "354", "250"],
+            "{replies}"
+        );
+        assert!(
+            replies.contains("550 5.7.1 Recipient domain not allowed"),
+            "{replies}"
+        );
+        assert_eq!(spooled.len(), 1);
+        assert_eq!(spooled[0].1, ["a@example.net"]);
+    }
+
+    #[test]
+    fn require_auth_refuses_mail_before_login_even_from_relay_networks() {
+        let mut harness = login_harness();
+        harness.listener.require_auth = true;
+        let (replies, _) = harness.feed(b"EHLO x\r\nMAIL FROM:<scans@example.com>\r\n");
+        assert!(
+            replies.ends_with("530 5.7.0 Authentication required\r\n"),
+            "{replies}"
+        );
+    }
+
+    #[test]
+    fn auth_after_helo_and_without_tls_only_when_the_listener_relaxes_it() {
+        let mut strict = login_harness();
+        strict.listener.certificate_file = None;
+        strict.listener.key_file = None;
+        let (replies, _) =
+            strict.feed(format!("HELO x\r\nAUTH PLAIN {}\r\n", plain("right")).as_bytes());
+        assert!(
+            replies.ends_with("503 5.5.1 Send EHLO before AUTH\r\n"),
+            "{replies}"
+        );
+
+        let mut legacy = login_harness();
+        legacy.listener.certificate_file = None;
+        legacy.listener.key_file = None;
+        legacy.listener.profile = Some(tsubame_config::ListenerProfile::LegacyDevice);
+        let (replies, _) = legacy.feed(b"EHLO x\r\n");
+        assert!(replies.contains("250-AUTH PLAIN LOGIN\r\n"), "{replies}");
+        let (replies, _) =
+            legacy.feed(format!("HELO x\r\nAUTH PLAIN {}\r\n", plain("right")).as_bytes());
+        assert_eq!(codes(&replies), ["250", "235"], "{replies}");
+    }
+
+    #[test]
+    fn a_foreign_authorization_identity_is_refused_like_a_wrong_password() {
+        let mut harness = login_harness();
+        harness.feed(b"EHLO x\r\nSTARTTLS\r\n");
+        harness.feed(b"EHLO x\r\n");
+        let response = base64(b"boss\0scanner\0right");
+        let (replies, _) = harness.feed(format!("AUTH PLAIN {response}\r\n").as_bytes());
+        assert!(replies.starts_with("535 5.7.8 "), "{replies}");
+    }
+
+    #[test]
+    fn messages_start_with_a_received_header() {
+        let mut harness = login_harness();
+        harness.stamp_received = true;
+        harness.feed(b"STARTTLS\r\n");
+        let (_, spooled) = harness.feed(
+            format!(
+                "EHLO printer.lan\r\nAUTH PLAIN {}\r\nMAIL FROM:<scans@example.com>\r\nRCPT TO:<a@example.net>\r\nBDAT 4 LAST\r\nhi\r\n",
+                plain("right")
+            )
+            .as_bytes(),
+        );
+        let body = String::from_utf8(spooled[0].2.clone()).unwrap();
+        assert_eq!(
+            body,
+            "Received: from printer.lan ([192.0.2.7])\r\n\tby relay.test (tsubame) with ESMTPSA\r\n\t(TLSv1.3 TLS13_AES_128_GCM_SHA256);\r\n\tFri, 13 Feb 2009 23:31:30 +0000\r\nhi\r\n"
+        );
+    }
+
+    #[test]
+    fn transcripts_hide_passwords_and_content() {
+        let mut harness = login_harness();
+        harness.session.set_traced(true);
+        harness.feed(b"EHLO x\r\nSTARTTLS\r\nNOOP\r\n");
+        harness.feed(
+            format!(
+                "EHLO x\r\nAUTH PLAIN {}\r\nAUTH LOGIN\r\nc2Nhbm5lcg==\r\ncmlnaHQ=\r\nMAIL FROM:<scans@example.com>\r\nRCPT TO:<a@example.net>\r\nDATA\r\nsecret body\r\n.\r\n",
+                plain("wrong")
+            )
+            .as_bytes(),
+        );
+        let transcript: Vec<String> = harness
+            .session
+            .take_transcript()
+            .into_iter()
+            .map(|(_, direction, text)| format!("{} {text}", direction.marker()))
+            .collect();
+        assert_eq!(
+            transcript,
+            [
+                "C: EHLO x",
+                "C: STARTTLS",
+                "C: EHLO x",
+                "C: AUTH PLAIN ***",
+                "C: AUTH LOGIN",
+                "C: ***",
+                "C: ***",
+                "C: MAIL FROM:<scans@example.com>",
+                "C: RCPT TO:<a@example.net>",
+                "C: DATA",
+                "* message content: 13 bytes",
+            ]
+        );
     }
 }

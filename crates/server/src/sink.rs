@@ -13,9 +13,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use tsubame_config::Limits;
+use tsubame_config::{Limits, ListenerConfig, Users};
 use tsubame_smtp_proto::reply::{EnhancedCode, Reply};
 
+use crate::rates::RatePolicy;
 use crate::session::{Event, Session, SessionContext};
 
 /// The temporary failure the sink injects.
@@ -225,12 +226,20 @@ fn serve_connection(
         options.limits.command_timeout_secs,
     )))?;
     let _ = stream.set_nodelay(true);
+    let listener = ListenerConfig::plain(stream.local_addr()?);
+    let users = Users::default();
+    let rates = RatePolicy::unlimited();
     let context = SessionContext {
         hostname: &options.hostname,
         limits: &options.limits,
         may_relay: true,
+        listener: &listener,
+        users: &users,
+        rates: &rates,
+        now_unix_ms: 0,
+        stamp_received: false,
     };
-    let mut session = Session::new();
+    let mut session = Session::new(stream.peer_addr()?);
     let mut output = Vec::new();
     Session::greeting(&options.hostname, &mut output);
     stream.write_all(&output)?;
@@ -255,7 +264,8 @@ fn serve_connection(
                     stream.write_all(&output)?;
                     return Ok(());
                 }
-                Event::AwaitingCommit => break,
+                // No certificate and no users: the session never asks for these.
+                Event::AwaitingCommit | Event::StartTls | Event::Login => break,
                 Event::MessageReady => {
                     let (recipients, size_bytes) = session.message().map_or((0, 0), |parts| {
                         (parts.recipients.len() as u64, parts.body.len() as u64)

@@ -16,6 +16,7 @@ pub mod bdat;
 pub mod command;
 mod content;
 pub mod data;
+pub mod date;
 pub mod line;
 pub mod reply;
 pub mod sasl;

@@ -67,6 +67,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
     let mut signals = signal_hook::iterator::Signals::new([
         signal_hook::consts::SIGTERM,
         signal_hook::consts::SIGINT,
+        signal_hook::consts::SIGHUP,
     ])
     .context("cannot install signal handlers")?;
 
@@ -118,9 +119,15 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
     std::thread::Builder::new()
         .name("signals".to_string())
         .spawn(move || {
-            if let Some(signal) = signals.forever().next() {
+            for signal in signals.forever() {
+                if signal == signal_hook::consts::SIGHUP {
+                    tracing::info!("SIGHUP: reloading certificates");
+                    shutdown.reload_certificates();
+                    continue;
+                }
                 tracing::info!(signal, "shutting down");
                 shutdown.shutdown();
+                break;
             }
         })
         .context("cannot start the signal thread")?;

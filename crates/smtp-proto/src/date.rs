@@ -1,0 +1,167 @@
+//! Dates in the form mail headers use (RFC 5322 §3.3), from Unix time, with no
+//! calendar library: the Received header, bounces' Date fields and `tsubame spool
+//! inspect` all come through here.
+
+const MILLISECONDS_PER_SECOND: u64 = 1000;
+const SECONDS_PER_MINUTE: u64 = 60;
+const SECONDS_PER_HOUR: u64 = 3600;
+const SECONDS_PER_DAY: u64 = 86_400;
+/// Days from 0000-03-01 to 1970-01-01 in the proleptic Gregorian calendar: the civil
+/// date computation counts from a 1 March so that the leap day ends its year.
+const DAYS_FROM_MARCH_0000_TO_EPOCH: u64 = 719_468;
+/// Days in a 400-year Gregorian cycle, which repeats exactly.
+const DAYS_PER_400_YEARS: u64 = 146_097;
+/// 1970-01-01 was a Thursday; index 4 of [`WEEKDAY_NAMES`].
+const EPOCH_WEEKDAY: u64 = 4;
+const WEEKDAY_NAMES: [&str; 7] = ["Sun", "Mon", "Tue", "Wed", "Thu", "Fri", "Sat"];
+/// Month names from March, the first month of the computation's year.
+const MONTH_NAMES_FROM_MARCH: [&str; 12] = [
+    "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec", "Jan", "Feb",
+];
+
+/// `unix_ms` as an RFC 5322 §3.3 date-time in UTC, e.g. `Thu, 01 Jan 1970 00:00:00
+/// +0000`. Milliseconds are dropped. Every `u64` is accepted; years past 9999 get more
+/// digits (the grammar's `4*DIGIT` allows them).
+pub fn rfc5322_date(unix_ms: u64) -> String {
+    let seconds = unix_ms / MILLISECONDS_PER_SECOND;
+    let days = seconds / SECONDS_PER_DAY;
+    let second_of_day = seconds % SECONDS_PER_DAY;
+    let weekday = WEEKDAY_NAMES[((days + EPOCH_WEEKDAY) % 7) as usize];
+    let date = CivilDate::from_days_since_epoch(days);
+    format!(
+        "{weekday}, {:02} {} {:04} {:02}:{:02}:{:02} +0000",
+        date.day,
+        date.month_name,
+        date.year,
+        second_of_day / SECONDS_PER_HOUR,
+        second_of_day % SECONDS_PER_HOUR / SECONDS_PER_MINUTE,
+        second_of_day % SECONDS_PER_MINUTE,
+    )
+}
+
+/// A proleptic Gregorian calendar date in UTC. The one calendar conversion of the
+/// workspace.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CivilDate {
+    pub year: u64,
+    /// 1..=12.
+    pub month: u64,
+    pub month_name: &'static str,
+    /// 1..=31.
+    pub day: u64,
+}
+
+impl CivilDate {
+    /// The date `days` after 1970-01-01.
+    ///
+    /// Counts in 400-year cycles from 0000-03-01, with years that start on 1 March so the
+    /// leap day is the last day of its year; the method is the one Howard Hinnant
+    /// describes in "chrono-Compatible Low-Level Date Algorithms" (civil_from_days),
+    /// restricted to dates after the epoch so everything stays unsigned. No overflow:
+    /// `u64::MAX` milliseconds is about 2.1e11 days.
+    pub fn from_days_since_epoch(days: u64) -> CivilDate {
+        let days_since_march_0000 = days + DAYS_FROM_MARCH_0000_TO_EPOCH;
+        let cycle = days_since_march_0000 / DAYS_PER_400_YEARS;
+        // 0..=146_096
+        let day_of_cycle = days_since_march_0000 % DAYS_PER_400_YEARS;
+        // Taking out one day per 4-year block (1460 days), putting one back per century
+        // (36 524 days) and taking out the cycle's very last day leaves a count that
+        // divided by 365 gives the year of the cycle: 0..=399.
+        let year_of_cycle = (day_of_cycle - day_of_cycle / 1460 + day_of_cycle / 36_524
+            - day_of_cycle / (DAYS_PER_400_YEARS - 1))
+            / 365;
+        // 0..=365, 0 = 1 March.
+        let day_of_year =
+            day_of_cycle - (365 * year_of_cycle + year_of_cycle / 4 - year_of_cycle / 100);
+        // Months from March alternate 31 and 30 days in a 153-day five-month pattern;
+        // 0..=11 because day_of_year <= 365 gives (5 * 365 + 2) / 153 = 11.
+        let month_from_march = (5 * day_of_year + 2) / 153;
+        let day = day_of_year - (153 * month_from_march + 2) / 5 + 1;
+        // January and February belong to the next calendar year.
+        let year = cycle * 400 + year_of_cycle + u64::from(month_from_march >= 10);
+        CivilDate {
+            year,
+            month: if month_from_march < 10 {
+                month_from_march + 3
+            } else {
+                month_from_march - 9
+            },
+            month_name: MONTH_NAMES_FROM_MARCH[month_from_march as usize],
+            day,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dates_match_known_values() {
+        // Expected values from GNU date -u; they cover the epoch, leap days in a year
+        // divisible by 400 and by 4, the non-leap century 2100, the last second of a
+        // century and of year 9999, dropped milliseconds, and years past 9999.
+        let table: &[(u64, &str)] = &[
+            (0, "Thu, 01 Jan 1970 00:00:00 +0000"),
+            (999, "Thu, 01 Jan 1970 00:00:00 +0000"),
+            (86_399_999, "Thu, 01 Jan 1970 23:59:59 +0000"),
+            (951_782_400_000, "Tue, 29 Feb 2000 00:00:00 +0000"),
+            (1_234_567_890_000, "Fri, 13 Feb 2009 23:31:30 +0000"),
+            (1_709_210_096_000, "Thu, 29 Feb 2024 12:34:56 +0000"),
+            (4_102_444_799_000, "Thu, 31 Dec 2099 23:59:59 +0000"),
+            (4_107_542_400_000, "Mon, 01 Mar 2100 00:00:00 +0000"),
+            (253_402_300_799_000, "Fri, 31 Dec 9999 23:59:59 +0000"),
+            // u64::MAX ms; expected from Python: the remainder of the 400-year cycles as a
+            // datetime date, plus 400 years per cycle (the calendar repeats exactly).
+            (u64::MAX, "Wed, 03 Apr 584556019 14:25:51 +0000"),
+        ];
+        for &(unix_ms, expected) in table {
+            assert_eq!(rfc5322_date(unix_ms), expected, "{unix_ms} ms");
+        }
+    }
+
+    #[test]
+    fn civil_dates_match_a_day_by_day_calendar() {
+        // An independent oracle: walk two full 400-year cycles a day at a time with the
+        // leap-year rule written out, and compare every day.
+        let month_lengths = |year: u64| {
+            let leap =
+                (year.is_multiple_of(4) && !year.is_multiple_of(100)) || year.is_multiple_of(400);
+            [
+                31,
+                if leap { 29 } else { 28 },
+                31,
+                30,
+                31,
+                30,
+                31,
+                31,
+                30,
+                31,
+                30,
+                31,
+            ]
+        };
+        let names = [
+            "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+        ];
+        let (mut year, mut month, mut day) = (1970_u64, 0_usize, 1_u64);
+        for days in 0..2 * DAYS_PER_400_YEARS {
+            let date = CivilDate::from_days_since_epoch(days);
+            assert_eq!(
+                (date.year, date.month_name, date.day),
+                (year, names[month], day),
+                "day {days}"
+            );
+            day += 1;
+            if day > month_lengths(year)[month] {
+                day = 1;
+                month += 1;
+                if month == 12 {
+                    month = 0;
+                    year += 1;
+                }
+            }
+        }
+    }
+}
