@@ -1053,6 +1053,84 @@ upstream = "mx"
         assert!(scanner.sender_allowed("anyone@sub.example.com"));
         assert!(!scanner.sender_allowed("scanner@example.net"));
         assert!(scanner.recipient_allowed("someone@example.com"));
+        let listener = &config.listeners[0];
+        assert_eq!(listener.mode, ListenerMode::Smtp);
+        assert!(listener.has_tls() && listener.tls_required_for_auth());
+        assert_eq!(config.rate_limits.per_user.messages_per_hour, Some(500));
+        assert_eq!(config.rate_limits.per_client.messages_per_minute, Some(60));
+        assert_eq!(config.login_guard, LoginGuardConfig::default());
+    }
+
+    #[test]
+    fn readme_device_login_example_is_valid() {
+        let readme = include_str!("../../../README.md");
+        let section = &readme[readme.find("### Device login").expect("section")..];
+        let start = section.find("```toml").expect("toml block") + "```toml".len();
+        let block = &section[start..start + section[start..].find("```").expect("block end")];
+        let config = Config::parse(block, "README.md").unwrap();
+        let [secure, legacy] = &config.listeners[..] else {
+            panic!("two listeners");
+        };
+        assert!(secure.require_auth && secure.tls_required_for_auth());
+        assert!(legacy.require_auth && !legacy.tls_required_for_auth());
+        assert_eq!(legacy.relaxations().len(), 2);
+        assert!(config.summary().contains("relaxed: AUTH without TLS"));
+    }
+
+    #[test]
+    fn listener_tls_and_auth_settings_are_checked() {
+        let cases = [
+            (
+                "mode = \"smtps\"\n",
+                "mode \"smtps\" (implicit TLS) needs certificate_file and key_file",
+                3,
+            ),
+            (
+                "certificate_file = \"c.pem\"\n",
+                "certificate_file needs key_file",
+                1,
+            ),
+            (
+                "key_file = \"k.pem\"\n",
+                "key_file needs certificate_file",
+                1,
+            ),
+            (
+                "require_auth = true\n",
+                "require_auth with require_tls_for_auth (the default) needs a certificate",
+                3,
+            ),
+            ("profile = \"legacy\"\n", "unknown variant `legacy`", 3),
+        ];
+        for (keys, message, line) in cases {
+            let text = format!("[[listener]]\naddress = \"127.0.0.1:25\"\n{keys}");
+            let error = Config::parse(&text, "t.toml").unwrap_err().to_string();
+            assert!(error.contains(message), "{keys}: {error}");
+            assert!(
+                error.starts_with(&format!("t.toml:{line}:")),
+                "{keys}: {error}"
+            );
+        }
+        // A LAN listener may require AUTH without TLS when it says so.
+        Config::parse(
+            "[[listener]]\naddress = \"127.0.0.1:25\"\nrequire_auth = true\nrequire_tls_for_auth = false\n",
+            "t.toml",
+        )
+        .unwrap();
+        let error = Config::parse(
+            "[[listener]]\naddress = \"127.0.0.1:25\"\n[rate_limits.per_user]\nmessages_per_hour = 0\n",
+            "t.toml",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(error.contains("a limit of 0 refuses everything"), "{error}");
+        let error = Config::parse(
+            "[[listener]]\naddress = \"127.0.0.1:25\"\n[login_guard]\nlockout_secs = 0\n",
+            "t.toml",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(error.contains("lockout_secs must be between"), "{error}");
     }
 
     #[test]

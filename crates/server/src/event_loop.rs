@@ -499,6 +499,23 @@ impl EventLoop {
                     break;
                 }
                 Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
+                Err(error)
+                    if connection.tls.is_some() && error.kind() == io::ErrorKind::InvalidData =>
+                {
+                    // Worth an administrator's eye: an old device that offers only
+                    // TLS 1.0, or a certificate the client refuses.
+                    tracing::info!(client = %connection.peer, %error, "TLS failed");
+                    if traced {
+                        observer.line(
+                            connection.peer,
+                            connection.session.login(),
+                            Direction::Note,
+                            &format!("TLS failed: {error}"),
+                        );
+                    }
+                    connection.closing = true;
+                    break;
+                }
                 Err(error) => {
                     tracing::debug!(client = %connection.peer, %error, "read failed");
                     connection.closing = true;
