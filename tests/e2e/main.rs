@@ -20,6 +20,7 @@ mod relay;
 mod sink;
 mod smuggling;
 mod spool;
+mod trace;
 
 use std::net::SocketAddr;
 use std::path::Path;

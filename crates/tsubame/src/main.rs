@@ -7,6 +7,7 @@ mod inspect;
 mod queue;
 mod serve;
 mod sink;
+mod trace;
 mod user;
 
 use std::path::PathBuf;
@@ -32,6 +33,7 @@ use clap::{Parser, Subcommand};
         tsubame check-config /etc/tsubame.toml\n  \
         tsubame serve --upstream smtp+starttls://user@smtp.example.net\n  \
         tsubame queue list --spool ./spool\n  \
+        tsubame trace --client 192.0.2.7                watch a device's SMTP conversation live\n  \
         tsubame spool inspect --spool ./spool --json\n  \
         tsubame sink --listen 127.0.0.1:2526 --tempfail-rate 0.05\n  \
         tsubame bench --target 127.0.0.1:2525 -n 20000 -s 1024 -c 50\n  \
@@ -65,6 +67,10 @@ enum Command {
     /// Look at and act on a running server's delivery queue (list, show, flush,
     /// delete), through the control socket in its spool directory.
     Queue(queue::QueueArgs),
+    /// Watch one device's SMTP conversation live (commands, replies and notes; never
+    /// passwords or message content) through the running server's trace socket, while
+    /// the device sends. Stop with Ctrl-C.
+    Trace(trace::TraceArgs),
     /// Device accounts for SMTP AUTH: add a user or set a new password (argon2id hash
     /// in the users file), or list users and their restrictions.
     User(user::UserArgs),
@@ -93,6 +99,7 @@ fn main() -> ExitCode {
         Command::Sink(args) => sink::run(args),
         Command::Bench(args) => bench::run(args),
         Command::Queue(args) => queue::run(args),
+        Command::Trace(args) => trace::run(args),
         Command::User(args) => user::run(args),
         Command::Spool {
             command: SpoolCommand::Inspect(args),

@@ -1,7 +1,7 @@
 //! `tsubame queue`: look at and act on a running server's delivery queue through its
 //! control socket (`<spool directory>/control.sock`).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::Context;
@@ -42,12 +42,21 @@ enum QueueCommand {
     },
 }
 
-pub fn run(args: QueueArgs) -> anyhow::Result<ExitCode> {
-    let directory = match (&args.spool, &args.config) {
-        (Some(spool), _) => spool.clone(),
+/// The spool directory of the running server a command talks to (its sockets live
+/// there): `--spool`, else the one `--config` names, else the embedded default's.
+pub(crate) fn running_server_spool(
+    spool: Option<&Path>,
+    config: Option<&Path>,
+) -> anyhow::Result<PathBuf> {
+    Ok(match (spool, config) {
+        (Some(spool), _) => spool.to_path_buf(),
         (None, Some(path)) => tsubame_config::Config::load(path)?.spool.directory,
         (None, None) => tsubame_config::Config::embedded_default()?.spool.directory,
-    };
+    })
+}
+
+pub fn run(args: QueueArgs) -> anyhow::Result<ExitCode> {
+    let directory = running_server_spool(args.spool.as_deref(), args.config.as_deref())?;
     let request = match &args.command {
         QueueCommand::List => ControlRequest::List,
         QueueCommand::Show { id } => ControlRequest::Show { id: id.clone() },

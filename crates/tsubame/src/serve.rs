@@ -112,8 +112,18 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         routes = config.routes.len(),
         "delivery started"
     );
+    // We hold the spool's lock, so the trace socket in it is ours to replace.
+    let mut traces = crate::trace::hub::TraceServer::start(&directory).with_context(|| {
+        format!(
+            "cannot serve the trace socket {}",
+            crate::trace::socket_path(&directory).display()
+        )
+    })?;
     let config = Arc::new(config);
-    let hooks = tsubame_server::Hooks::new(relay.handoff());
+    let hooks = tsubame_server::Hooks {
+        handoff: relay.handoff(),
+        observer: traces.observer(),
+    };
     let server = tsubame_server::start(Arc::clone(&config), spool.clone(), hooks)?;
     let shutdown = server.shutdown_handle();
     std::thread::Builder::new()
@@ -131,9 +141,11 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
             }
         })
         .context("cannot start the signal thread")?;
-    // Stop order: no new clients and finish their transactions; then let deliveries in
-    // progress finish (bounded); then the final sync.
+    // Stop order: no new clients and finish their transactions (a trace sees them end);
+    // then the traces; then let deliveries in progress finish (bounded); then the final
+    // sync.
     server.wait();
+    traces.stop();
     relay.shutdown(std::time::Duration::from_secs(
         config.delivery.shutdown_timeout_secs,
     ));
