@@ -4,6 +4,9 @@
 //! nobody here wrote: Python's `smtplib` (through the scripts in `tests/peers/`) and
 //! `swaks`. The raw socket client ([`smtp::RawClient`]) is only for byte sequences no
 //! real client produces: smuggling inputs, a whole transaction in one write, BDAT.
+//! [`tls_client::TlsClient`] is its counterpart over TLS (STARTTLS or implicit), through
+//! Python's ssl module; `openssl s_client` ([`peers::openssl_s_client`]) checks what a
+//! TLS listener serves.
 //!
 //! Nothing here may hang or leave a process behind:
 //! * every child process is a [`process::ChildGuard`], killed and reaped when dropped and
@@ -1144,10 +1147,366 @@ pub mod smtp {
     }
 }
 
+/// A raw SMTP client whose connection can be TLS: plain and then STARTTLS, or TLS from
+/// the first byte (RFC 8314). The TLS side is Python's `ssl` module (OpenSSL), driven step
+/// by step through `tests/peers/smtp_session.py`, so that a test controls every byte
+/// (commands pipelined behind STARTTLS, AUTH exchanges) and the time of every reply.
+pub mod tls_client {
+    use std::io::{BufRead, BufReader, Write};
+    use std::net::{IpAddr, SocketAddr};
+    use std::path::{Path, PathBuf};
+    use std::process::{ChildStdin, Command, Stdio};
+    use std::sync::mpsc::{self, Receiver};
+    use std::thread;
+    use std::time::{Duration, Instant};
+
+    use serde_json::{Value, json};
+
+    use crate::REPLY_TIMEOUT;
+    use crate::peers::{hex, peer_script, python3, unhex};
+    use crate::process::ChildGuard;
+    use crate::smtp::{Next, Reply};
+
+    /// Margin over a step's own timeout for the Python process to answer; it only runs
+    /// out if the peer itself is stuck.
+    const PEER_MARGIN: Duration = Duration::from_secs(10);
+
+    /// What a TLS handshake gave.
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    pub struct TlsInfo {
+        /// `TLSv1.2` or `TLSv1.3`, as OpenSSL names it.
+        pub version: String,
+        /// The cipher suite, as OpenSSL names it (`TLS_AES_256_GCM_SHA384`).
+        pub cipher: String,
+        /// The common name of the server certificate's subject.
+        pub peer_common_name: Option<String>,
+    }
+
+    /// What STARTTLS's handshake gave.
+    #[derive(Debug, Clone)]
+    pub struct Handshake {
+        /// The session, or why the handshake failed.
+        pub result: Result<TlsInfo, String>,
+        /// Bytes that arrived in clear text after the reply to STARTTLS, before the
+        /// handshake: replies to commands the server should have discarded.
+        pub leftover: Vec<u8>,
+    }
+
+    /// How to connect.
+    #[derive(Debug, Clone)]
+    pub struct TlsClientOptions {
+        /// TLS from the first byte.
+        pub implicit_tls: bool,
+        /// The CA the server certificate is verified against.
+        pub ca_file: PathBuf,
+        /// The name the certificate must be valid for (its SAN has 127.0.0.1).
+        pub server_hostname: String,
+        /// Connect from this address (e.g. 127.0.0.2) instead of the default.
+        pub source: Option<IpAddr>,
+    }
+
+    impl TlsClientOptions {
+        /// Plain first (STARTTLS later), verified against `ca_file` for 127.0.0.1.
+        pub fn new(ca_file: &Path) -> Self {
+            Self {
+                implicit_tls: false,
+                ca_file: ca_file.to_path_buf(),
+                server_hostname: "127.0.0.1".to_string(),
+                source: None,
+            }
+        }
+
+        pub fn implicit(mut self) -> Self {
+            self.implicit_tls = true;
+            self
+        }
+
+        pub fn source(mut self, source: IpAddr) -> Self {
+            self.source = Some(source);
+            self
+        }
+    }
+
+    /// One connection, killed (with its Python process) when dropped.
+    #[derive(Debug)]
+    pub struct TlsClient {
+        child: ChildGuard,
+        stdin: ChildStdin,
+        /// The peer's answers, one JSON text per line.
+        answers: Receiver<String>,
+        /// The session of an implicit-TLS connection or after STARTTLS.
+        tls: Option<TlsInfo>,
+    }
+
+    fn tls_info(value: &Value) -> Option<TlsInfo> {
+        if value.is_null() {
+            return None;
+        }
+        Some(TlsInfo {
+            version: value["version"].as_str().unwrap_or_default().to_string(),
+            cipher: value["cipher"].as_str().unwrap_or_default().to_string(),
+            peer_common_name: value["peer_subject"]["commonName"]
+                .as_str()
+                .map(str::to_string),
+        })
+    }
+
+    impl TlsClient {
+        /// Connects; fails the test if the connection (or the implicit-TLS handshake)
+        /// fails.
+        #[track_caller]
+        pub fn connect(address: SocketAddr, options: &TlsClientOptions) -> TlsClient {
+            Self::try_connect(address, options).unwrap_or_else(|error| {
+                panic!(
+                    "cannot connect to {address} (implicit TLS: {}): {error}",
+                    options.implicit_tls
+                )
+            })
+        }
+
+        /// Connects, or says why it could not (a refused implicit-TLS handshake).
+        #[track_caller]
+        pub fn try_connect(
+            address: SocketAddr,
+            options: &TlsClientOptions,
+        ) -> Result<TlsClient, String> {
+            let mut command = Command::new(python3());
+            command
+                .arg(peer_script("smtp_session.py"))
+                .env("PYTHONUNBUFFERED", "1")
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::inherit());
+            let mut child = ChildGuard::spawn(&mut command, "python3 smtp_session.py");
+            let stdin = child
+                .take_stdin()
+                .unwrap_or_else(|| panic!("smtp_session.py: no stdin"));
+            let stdout = child
+                .take_stdout()
+                .unwrap_or_else(|| panic!("smtp_session.py: no stdout"));
+            let (sender, answers) = mpsc::channel();
+            thread::spawn(move || {
+                for line in BufReader::new(stdout).lines() {
+                    let Ok(line) = line else { return };
+                    if sender.send(line).is_err() {
+                        return;
+                    }
+                }
+            });
+            let mut client = TlsClient {
+                child,
+                stdin,
+                answers,
+                tls: None,
+            };
+            let answer = client.call(
+                json!({
+                    "op": "connect",
+                    "host": address.ip().to_string(),
+                    "port": address.port(),
+                    "source": options.source.map(|source| source.to_string()),
+                    "implicit_tls": options.implicit_tls,
+                    "ca_file": options.ca_file,
+                    "server_hostname": options.server_hostname,
+                    "timeout_secs": REPLY_TIMEOUT.as_secs_f64(),
+                }),
+                REPLY_TIMEOUT,
+            );
+            if let Some(error) = answer["error"].as_str() {
+                return Err(error.to_string());
+            }
+            client.tls = tls_info(&answer["tls"]);
+            Ok(client)
+        }
+
+        /// Sends one request and waits (at most `timeout` plus a margin) for its answer.
+        #[track_caller]
+        fn call(&mut self, request: Value, timeout: Duration) -> Value {
+            let mut line = request.to_string();
+            line.push('\n');
+            if let Err(error) = self
+                .stdin
+                .write_all(line.as_bytes())
+                .and_then(|()| self.stdin.flush())
+            {
+                panic!(
+                    "cannot talk to {} ({error}); did it crash?",
+                    self.child.what()
+                );
+            }
+            let answer = self
+                .answers
+                .recv_timeout(timeout + PEER_MARGIN)
+                .unwrap_or_else(|error| {
+                    panic!(
+                        "{} gave no answer to {request} within {:?}: {error}",
+                        self.child.what(),
+                        timeout + PEER_MARGIN
+                    )
+                });
+            serde_json::from_str(&answer)
+                .unwrap_or_else(|error| panic!("smtp_session.py said {answer:?}: {error}"))
+        }
+
+        /// The TLS session, if the connection is encrypted.
+        pub fn tls(&self) -> Option<&TlsInfo> {
+            self.tls.as_ref()
+        }
+
+        /// Writes `bytes` in one `sendall`.
+        #[track_caller]
+        pub fn send(&mut self, bytes: &[u8]) {
+            let answer = self.call(json!({"op": "send", "hex": hex(bytes)}), REPLY_TIMEOUT);
+            if let Some(error) = answer["error"].as_str() {
+                panic!("cannot send \"{}\": {error}", crate::escape(bytes));
+            }
+        }
+
+        /// Reads the next reply, waiting at most `timeout`.
+        #[track_caller]
+        pub fn next(&mut self, timeout: Duration) -> Next {
+            let answer = self.call(
+                json!({"op": "reply", "timeout_secs": timeout.as_secs_f64()}),
+                timeout,
+            );
+            if answer["timeout"] == true {
+                return Next::TimedOut;
+            }
+            if answer["closed"] == true {
+                return Next::Closed;
+            }
+            if let Some(error) = answer["error"].as_str() {
+                panic!("reading a reply: {error}");
+            }
+            let reply = &answer["reply"];
+            Next::Reply(Reply {
+                code: reply["code"]
+                    .as_u64()
+                    .and_then(|code| u16::try_from(code).ok())
+                    .unwrap_or_else(|| panic!("reply without a code: {answer}")),
+                lines: reply["lines"]
+                    .as_array()
+                    .map(|lines| {
+                        lines
+                            .iter()
+                            .map(|line| line.as_str().unwrap_or_default().to_string())
+                            .collect()
+                    })
+                    .unwrap_or_default(),
+            })
+        }
+
+        /// Reads the next reply; fails the test on EOF or timeout.
+        #[track_caller]
+        pub fn reply(&mut self) -> Reply {
+            match self.next(REPLY_TIMEOUT) {
+                Next::Reply(reply) => reply,
+                other => panic!("expected a reply, got {other:?}"),
+            }
+        }
+
+        /// Sends `line` + CRLF and reads the reply.
+        #[track_caller]
+        pub fn command(&mut self, line: &str) -> Reply {
+            self.send(format!("{line}\r\n").as_bytes());
+            self.reply()
+        }
+
+        /// Sends `line` + CRLF and reads the reply, timing it from the send.
+        #[track_caller]
+        pub fn timed_command(&mut self, line: &str) -> (Reply, Duration) {
+            let started = Instant::now();
+            let reply = self.command(line);
+            (reply, started.elapsed())
+        }
+
+        /// Reads the next reply and asserts its code and enhanced code.
+        #[track_caller]
+        pub fn expect(&mut self, code: u16, enhanced: &str, what: &str) -> Reply {
+            let reply = self.reply();
+            assert!(
+                reply.is(code, enhanced),
+                "{what}: expected {code} {enhanced}, got {reply}"
+            );
+            reply
+        }
+
+        /// Sends `line` + CRLF and asserts the reply's code and enhanced code.
+        #[track_caller]
+        pub fn command_expect(&mut self, line: &str, code: u16, enhanced: &str) -> Reply {
+            self.send(format!("{line}\r\n").as_bytes());
+            self.expect(code, enhanced, line)
+        }
+
+        /// Reads the greeting (220).
+        #[track_caller]
+        pub fn greeting(&mut self) -> Reply {
+            let reply = self.reply();
+            assert_eq!(reply.code, 220, "greeting: {reply}");
+            reply
+        }
+
+        /// Sends `EHLO name` and returns its (250) reply.
+        #[track_caller]
+        pub fn ehlo(&mut self, name: &str) -> Reply {
+            let reply = self.command(&format!("EHLO {name}"));
+            assert_eq!(reply.code, 250, "EHLO: {reply}");
+            reply
+        }
+
+        /// Sends STARTTLS, expects `220 2.0.0`, and does the handshake; fails the test
+        /// if either fails. Returns the session.
+        #[track_caller]
+        pub fn starttls(&mut self) -> TlsInfo {
+            let reply = self.command("STARTTLS");
+            assert!(
+                reply.is(220, "2.0.0"),
+                "STARTTLS: expected 220 2.0.0, got {reply}"
+            );
+            let handshake = self.handshake();
+            assert!(
+                handshake.leftover.is_empty(),
+                "clear-text bytes after the reply to STARTTLS: \"{}\"",
+                crate::escape(&handshake.leftover)
+            );
+            handshake
+                .result
+                .unwrap_or_else(|error| panic!("TLS handshake after STARTTLS failed: {error}"))
+        }
+
+        /// The TLS handshake now, on whatever was sent before (for tests that send
+        /// STARTTLS themselves, with more behind it).
+        #[track_caller]
+        pub fn handshake(&mut self) -> Handshake {
+            let answer = self.call(json!({"op": "starttls"}), REPLY_TIMEOUT);
+            let leftover = unhex(answer["leftover_hex"].as_str().unwrap_or_default());
+            let result = match answer["error"].as_str() {
+                Some(error) => Err(error.to_string()),
+                None => tls_info(&answer["tls"]).ok_or_else(|| format!("no session: {answer}")),
+            };
+            if let Ok(info) = &result {
+                self.tls = Some(info.clone());
+            }
+            Handshake { result, leftover }
+        }
+
+        /// Asserts nothing arrives for `duration` and the connection stays open.
+        #[track_caller]
+        pub fn assert_silent(&mut self, duration: Duration, what: &str) {
+            match self.next(duration) {
+                Next::TimedOut => {}
+                other => panic!("{what}: expected nothing, got {other:?}"),
+            }
+        }
+    }
+}
+
 /// `tsubame spool inspect`, `tsubame check-config` and other CLI runs.
 pub mod cli {
+    use std::collections::BTreeMap;
     use std::path::Path;
     use std::process::Command;
+    use std::sync::{Mutex, PoisonError};
 
     use serde_json::Value;
 
@@ -1189,6 +1548,66 @@ pub mod cli {
                 directory.display()
             ),
         )
+    }
+
+    /// `tsubame user add NAME --users-file FILE --password-stdin`, the password given on
+    /// standard input; fails the test unless it succeeds.
+    #[track_caller]
+    pub fn user_add(users_file: &Path, name: &str, password: &str) {
+        let mut command = Command::new(crate::binary::tsubame());
+        command
+            .args(["user", "add", name, "--users-file"])
+            .arg(users_file)
+            .arg("--password-stdin")
+            .env_remove("RUST_LOG")
+            .env("NO_COLOR", "1");
+        let input = format!("{password}\n");
+        run(
+            &mut command,
+            Some(input.as_bytes()),
+            COMMAND_TIMEOUT,
+            &format!("tsubame user add {name}"),
+        )
+        .assert_code(0);
+    }
+
+    /// The argon2id hash (PHC string) that `tsubame user add` stores for `password`,
+    /// for `password_hash = "..."` in a test's `[[user]]` entries. Hashing is slow on
+    /// purpose, so each password is hashed once per test binary.
+    #[track_caller]
+    pub fn password_hash(password: &str) -> String {
+        static HASHES: Mutex<BTreeMap<String, String>> = Mutex::new(BTreeMap::new());
+        if let Some(hash) = HASHES
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(password)
+        {
+            return hash.clone();
+        }
+        let directory = tempfile::Builder::new()
+            .prefix("tsubame-users-")
+            .tempdir()
+            .unwrap_or_else(|error| panic!("temporary directory: {error}"));
+        let file = directory.path().join("users.toml");
+        user_add(&file, "hash-only", password);
+        let text = std::fs::read_to_string(&file)
+            .unwrap_or_else(|error| panic!("{}: {error}", file.display()));
+        // `password_hash = "$argon2id$..."`: the PHC alphabet (base64, `$`, `,`, `=`)
+        // needs no TOML escaping, so the quoted text is the hash.
+        let hash = text
+            .lines()
+            .find_map(|line| {
+                let value = line.trim().strip_prefix("password_hash")?.trim_start();
+                let value = value.strip_prefix('=')?.trim();
+                Some(value.trim_matches('"').to_string())
+            })
+            .filter(|hash| hash.starts_with("$argon2id$"))
+            .unwrap_or_else(|| panic!("no argon2id password_hash in the users file:\n{text}"));
+        HASHES
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(password.to_string(), hash.clone());
+        hash
     }
 
     /// What `spool inspect --json` reported.
@@ -1316,7 +1735,7 @@ pub mod cli {
 /// The real peers: Python's smtplib and swaks.
 pub mod peers {
     use std::net::SocketAddr;
-    use std::path::PathBuf;
+    use std::path::{Path, PathBuf};
     use std::process::Command;
     use std::sync::OnceLock;
     use std::time::Duration;
@@ -1378,6 +1797,10 @@ pub mod peers {
     pub struct Smtplib {
         address: SocketAddr,
         source_address: Option<String>,
+        /// Connect with `smtplib.SMTP_SSL` (TLS from the first byte, RFC 8314).
+        implicit_tls: bool,
+        /// The CA that TLS (implicit or STARTTLS) verifies the server's certificate with.
+        ca_file: Option<PathBuf>,
         actions: Vec<Value>,
     }
 
@@ -1425,8 +1848,39 @@ pub mod peers {
             Self {
                 address,
                 source_address: None,
+                implicit_tls: false,
+                ca_file: None,
                 actions: Vec::new(),
             }
+        }
+
+        /// Verify the server's TLS certificate against this CA (PEM).
+        pub fn tls_ca(mut self, ca_file: &Path) -> Self {
+            self.ca_file = Some(ca_file.to_path_buf());
+            self
+        }
+
+        /// TLS from the first byte (`smtplib.SMTP_SSL`), verified against
+        /// [`Smtplib::tls_ca`].
+        pub fn implicit_tls(mut self) -> Self {
+            self.implicit_tls = true;
+            self
+        }
+
+        /// `SMTP.starttls(context)`, verified against [`Smtplib::tls_ca`]; the outcome's
+        /// `raw["tls"]` holds the negotiated version and cipher.
+        pub fn starttls(self) -> Self {
+            self.action(json!({"op": "starttls"}))
+        }
+
+        /// `SMTP.login(user, password)`: smtplib picks the mechanism (PLAIN before LOGIN)
+        /// and, on a 535, tries the next one it knows before it raises.
+        pub fn login(self, user: &str, password: &str) -> Self {
+            self.action(json!({"op": "login", "user": user, "password": password}))
+        }
+
+        pub fn helo(self) -> Self {
+            self.action(json!({"op": "helo"}))
         }
 
         /// Bind the client to this source address (`source_address=(ip, 0)`).
@@ -1488,6 +1942,26 @@ pub mod peers {
             self.action(json!({"op": "quit"}))
         }
 
+        /// Like [`Smtplib::run`], and fails the test unless every action gave an outcome
+        /// (smtplib stops at a dropped connection), so that outcomes can be indexed.
+        #[track_caller]
+        pub fn run_to_end(self) -> Vec<Outcome> {
+            let count = self.actions.len();
+            let outcomes = self.run();
+            if outcomes.len() != count {
+                let said: Vec<String> = outcomes
+                    .iter()
+                    .map(|outcome| outcome.raw.to_string())
+                    .collect();
+                panic!(
+                    "the smtplib session ended after {} of its {count} actions:\n{}",
+                    outcomes.len(),
+                    said.join("\n")
+                );
+            }
+            outcomes
+        }
+
         /// Runs the session; fails the test if the connection could not be made.
         #[track_caller]
         pub fn run(self) -> Vec<Outcome> {
@@ -1495,6 +1969,8 @@ pub mod peers {
                 "host": self.address.ip().to_string(),
                 "port": self.address.port(),
                 "source_address": self.source_address,
+                "implicit_tls": self.implicit_tls,
+                "ca_file": self.ca_file,
                 "timeout_secs": 20,
                 "actions": self.actions,
             });
@@ -1556,6 +2032,23 @@ pub mod peers {
             None,
             COMMAND_TIMEOUT,
             &format!("swaks {}", arguments.join(" ")),
+        )
+    }
+
+    /// `openssl s_client ARGS...` with its standard input closed, so that it ends right
+    /// after the handshake (and, with `-starttls smtp`, the SMTP exchange before it).
+    /// The certificate and session it saw are on its standard output.
+    #[track_caller]
+    pub fn openssl_s_client(arguments: &[&str]) -> Finished {
+        let program = find_program("openssl")
+            .unwrap_or_else(|| panic!("openssl is not on PATH: apt-get install openssl"));
+        let mut command = Command::new(program);
+        command.arg("s_client").args(arguments);
+        run(
+            &mut command,
+            None,
+            COMMAND_TIMEOUT,
+            &format!("openssl s_client {}", arguments.join(" ")),
         )
     }
 

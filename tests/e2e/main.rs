@@ -16,6 +16,8 @@ mod delivery;
 mod delivery_restart;
 mod disk_full;
 mod limits;
+mod login;
+mod login_limits;
 mod relay;
 mod sink;
 mod smuggling;

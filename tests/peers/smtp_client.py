@@ -5,7 +5,13 @@ Reads a JSON job on standard input:
 
     {"host": "127.0.0.1", "port": 2525, "source_address": "127.0.0.2" or null,
      "local_hostname": "peer.tsubame.test", "timeout_secs": 20,
+     "implicit_tls": false, "ca_file": "/tmp/ca.pem" or null,
      "actions": [{"op": "ehlo"}, {"op": "mail", "from": "a@x", "options": []}, ...]}
+
+With "implicit_tls" the connection is TLS from the first byte (smtplib.SMTP_SSL, RFC
+8314); the "starttls" action upgrades a plain one. Either verifies the server's
+certificate against "ca_file" and the host name. The "starttls" result carries the
+TLS version and cipher ("tls"); "login" is SMTP.login, which picks the mechanism.
 
 Each action runs in order on the one connection and yields one result:
 {"code": int, "message": str} for a reply, or {"exception": name, "detail": str, ...}
@@ -19,6 +25,7 @@ what a Python application using smtplib would send.
 
 import json
 import smtplib
+import ssl
 import sys
 
 
@@ -46,8 +53,25 @@ def failure(error):
     return result
 
 
-def run_action(client, action):
+def tls_context(job):
+    context = ssl.create_default_context(cafile=job.get("ca_file"))
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    return context
+
+
+def tls_info(client):
+    cipher = client.sock.cipher()
+    return {"version": client.sock.version(), "cipher": cipher[0] if cipher else None}
+
+
+def run_action(client, action, job):
     op = action["op"]
+    if op == "starttls":
+        result = reply(client.starttls(context=tls_context(job)))
+        result["tls"] = tls_info(client)
+        return result
+    if op == "login":
+        return reply(client.login(action["user"], action["password"]))
     if op == "ehlo":
         return reply(client.ehlo(action.get("name")))
     if op == "helo":
@@ -87,21 +111,25 @@ def main():
     job = json.load(sys.stdin)
     source = job.get("source_address")
     output = {"results": []}
+    options = {
+        "local_hostname": job.get("local_hostname", "peer.tsubame.test"),
+        "timeout": job.get("timeout_secs", 20),
+        "source_address": (source, 0) if source else None,
+    }
     try:
-        client = smtplib.SMTP(
-            job["host"],
-            job["port"],
-            local_hostname=job.get("local_hostname", "peer.tsubame.test"),
-            timeout=job.get("timeout_secs", 20),
-            source_address=(source, 0) if source else None,
-        )
+        if job.get("implicit_tls"):
+            client = smtplib.SMTP_SSL(
+                job["host"], job["port"], context=tls_context(job), **options
+            )
+        else:
+            client = smtplib.SMTP(job["host"], job["port"], **options)
     except (OSError, smtplib.SMTPException) as error:
         output["connect_error"] = f"{type(error).__name__}: {error}"
         json.dump(output, sys.stdout)
         return
     for action in job["actions"]:
         try:
-            output["results"].append(run_action(client, action))
+            output["results"].append(run_action(client, action, job))
         except smtplib.SMTPServerDisconnected as error:
             output["results"].append(failure(error))
             break
