@@ -911,9 +911,14 @@ fn auth_plain_and_login_exchanges() {
             "{what}: {reply}"
         );
     }
-    // `=`: an empty initial response (RFC 4954 §4); the credentials follow the 334.
+    // `=` is an initial response of zero length (RFC 4954 §4), not a request for a
+    // challenge: an empty PLAIN message holds no credentials (RFC 4616 §2), so the
+    // exchange fails at once and the session goes on.
     let reply = client.command("AUTH PLAIN =");
-    assert_eq!(reply.code, 334, "AUTH PLAIN =: {reply}");
+    assert!(reply.is(501, "5.5.2"), "AUTH PLAIN =: {reply}");
+    // The empty challenge's answer is the initial response (RFC 4422 §5).
+    let reply = client.command("AUTH PLAIN");
+    assert_eq!(reply.code, 334, "AUTH PLAIN: {reply}");
     client.command_expect(&plain_response(USER, &password), 235, "2.7.0");
     client.command_expect(
         &format!("AUTH PLAIN {}", plain_response(USER, &password)),

@@ -208,8 +208,9 @@ impl ListenerConfig {
 
 /// `[rate_limits]`: sending limits per logged-in user and per client address (IPv6
 /// counted per /64). Unset limits do not apply; the defaults set none. Exceeding one
-/// gets `451 4.7.1` at MAIL, `452 4.5.3` at RCPT or `451 4.7.1` after DATA, with the
-/// time until the limit allows more.
+/// gets `451 4.7.1` at MAIL, `452 4.7.1` at RCPT or `451 4.7.1` after the content, with
+/// the time until the limit allows more; a transaction with more recipients than a
+/// limit allows at all gets `452 4.5.3` for the excess.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RateLimitConfig {

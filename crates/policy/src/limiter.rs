@@ -263,7 +263,7 @@ impl Limiter {
 
     /// Counts one message with `recipients` recipients against every limit of `key`, or
     /// refuses it and counts nothing. The server answers a refusal with `451 4.7.1`
-    /// (or `452 4.7.0`) and the retry time in the text.
+    /// (`452 4.7.1` at RCPT) and the retry time in the text.
     pub fn check_message(
         &mut self,
         key: &Key,
