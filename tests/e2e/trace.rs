@@ -215,6 +215,12 @@ fn a_client_trace_shows_the_conversation_but_not_the_message() {
             trace.describe()
         );
     };
+    shows("the connection", &|line| {
+        line.marker == "*" && line.text.starts_with("connected to 127.0.0.1:")
+    });
+    shows("the greeting", &|line| {
+        line.is_reply("220 ") && line.text.ends_with("ESMTP tsubame")
+    });
     shows("EHLO", &|line| line.is_command("EHLO "));
     shows("a 250 reply", &|line| line.is_reply("250"));
     shows("MAIL FROM", &|line| {

@@ -410,6 +410,10 @@ impl EventLoop {
                     Direction::Note,
                     &format!("connected to {}", listener.config.address),
                 );
+                let greeting = String::from_utf8_lossy(&output);
+                self.shared
+                    .observer
+                    .line(peer, None, Direction::Server, greeting.trim_end());
             }
             entry.insert(Connection {
                 id: self.next_connection_id,
