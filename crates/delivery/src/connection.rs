@@ -30,7 +30,7 @@ use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::sync::Arc;
 use std::time::Duration;
 
-use rustls::{ClientConfig, ClientConnection, ProtocolVersion, StreamOwned};
+use rustls::{ClientConfig, ClientConnection, HandshakeKind, ProtocolVersion, StreamOwned};
 use rustls_pki_types::ServerName;
 use tsubame_config::TlsMode;
 
@@ -475,6 +475,15 @@ impl Wire {
         Some(format!("{version} {suite}").trim_end().to_owned())
     }
 
+    /// Whether the TLS handshake resumed an earlier session instead of doing a full
+    /// one; false in plain text.
+    fn tls_resumed(&self) -> bool {
+        let Transport::Tls(stream) = &self.transport else {
+            return false;
+        };
+        stream.conn.handshake_kind() == Some(HandshakeKind::Resumed)
+    }
+
     /// Starts TLS on the plain socket: the handshake, with its own timeout.
     ///
     /// RFC 3207 §5-6 and CVE-2011-0411: anything received in plain text after the
@@ -806,6 +815,13 @@ impl UpstreamConnection {
     /// for logs and `Received:` lines; `None` when the connection is plain text.
     pub fn tls_summary(&self) -> Option<String> {
         self.wire.tls_summary()
+    }
+
+    /// Whether the TLS handshake resumed an earlier session (abbreviated handshake)
+    /// rather than doing a full one; false in plain text. Only a shared
+    /// configuration whose resumption is enabled can resume.
+    pub fn tls_resumed(&self) -> bool {
+        self.wire.tls_resumed()
     }
 
     /// False once the connection must not be used for another message.
