@@ -333,6 +333,8 @@ fn smtplib_starttls_login_and_send() {
         tsubame_tests::escape(&stored)
     );
 
+    // The successful login above is in the login cache ([auth] login_cache_secs, on by
+    // default): a wrong password for the same account must still be refused.
     for (user, password, what) in [
         (USER, "not the password", "wrong password"),
         ("nobody-here", password.as_str(), "unknown user"),
@@ -360,6 +362,14 @@ fn smtplib_starttls_login_and_send() {
         );
     }
     assert_eq!(inspect(server.spool()).messages().len(), 1);
+    // And the right one, remembered, logs in again at once.
+    let again = Smtplib::new(server.address())
+        .tls_ca(&fixture.ca())
+        .starttls()
+        .login(USER, &password)
+        .quit()
+        .run_to_end();
+    again[1].expect(235, "2.7.0", "second login");
     server.stop();
 }
 

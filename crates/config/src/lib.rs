@@ -63,7 +63,7 @@ pub struct Config {
 }
 
 /// `[auth]`: where device accounts come from besides the `[[user]]` entries here.
-#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AuthConfig {
     /// A file of `[[user]]` entries (what `tsubame user add` edits), read by
@@ -71,6 +71,26 @@ pub struct AuthConfig {
     /// spool directory. Keep it mode 0600.
     #[serde(default)]
     pub users_file: Option<PathBuf>,
+    /// How long a successful login is remembered, so that the same name and password
+    /// log in again without another argon2 check (tens of milliseconds of CPU each). The
+    /// password is kept only as an HMAC under a key made at start and never written
+    /// anywhere. 0 turns the cache off.
+    #[serde(default = "default_login_cache_secs")]
+    pub login_cache_secs: u64,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        Self {
+            users_file: None,
+            login_cache_secs: default_login_cache_secs(),
+        }
+    }
+}
+
+/// One hour: a device that sends every few minutes pays for one argon2 check an hour.
+fn default_login_cache_secs() -> u64 {
+    3600
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]

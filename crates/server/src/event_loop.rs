@@ -1105,6 +1105,16 @@ fn start_login(
             return;
         }
     };
+    if shared.logins.cache.recalls(&credentials, now) {
+        delayed.push(LoginDone {
+            token,
+            connection_id: connection.id,
+            username: credentials.username.clone(),
+            outcome: Outcome::Accepted,
+            answer_at,
+        });
+        return;
+    }
     let job = LoginJob {
         token,
         connection_id: connection.id,

@@ -6,13 +6,75 @@
 //! outcome back, and the loop answers the client when the outcome is due (later, when
 //! the login guard asked for a delay).
 
-use std::sync::Arc;
-use std::time::Instant;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
 use mio::{Token, Waker};
+use ring::hmac;
 use tsubame_config::{Config, VerifyError};
 use tsubame_smtp_proto::sasl::Credentials;
+
+/// Successful logins remembered for `[auth] login_cache_secs`, so a device that logs in
+/// for every message costs one argon2 check per period, not one per message.
+///
+/// Only logins that succeeded are kept, one entry per account (so at most as many as
+/// there are accounts), and only as an HMAC-SHA256 of the password under a key drawn at
+/// start: nothing here can be turned back into a password without that key, and the key
+/// never leaves the process. A different password for a remembered account is not a
+/// match and goes to the full check (and the login guard) as usual.
+#[derive(Debug)]
+pub(crate) struct LoginCache {
+    /// `None` when the cache is off.
+    key: Option<hmac::Key>,
+    ttl: Duration,
+    entries: Mutex<HashMap<String, (hmac::Tag, Instant)>>,
+}
+
+impl LoginCache {
+    pub fn new(ttl: Duration) -> Self {
+        let key = (!ttl.is_zero())
+            .then(|| hmac::Key::generate(hmac::HMAC_SHA256, &ring::rand::SystemRandom::new()).ok())
+            .flatten();
+        if !ttl.is_zero() && key.is_none() {
+            tracing::warn!("no random key for the login cache; every login is checked in full");
+        }
+        Self {
+            key,
+            ttl,
+            entries: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Whether these credentials logged in successfully less than the cache's period ago.
+    pub fn recalls(&self, credentials: &Credentials, now: Instant) -> bool {
+        let Some(key) = &self.key else {
+            return false;
+        };
+        if credentials.authzid.is_some() {
+            return false;
+        }
+        let entries = self.entries.lock().unwrap_or_else(PoisonError::into_inner);
+        entries
+            .get(&credentials.username)
+            .is_some_and(|(tag, expires)| {
+                now < *expires
+                    && hmac::verify(key, credentials.password().expose(), tag.as_ref()).is_ok()
+            })
+    }
+
+    pub fn remember(&self, credentials: &Credentials, now: Instant) {
+        let Some(key) = &self.key else {
+            return;
+        };
+        let tag = hmac::sign(key, credentials.password().expose());
+        self.entries
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(credentials.username.clone(), (tag, now + self.ttl));
+    }
+}
 
 /// What became of a login attempt.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -52,19 +114,24 @@ pub(crate) struct LoginJob {
 #[derive(Debug)]
 pub(crate) struct LoginPool {
     jobs: Sender<LoginJob>,
+    pub cache: Arc<LoginCache>,
 }
 
 impl LoginPool {
     pub fn start(config: Arc<Config>, threads: usize) -> std::io::Result<Self> {
         let (jobs, queue) = crossbeam_channel::unbounded::<LoginJob>();
+        let cache = Arc::new(LoginCache::new(Duration::from_secs(
+            config.auth.login_cache_secs,
+        )));
         for index in 0..threads.max(1) {
             let queue = queue.clone();
             let config = Arc::clone(&config);
+            let cache = Arc::clone(&cache);
             std::thread::Builder::new()
                 .name(format!("login-{index}"))
-                .spawn(move || work(&config, &queue))?;
+                .spawn(move || work(&config, &cache, &queue))?;
         }
-        Ok(Self { jobs })
+        Ok(Self { jobs, cache })
     }
 
     /// Queues a check. Each connection has at most one in flight, so the queue is
@@ -75,7 +142,7 @@ impl LoginPool {
     }
 }
 
-fn work(config: &Config, queue: &Receiver<LoginJob>) {
+fn work(config: &Config, cache: &LoginCache, queue: &Receiver<LoginJob>) {
     while let Ok(job) = queue.recv() {
         let LoginJob {
             token,
@@ -94,7 +161,10 @@ fn work(config: &Config, queue: &Receiver<LoginJob>) {
             Ok(_) if credentials.authzid.is_some() => {
                 Outcome::Rejected("authorization identity refused")
             }
-            Ok(_) => Outcome::Accepted,
+            Ok(_) => {
+                cache.remember(&credentials, Instant::now());
+                Outcome::Accepted
+            }
             Err(VerifyError::UnknownUser) => Outcome::Rejected("unknown user"),
             Err(VerifyError::WrongPassword) => Outcome::Rejected("wrong password"),
             Err(VerifyError::PasswordTooLong) => Outcome::Rejected("password too long"),
@@ -114,5 +184,49 @@ fn work(config: &Config, queue: &Receiver<LoginJob>) {
         if reply.send(done).is_ok() {
             let _ = waker.wake();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tsubame_smtp_proto::sasl::{Mechanism, ServerExchange, Step};
+
+    fn credentials(authzid: &str, name: &str, password: &str) -> Credentials {
+        let mut response = Vec::new();
+        tsubame_smtp_proto::sasl::encode_base64(
+            format!("{authzid}\0{name}\0{password}").as_bytes(),
+            &mut response,
+        );
+        match ServerExchange::start(Mechanism::Plain, Some(&response)).1 {
+            Step::Done(credentials) => credentials,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn the_cache_recalls_only_the_same_password_within_its_period() {
+        let cache = LoginCache::new(Duration::from_secs(60));
+        let now = Instant::now();
+        let right = credentials("", "scanner", "right");
+        assert!(!cache.recalls(&right, now), "nothing remembered yet");
+        cache.remember(&right, now);
+        assert!(cache.recalls(&right, now + Duration::from_secs(59)));
+        assert!(
+            !cache.recalls(&right, now + Duration::from_secs(60)),
+            "expired"
+        );
+        assert!(!cache.recalls(&credentials("", "scanner", "wrong"), now));
+        assert!(!cache.recalls(&credentials("", "printer", "right"), now));
+        assert!(!cache.recalls(&credentials("boss", "scanner", "right"), now));
+    }
+
+    #[test]
+    fn a_cache_of_zero_seconds_is_off() {
+        let cache = LoginCache::new(Duration::ZERO);
+        let now = Instant::now();
+        let right = credentials("", "scanner", "right");
+        cache.remember(&right, now);
+        assert!(!cache.recalls(&right, now));
     }
 }
