@@ -1275,6 +1275,17 @@ fn legacy_device_profile_takes_auth_login_in_clear_text_after_helo() {
     );
     let swaks_id = tsubame_tests::peers::swaks_queued_id(&transcript);
     assert_spool_ids(server.spool(), &[&raw_id, &swaks_id]);
+
+    // Old firmware sends long, odd greeting names (spaces, a model string): accepted,
+    // and echoed back cut to 255 characters.
+    let mut client = RawClient::connect(server.address());
+    client.greeting();
+    let long_name = format!("Brother MFC-L2750DW series {}", "x".repeat(400));
+    let reply = client.command(&format!("EHLO {long_name}"));
+    assert_eq!(reply.code, 250, "long EHLO: {reply}");
+    let reply = client.command(&format!("HELO {long_name}"));
+    assert_eq!(reply.code, 250, "long HELO: {reply}");
+    client.command_expect("QUIT", 221, "2.0.0");
     server.stop();
 }
 
