@@ -13,6 +13,12 @@ use serde::Deserialize;
 /// The name of the direct-delivery upstream that exists even when none is configured.
 pub const BUILTIN_MX_UPSTREAM: &str = "mx";
 
+/// Gmail's submission server (`kind = "gmail"`).
+pub const GMAIL_HOST: &str = "smtp.gmail.com";
+
+/// Google Workspace's SMTP relay service (`kind = "google-relay"`).
+pub const GOOGLE_RELAY_HOST: &str = "smtp-relay.gmail.com";
+
 /// A secret (password) that never shows in `Debug` output, logs or error messages.
 #[derive(Clone, PartialEq, Eq, Deserialize)]
 #[serde(transparent)]
@@ -111,12 +117,54 @@ impl Default for DeliveryConfig {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[serde(rename_all = "kebab-case")]
 pub enum UpstreamKind {
     /// A relay (smarthost) at `host:port`.
     Smtp,
     /// Direct delivery: MX lookup of each recipient domain (RFC 5321 §5.1).
     Mx,
+    /// A relay preset: smtp.gmail.com:587, STARTTLS required, AUTH XOAUTH2 with an
+    /// `[[oauth]]` token source (Google no longer takes passwords there).
+    Gmail,
+    /// A relay preset: Google Workspace's SMTP relay, smtp-relay.gmail.com:587,
+    /// STARTTLS required, AUTH optional (the relay may admit by IP address instead); the
+    /// EHLO name must be a real fully qualified domain name.
+    GoogleRelay,
+}
+
+impl UpstreamKind {
+    /// A relay at a host (`smtp` and the Google presets), as opposed to `mx`.
+    pub fn is_relay(self) -> bool {
+        self != UpstreamKind::Mx
+    }
+}
+
+/// How tsubame logs in to an upstream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AuthMethod {
+    /// AUTH PLAIN, else LOGIN, with `username` and a password.
+    Password,
+    /// Google's SASL XOAUTH2 with an access token from the `oauth` source.
+    Xoauth2,
+    /// RFC 7628 OAUTHBEARER with an access token from the `oauth` source.
+    Oauthbearer,
+}
+
+/// Which account an upstream session logs in as, for one logged-in device or envelope
+/// sender. `[[upstream.account_map]]` entries are tried in order; the first whose given
+/// conditions all match names the account; else the upstream's `account`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AccountMapping {
+    /// A logged-in device account (`[[user]]` name).
+    #[serde(default)]
+    pub user: Option<String>,
+    /// The envelope sender: an address, `@domain` or `.domain` (as `allowed_senders`).
+    #[serde(default)]
+    pub sender: Option<crate::SenderPattern>,
+    /// The upstream account (for Google: the mailbox address the token is for).
+    pub account: String,
 }
 
 /// How an upstream connection is protected.
@@ -188,6 +236,30 @@ pub struct UpstreamConfig {
     /// The name we say in EHLO to this upstream; default `[delivery] ehlo_name`.
     #[serde(default)]
     pub ehlo_name: Option<String>,
+    /// How to log in. Default: `xoauth2` for `gmail`, `password` when a username is
+    /// set, else no AUTH.
+    #[serde(default)]
+    pub auth: Option<AuthMethod>,
+    /// The `[[oauth]]` token source for `xoauth2` and `oauthbearer`.
+    #[serde(default)]
+    pub oauth: Option<String>,
+    /// The account sessions log in as when no `account_map` entry matches (the token's
+    /// account for OAuth; `username` plays this part for passwords).
+    #[serde(default)]
+    pub account: Option<String>,
+    #[serde(default)]
+    pub account_map: Vec<AccountMapping>,
+    /// Another upstream that takes the mail this one cannot: an account at its quota,
+    /// or the upstream answering with its rate-limit replies.
+    #[serde(default)]
+    pub fallback: Option<String>,
+    /// Messages per account per rolling 24 hours (Google: 10,000 for the Workspace relay,
+    /// fewer for Gmail accounts). Unlimited when absent.
+    #[serde(default)]
+    pub messages_per_day: Option<u32>,
+    /// Recipients per account per rolling 24 hours (Google: 10,000 for the relay).
+    #[serde(default)]
+    pub recipients_per_day: Option<u32>,
 }
 
 /// Postfix's `smtp_destination_recipient_limit` default; RFC 5321 §4.5.3.1.8 requires
@@ -236,12 +308,21 @@ impl UpstreamConfig {
             rate_per_second: None,
             max_recipients_per_transaction: default_max_recipients_per_transaction(),
             ehlo_name: None,
+            auth: None,
+            oauth: None,
+            account: None,
+            account_map: Vec::new(),
+            fallback: None,
+            messages_per_day: None,
+            recipients_per_day: None,
         }
     }
 
     pub fn tls_mode(&self) -> TlsMode {
         self.tls.unwrap_or(match self.kind {
-            UpstreamKind::Smtp => TlsMode::Required,
+            UpstreamKind::Smtp | UpstreamKind::Gmail | UpstreamKind::GoogleRelay => {
+                TlsMode::Required
+            }
             UpstreamKind::Mx => TlsMode::Opportunistic,
         })
     }
@@ -249,9 +330,55 @@ impl UpstreamConfig {
     pub fn port_number(&self) -> u16 {
         self.port.unwrap_or(match (self.kind, self.tls_mode()) {
             (UpstreamKind::Mx, _) => 25,
-            (UpstreamKind::Smtp, TlsMode::Implicit) => 465,
-            (UpstreamKind::Smtp, _) => 587,
+            (_, TlsMode::Implicit) => 465,
+            (_, _) => 587,
         })
+    }
+
+    /// The relay's host: as configured, or the preset's.
+    pub fn host(&self) -> Option<&str> {
+        self.host.as_deref().or(match self.kind {
+            UpstreamKind::Gmail => Some(GMAIL_HOST),
+            UpstreamKind::GoogleRelay => Some(GOOGLE_RELAY_HOST),
+            UpstreamKind::Smtp | UpstreamKind::Mx => None,
+        })
+    }
+
+    /// How sessions log in, after the defaults; `None`: no AUTH.
+    pub fn auth_method(&self) -> Option<AuthMethod> {
+        self.auth.or(match self.kind {
+            UpstreamKind::Gmail => Some(AuthMethod::Xoauth2),
+            _ if self.username.is_some() => Some(AuthMethod::Password),
+            _ => None,
+        })
+    }
+
+    /// Whether logins use tokens from an `[[oauth]]` source.
+    pub fn uses_oauth(&self) -> bool {
+        matches!(
+            self.auth_method(),
+            Some(AuthMethod::Xoauth2 | AuthMethod::Oauthbearer)
+        )
+    }
+
+    /// The account to log in as for a message from `sender` (the envelope sender)
+    /// submitted by `user` (a logged-in device), or `None` when nothing names one.
+    pub fn account_for(&self, user: Option<&str>, sender: &str) -> Option<&str> {
+        self.account_map
+            .iter()
+            .find(|mapping| {
+                mapping
+                    .user
+                    .as_deref()
+                    .is_none_or(|wanted| user == Some(wanted))
+                    && mapping
+                        .sender
+                        .as_ref()
+                        .is_none_or(|pattern| pattern.matches(sender))
+            })
+            .map(|mapping| mapping.account.as_str())
+            .or(self.account.as_deref())
+            .or(self.username.as_deref())
     }
 
     /// Checks the combination of keys; returns the key at fault and a message.
@@ -260,8 +387,11 @@ impl UpstreamConfig {
         if name.is_empty() {
             return Err(("name", "an upstream needs a name".to_string()));
         }
+        if self.host.as_deref().is_some_and(str::is_empty) {
+            return Err(("host", format!("upstream {name:?}: host is empty")));
+        }
         match self.kind {
-            UpstreamKind::Smtp if self.host.as_deref().is_none_or(str::is_empty) => {
+            UpstreamKind::Smtp if self.host.is_none() => {
                 return Err((
                     "host",
                     format!("upstream {name:?} (kind smtp) needs a host"),
@@ -273,7 +403,7 @@ impl UpstreamConfig {
                     format!("upstream {name:?} is kind mx: its hosts come from DNS, remove host"),
                 ));
             }
-            UpstreamKind::Smtp if self.nameserver.is_some() => {
+            kind if kind.is_relay() && self.nameserver.is_some() => {
                 return Err((
                     "nameserver",
                     format!("upstream {name:?}: nameserver is for kind mx only"),
@@ -281,6 +411,7 @@ impl UpstreamConfig {
             }
             _ => {}
         }
+        self.validate_login()?;
         let password_sources = [
             self.password_file.is_some(),
             self.password_env.is_some(),
@@ -301,7 +432,7 @@ impl UpstreamConfig {
                 format!("upstream {name:?}: a password needs a username"),
             ));
         }
-        if self.username.is_some() && self.tls_mode() == TlsMode::None {
+        if (self.username.is_some() || self.uses_oauth()) && self.tls_mode() == TlsMode::None {
             return Err((
                 "tls",
                 format!(
@@ -340,41 +471,132 @@ impl UpstreamConfig {
         Ok(())
     }
 
+    /// Checks `auth`, `oauth`, `account` and `account_map` together.
+    fn validate_login(&self) -> Result<(), (&'static str, String)> {
+        let name = &self.name;
+        let method = self.auth_method();
+        if self.kind == UpstreamKind::Mx && method.is_some() {
+            return Err((
+                "auth",
+                format!("upstream {name:?} is kind mx: MX hosts take no AUTH"),
+            ));
+        }
+        if self.kind == UpstreamKind::Gmail && !self.uses_oauth() {
+            return Err((
+                "auth",
+                format!(
+                    "upstream {name:?} is kind gmail: smtp.gmail.com takes OAuth2 only (auth = \"xoauth2\" or \"oauthbearer\")"
+                ),
+            ));
+        }
+        if self.uses_oauth() {
+            if self.oauth.is_none() {
+                return Err((
+                    "oauth",
+                    format!(
+                        "upstream {name:?}: {method:?} needs oauth = the name of an [[oauth]] token source"
+                    ),
+                ));
+            }
+            if self.account.is_none() && self.account_map.is_empty() && self.username.is_none() {
+                return Err((
+                    "account",
+                    format!(
+                        "upstream {name:?}: OAuth needs account (the mailbox the token is for) or account_map entries"
+                    ),
+                ));
+            }
+            if self.password_file.is_some() || self.password_env.is_some() {
+                return Err((
+                    "password_file",
+                    format!("upstream {name:?}: OAuth logins take no password"),
+                ));
+            }
+        } else {
+            if self.oauth.is_some() {
+                return Err((
+                    "oauth",
+                    format!(
+                        "upstream {name:?}: oauth is for auth = \"xoauth2\" or \"oauthbearer\""
+                    ),
+                ));
+            }
+            if method == Some(AuthMethod::Password) && self.username.is_none() {
+                return Err((
+                    "username",
+                    format!("upstream {name:?}: auth = \"password\" needs a username"),
+                ));
+            }
+            if !self.account_map.is_empty() {
+                return Err((
+                    "account_map",
+                    format!(
+                        "upstream {name:?}: account_map is for OAuth logins; a password login has one username"
+                    ),
+                ));
+            }
+        }
+        for (index, mapping) in self.account_map.iter().enumerate() {
+            if mapping.user.is_none() && mapping.sender.is_none() {
+                return Err((
+                    "account_map",
+                    format!(
+                        "upstream {name:?}: account_map entry {} names neither user nor sender; use account for the default",
+                        index + 1
+                    ),
+                ));
+            }
+        }
+        if matches!(self.messages_per_day, Some(0)) || matches!(self.recipients_per_day, Some(0)) {
+            return Err((
+                "messages_per_day",
+                format!(
+                    "upstream {name:?}: a daily quota of 0 sends nothing; leave it out for no quota"
+                ),
+            ));
+        }
+        Ok(())
+    }
+
     /// The password from wherever the configuration says it is, or `None` when no
     /// password is configured. Errors name the file or variable, never the value.
     pub fn password(&self) -> Result<Option<Secret>, String> {
         if let Some(password) = &self.password_inline {
             return Ok(Some(password.clone()));
         }
-        if let Some(path) = &self.password_file {
-            let text = std::fs::read_to_string(path).map_err(|error| {
-                format!(
-                    "upstream {:?}: cannot read password_file {}: {error}",
-                    self.name,
-                    path.display()
-                )
-            })?;
-            let first_line = text.lines().next().unwrap_or("");
-            if first_line.is_empty() {
-                return Err(format!(
-                    "upstream {:?}: password_file {} is empty",
-                    self.name,
-                    path.display()
-                ));
-            }
-            return Ok(Some(Secret::new(first_line.to_string())));
-        }
-        if let Some(variable) = &self.password_env {
-            return match std::env::var(variable) {
-                Ok(value) if !value.is_empty() => Ok(Some(Secret::new(value))),
-                _ => Err(format!(
-                    "upstream {:?}: environment variable {variable} (password_env) is not set",
-                    self.name
-                )),
-            };
-        }
-        Ok(None)
+        read_secret(
+            &format!("upstream {:?}", self.name),
+            self.password_file.as_deref(),
+            self.password_env.as_deref(),
+        )
     }
+}
+
+/// A secret from a file (its first line) or an environment variable, for `what` (named
+/// in errors, which never hold the value).
+pub(crate) fn read_secret(
+    what: &str,
+    file: Option<&std::path::Path>,
+    variable: Option<&str>,
+) -> Result<Option<Secret>, String> {
+    if let Some(path) = file {
+        let text = std::fs::read_to_string(path)
+            .map_err(|error| format!("{what}: cannot read {}: {error}", path.display()))?;
+        let first_line = text.lines().next().unwrap_or("");
+        if first_line.is_empty() {
+            return Err(format!("{what}: {} is empty", path.display()));
+        }
+        return Ok(Some(Secret::new(first_line.to_string())));
+    }
+    if let Some(variable) = variable {
+        return match std::env::var(variable) {
+            Ok(value) if !value.is_empty() => Ok(Some(Secret::new(value))),
+            _ => Err(format!(
+                "{what}: environment variable {variable} is not set"
+            )),
+        };
+    }
+    Ok(None)
 }
 
 /// One route: every condition given must match (an absent condition matches all).

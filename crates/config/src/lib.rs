@@ -7,6 +7,7 @@
 
 pub mod delivery;
 pub mod listener;
+pub mod oauth;
 pub mod users;
 
 use std::path::{Path, PathBuf};
@@ -14,13 +15,14 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 pub use delivery::{
-    BUILTIN_MX_UPSTREAM, DeliveryConfig, RouteConfig, Secret, TlsMode, UpstreamConfig,
-    UpstreamKind, domain_matches, parse_upstream_url,
+    AccountMapping, AuthMethod, BUILTIN_MX_UPSTREAM, DeliveryConfig, GMAIL_HOST, GOOGLE_RELAY_HOST,
+    RouteConfig, Secret, TlsMode, UpstreamConfig, UpstreamKind, domain_matches, parse_upstream_url,
 };
 pub use listener::{
     ListenerConfig, ListenerMode, ListenerProfile, LoginGuardConfig, RateLimitConfig,
     RateLimitTable, default_relay_networks,
 };
+pub use oauth::{OAuthConfig, OAuthKind};
 pub use users::{PasswordHashText, SenderPattern, User, Users, VerifyError};
 
 /// The configuration the relay starts on when no file is given: listen on
@@ -50,6 +52,9 @@ pub struct Config {
     /// Tried in order; the first match names the upstream.
     #[serde(default, rename = "route")]
     pub routes: Vec<RouteConfig>,
+    /// Token sources for OAuth2 logins to upstreams.
+    #[serde(default, rename = "oauth")]
+    pub oauth_sources: Vec<OAuthConfig>,
     #[serde(default)]
     pub auth: AuthConfig,
     #[serde(default)]
@@ -453,6 +458,68 @@ impl Config {
             }
         }
         let known = |name: &str| name == BUILTIN_MX_UPSTREAM || names.contains(name);
+        let mut sources = std::collections::HashSet::new();
+        for (index, source) in self.oauth_sources.iter().enumerate() {
+            let in_source = |(key, message): (&'static str, String)| {
+                (
+                    Place::Entry {
+                        table: "oauth",
+                        index,
+                        key,
+                    },
+                    message,
+                )
+            };
+            source.validate().map_err(in_source)?;
+            if !sources.insert(source.name.as_str()) {
+                return Err(in_source((
+                    "name",
+                    format!("oauth source {:?} is configured twice", source.name),
+                )));
+            }
+        }
+        for (index, upstream) in self.upstreams.iter().enumerate() {
+            if let Some(source) = &upstream.oauth
+                && !sources.contains(source.as_str())
+            {
+                return Err(in_upstream(index)((
+                    "oauth",
+                    format!(
+                        "upstream {:?}: oauth names {source:?}, which is not an [[oauth]] source",
+                        upstream.name
+                    ),
+                )));
+            }
+            if let Some(fallback) = &upstream.fallback
+                && (!known(fallback) || *fallback == upstream.name)
+            {
+                return Err(in_upstream(index)((
+                    "fallback",
+                    format!(
+                        "upstream {:?}: fallback names {fallback:?}, which is not another [[upstream]]",
+                        upstream.name
+                    ),
+                )));
+            }
+            if upstream.kind == UpstreamKind::GoogleRelay {
+                let ehlo = upstream
+                    .ehlo_name
+                    .as_deref()
+                    .or(self.delivery.ehlo_name.as_deref())
+                    .or(self.server.hostname.as_deref());
+                if !ehlo.is_some_and(is_fully_qualified) {
+                    return Err(in_upstream(index)((
+                        "ehlo_name",
+                        format!(
+                            "upstream {:?} (google-relay): Google's relay refuses EHLO names that are not a fully qualified domain name; set ehlo_name (here, in [delivery], or [server] hostname) to one, e.g. relay.example.com{}",
+                            upstream.name,
+                            ehlo.map(|name| format!(" (not {name:?})"))
+                                .unwrap_or_default()
+                        ),
+                    )));
+                }
+            }
+        }
         if !known(&self.delivery.default_upstream) {
             return Err((
                 Place::Key("default_upstream"),
@@ -600,27 +667,75 @@ impl Config {
             let Some(upstream) = self.upstream(name) else {
                 continue;
             };
-            let target = match (&upstream.kind, &upstream.host) {
-                (UpstreamKind::Smtp, Some(host)) => format!("{host}:{}", upstream.port_number()),
+            let target = match upstream.host() {
+                Some(host) if upstream.kind.is_relay() => {
+                    format!("{host}:{}", upstream.port_number())
+                }
                 _ => format!(
                     "MX of each recipient domain, port {}",
                     upstream.port_number()
                 ),
             };
-            let login = match (
+            let mut login = match (
+                upstream.auth_method(),
                 &upstream.username,
                 &upstream.password_file,
                 &upstream.password_env,
             ) {
-                (Some(user), Some(file), _) => {
+                (Some(AuthMethod::Xoauth2 | AuthMethod::Oauthbearer), ..) => {
+                    let mut accounts: Vec<String> = upstream
+                        .account_map
+                        .iter()
+                        .map(|mapping| {
+                            let mut from = Vec::new();
+                            if let Some(user) = &mapping.user {
+                                from.push(format!("user {user}"));
+                            }
+                            if let Some(sender) = &mapping.sender {
+                                from.push(format!("sender {sender}"));
+                            }
+                            format!("{} for {}", mapping.account, from.join(" and "))
+                        })
+                        .collect();
+                    if let Some(account) =
+                        upstream.account.as_deref().or(upstream.username.as_deref())
+                    {
+                        accounts.push(format!("{account} otherwise"));
+                    }
+                    format!(
+                        ", AUTH {:?} with tokens from oauth {:?} as {}",
+                        upstream.auth_method().unwrap_or(AuthMethod::Xoauth2),
+                        upstream.oauth.as_deref().unwrap_or_default(),
+                        accounts.join("; ")
+                    )
+                }
+                (_, Some(user), Some(file), _) => {
                     format!(", AUTH as {user} (password from {})", file.display())
                 }
-                (Some(user), None, Some(variable)) => {
+                (_, Some(user), None, Some(variable)) => {
                     format!(", AUTH as {user} (password from ${variable})")
                 }
-                (Some(user), None, None) => format!(", AUTH as {user}"),
+                (_, Some(user), None, None) => format!(", AUTH as {user}"),
                 _ => String::new(),
             };
+            if upstream.messages_per_day.is_some() || upstream.recipients_per_day.is_some() {
+                let quota =
+                    |limit: Option<u32>, what: &str| limit.map(|limit| format!("{limit} {what}"));
+                let parts: Vec<String> = [
+                    quota(upstream.messages_per_day, "messages"),
+                    quota(upstream.recipients_per_day, "recipients"),
+                ]
+                .into_iter()
+                .flatten()
+                .collect();
+                login.push_str(&format!(
+                    ", at most {} per account per 24 h",
+                    parts.join(" and ")
+                ));
+            }
+            if let Some(fallback) = &upstream.fallback {
+                login.push_str(&format!(", fallback {fallback}"));
+            }
             let default = if name == self.delivery.default_upstream {
                 " (default)"
             } else {
@@ -680,6 +795,28 @@ fn read_text(path: &Path) -> Result<String, ConfigError> {
         path: path.to_path_buf(),
         source,
     })
+}
+
+/// A name Google's relay accepts in EHLO: a domain name with at least two labels, not
+/// an address literal, not `localhost`.
+fn is_fully_qualified(name: &str) -> bool {
+    let name = name.strip_suffix('.').unwrap_or(name);
+    let labels: Vec<&str> = name.split('.').collect();
+    labels.len() >= 2
+        && !name.eq_ignore_ascii_case("localhost.localdomain")
+        && name.parse::<std::net::IpAddr>().is_err()
+        && labels.iter().all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+                && label
+                    .bytes()
+                    .all(|byte| byte.is_ascii_alphanumeric() || byte == b'-')
+        })
+        && labels
+            .last()
+            .is_some_and(|top| top.bytes().any(|byte| byte.is_ascii_alphabetic()))
 }
 
 /// Deserializes TOML; a syntax or type error names its line and column.
@@ -1079,6 +1216,132 @@ upstream = "mx"
         assert_eq!(config.rate_limits.per_user.messages_per_hour, Some(500));
         assert_eq!(config.rate_limits.per_client.messages_per_minute, Some(60));
         assert_eq!(config.login_guard, LoginGuardConfig::default());
+    }
+
+    const GMAIL: &str = "[[listener]]\naddress = \"127.0.0.1:25\"\n\
+        [[oauth]]\nname = \"google\"\nkind = \"refresh-token\"\nclient_id = \"id.apps.googleusercontent.com\"\n\
+        client_secret_env = \"GOOGLE_CLIENT_SECRET\"\ntoken_directory = \"/var/lib/tsubame/oauth\"\n\
+        [[upstream]]\nname = \"gmail\"\nkind = \"gmail\"\noauth = \"google\"\naccount = \"relay@example.com\"\n\
+        fallback = \"mx\"\nmessages_per_day = 2000\n\
+        [[upstream.account_map]]\nuser = \"scanner-3f\"\naccount = \"scans@example.com\"\n\
+        [[upstream.account_map]]\nsender = \"@billing.example.com\"\naccount = \"billing@example.com\"\n\
+        [delivery]\ndefault_upstream = \"gmail\"\n";
+
+    #[test]
+    fn gmail_preset_and_account_mapping() {
+        let config = Config::parse(GMAIL, "t.toml").unwrap();
+        let gmail = config.upstream("gmail").unwrap();
+        assert_eq!(gmail.host(), Some("smtp.gmail.com"));
+        assert_eq!(gmail.port_number(), 587);
+        assert_eq!(gmail.tls_mode(), TlsMode::Required);
+        assert_eq!(gmail.auth_method(), Some(AuthMethod::Xoauth2));
+        assert_eq!(
+            gmail.account_for(Some("scanner-3f"), "x@example.org"),
+            Some("scans@example.com")
+        );
+        assert_eq!(
+            gmail.account_for(None, "a@billing.example.com"),
+            Some("billing@example.com")
+        );
+        assert_eq!(
+            gmail.account_for(Some("printer"), "a@example.org"),
+            Some("relay@example.com")
+        );
+        let source = &config.oauth_sources[0];
+        assert_eq!(source.token_endpoint, oauth::GOOGLE_TOKEN_ENDPOINT);
+        assert_eq!(source.scope, "https://mail.google.com/");
+        assert_eq!(
+            source.refresh_token_file("scans@example.com").unwrap(),
+            Path::new("/var/lib/tsubame/oauth/scans@example.com.token")
+        );
+        assert_eq!(
+            oauth::token_file_in(Path::new("/d"), "../evil/x"),
+            Path::new("/d/_.._evil_x.token")
+        );
+        let summary = config.summary();
+        assert!(summary.contains("upstream gmail (default): smtp.gmail.com:587, TLS Required, AUTH Xoauth2 with tokens from oauth \"google\" as scans@example.com for user scanner-3f; billing@example.com for sender @billing.example.com; relay@example.com otherwise, at most 2000 messages per account per 24 h, fallback mx"), "{summary}");
+    }
+
+    #[test]
+    fn oauth_and_preset_mistakes_are_refused_with_their_line() {
+        let cases = [
+            (
+                GMAIL.replace("oauth = \"google\"\n", ""),
+                "needs oauth = the name of an [[oauth]] token source",
+            ),
+            (
+                GMAIL.replace("oauth = \"google\"", "oauth = \"gogle\""),
+                "oauth names \"gogle\", which is not an [[oauth]] source",
+            ),
+            (
+                GMAIL.replace("kind = \"gmail\"", "kind = \"gmail\"\nauth = \"password\""),
+                "smtp.gmail.com takes OAuth2 only",
+            ),
+            (
+                GMAIL.replace("fallback = \"mx\"", "fallback = \"gmail\""),
+                "fallback names \"gmail\", which is not another [[upstream]]",
+            ),
+            (
+                GMAIL.replace("client_secret_env = \"GOOGLE_CLIENT_SECRET\"\n", ""),
+                "give client_secret_file or client_secret_env",
+            ),
+            (
+                GMAIL.replace("token_directory = \"/var/lib/tsubame/oauth\"\n", ""),
+                "refresh-token needs token_directory",
+            ),
+            (
+                GMAIL.replace("messages_per_day = 2000", "messages_per_day = 0"),
+                "a daily quota of 0 sends nothing",
+            ),
+            (
+                GMAIL.replace("user = \"scanner-3f\"\n", ""),
+                "account_map entry 1 names neither user nor sender",
+            ),
+            (
+                GMAIL.replace("https", "http").replace(
+                    "[[oauth]]",
+                    "[[oauth]]\ntoken_endpoint = \"http://oauth.example\"",
+                ),
+                "must be an https:// URL",
+            ),
+        ];
+        for (text, message) in cases {
+            let error = Config::parse(&text, "t.toml").unwrap_err().to_string();
+            assert!(error.contains(message), "{message}: {error}");
+        }
+    }
+
+    #[test]
+    fn google_relay_needs_a_fully_qualified_ehlo_name() {
+        let base = "[[listener]]\naddress = \"127.0.0.1:25\"\n[[upstream]]\nname = \"workspace\"\nkind = \"google-relay\"\n";
+        let error = Config::parse(base, "t.toml").unwrap_err().to_string();
+        assert!(
+            error.contains("not a fully qualified domain name"),
+            "{error}"
+        );
+        assert!(error.starts_with("t.toml:3:"), "{error}");
+        for bad in [
+            "localhost",
+            "printer",
+            "192.0.2.1",
+            "relay.example.123",
+            "-a.example.com",
+        ] {
+            let text = format!("{base}ehlo_name = \"{bad}\"\n");
+            let error = Config::parse(&text, "t.toml").unwrap_err().to_string();
+            assert!(
+                error.contains(&format!("(not \"{bad}\")")),
+                "{bad}: {error}"
+            );
+        }
+        let text = format!("[server]\nhostname = \"relay.example.com\"\n{base}");
+        let config = Config::parse(&text, "t.toml").unwrap();
+        let relay = config.upstream("workspace").unwrap();
+        assert_eq!(relay.host(), Some("smtp-relay.gmail.com"));
+        assert_eq!(
+            (relay.port_number(), relay.tls_mode(), relay.auth_method()),
+            (587, TlsMode::Required, None)
+        );
     }
 
     #[test]

@@ -119,7 +119,7 @@ pub(crate) fn build_table(
                 .ehlo_name
                 .clone()
                 .unwrap_or_else(|| default_helo.clone());
-            if upstream.kind == UpstreamKind::Smtp && upstream.host.is_none() {
+            if upstream.kind.is_relay() && upstream.host().is_none() {
                 return Err(RelayError::Upstream {
                     message: format!("upstream {:?} has no host", upstream.name),
                 });
@@ -143,7 +143,7 @@ pub(crate) fn build_table(
                         message: format!("upstream {:?}: {error}", upstream.name),
                     })?,
                 ),
-                UpstreamKind::Mx | UpstreamKind::Smtp => None,
+                _ => None,
             };
             Ok(Arc::new(Upstream {
                 index,

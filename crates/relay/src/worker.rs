@@ -148,9 +148,10 @@ fn deliver(
             });
             continue;
         }
-        let key = match upstream.config.kind {
-            UpstreamKind::Smtp => String::new(),
-            UpstreamKind::Mx => domain_of(address).unwrap_or("").to_ascii_lowercase(),
+        let key = if upstream.config.kind.is_relay() {
+            String::new()
+        } else {
+            domain_of(address).unwrap_or("").to_ascii_lowercase()
         };
         groups.entry(key).or_default().push(recipient);
     }
@@ -182,8 +183,8 @@ fn deliver(
         // A smarthost's open connection is used without resolving its name again: a
         // name with rotating addresses (most large relays) would otherwise defeat reuse,
         // and the lookup is a syscall or a DNS query per message.
-        if upstream.config.kind == UpstreamKind::Smtp
-            && let Some(host) = upstream.config.host.as_deref()
+        if upstream.config.kind.is_relay()
+            && let Some(host) = upstream.config.host()
             && let Some(outcomes) = send_on_cached(upstream, cached, host, outgoing)
         {
             for (recipient, outcome) in recipients.iter().zip(outcomes) {
@@ -246,8 +247,9 @@ pub(crate) struct Target {
 fn targets(upstream: &Upstream, domain: &str) -> Result<Vec<Target>, GroupFailure> {
     let port = upstream.config.port_number();
     match upstream.config.kind {
-        UpstreamKind::Smtp => {
-            let host = upstream.config.host.clone().unwrap_or_default();
+        UpstreamKind::Mx => crate::mx::targets(upstream, domain, port),
+        UpstreamKind::Smtp | UpstreamKind::Gmail | UpstreamKind::GoogleRelay => {
+            let host = upstream.config.host().unwrap_or_default().to_string();
             let addresses: Vec<SocketAddr> = (host.as_str(), port)
                 .to_socket_addrs()
                 .map_err(|error| GroupFailure {
@@ -261,7 +263,6 @@ fn targets(upstream: &Upstream, domain: &str) -> Result<Vec<Target>, GroupFailur
                 addresses,
             }])
         }
-        UpstreamKind::Mx => crate::mx::targets(upstream, domain, port),
     }
 }
 
