@@ -19,7 +19,7 @@
 //! so the caller can fetch a fresh token and try once more.
 //!
 //! ```text
-//! C: AUTH XOAUTH2 dXNlcj1...AQE=
+//! C: AUTH XOAUTH2 dXNlcj1zb21ldXNlckBleGFtcGxlLmNvbQFhdXRoPUJlYXJlciB5YTI5...AQ==
 //! S: 334 eyJzdGF0dXMiOiI0MDEiLCJzY2hlbWVzIjoiQmVhcmVyIiwic2NvcGUiOiJodHRwczovL21haWwuZ29vZ2xlLmNvbS8ifQ==
 //! C:
 //! S: 535 5.7.8 Username and Password not accepted
