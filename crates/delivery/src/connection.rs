@@ -21,9 +21,11 @@
 //!   with `TlsMode::None`, as Postfix does at its `may` level.
 //! * `None`: plain text; STARTTLS is never sent.
 //!
-//! With [`Credentials`], AUTH follows (RFC 4954): PLAIN when offered, else LOGIN.
-//! Credentials are only ever sent over TLS; a plain-text session with credentials is
-//! an error, and no credential appears in `Debug` output, logs or errors.
+//! With [`Credentials`], AUTH follows (RFC 4954): for a password PLAIN when offered,
+//! else LOGIN; for a bearer token the configured mechanism (XOAUTH2 or OAUTHBEARER),
+//! which the upstream must offer. Credentials are only ever sent over TLS; a
+//! plain-text session with credentials is an error, and no credential appears in
+//! `Debug` output, logs or errors.
 
 use std::io::{self, IoSlice, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
@@ -34,7 +36,7 @@ use rustls::{ClientConfig, ClientConnection, HandshakeKind, ProtocolVersion, Str
 use rustls_pki_types::ServerName;
 use tsubame_config::TlsMode;
 
-use crate::auth::{AuthError, AuthExchange, AuthStep, Secret};
+use crate::auth::{AuthError, AuthExchange, AuthStep, BearerMechanism, Secret, SecretBytes};
 use crate::client::{
     ClientError, LocalFailure, Message, Session, SessionEvent, Stage, Transaction,
     TransactionResult, TransactionStep,
@@ -185,11 +187,46 @@ impl From<Stage> for ConnectionStage {
     }
 }
 
-/// A username and password for AUTH. `Debug` shows the username and `***`.
+/// What AUTH proves, and with which mechanism. `Debug` shows the username and `***`.
 #[derive(Debug, Clone)]
-pub struct Credentials {
-    pub username: String,
-    pub password: Secret,
+pub enum Credentials {
+    /// A username and password: AUTH PLAIN when the upstream offers it, else LOGIN.
+    Password { username: String, password: Secret },
+    /// An OAuth 2.0 access token (RFC 6750) for `username`, the account's email
+    /// address, sent with `mechanism`, which the upstream must offer. The token is
+    /// the caller's to obtain and refresh; when the upstream refuses it, the error
+    /// says so ([`DeliveryError::is_token_rejected`]).
+    Bearer {
+        username: String,
+        token: Secret,
+        mechanism: BearerMechanism,
+    },
+}
+
+impl Credentials {
+    /// The user logged in as (for logs).
+    pub fn username(&self) -> &str {
+        match self {
+            Self::Password { username, .. } | Self::Bearer { username, .. } => username,
+        }
+    }
+}
+
+/// AUTH as far as it can be settled before connecting.
+#[derive(Debug)]
+enum AuthPlan<'a> {
+    /// PLAIN or LOGIN, whichever EHLO offers.
+    Password {
+        username: &'a str,
+        password: &'a Secret,
+    },
+    /// The mechanism is fixed, so the exchange is built before connecting: a token or
+    /// name it cannot carry is refused before any socket is opened.
+    Bearer {
+        mechanism: BearerMechanism,
+        exchange: AuthExchange,
+        first: SecretBytes,
+    },
 }
 
 /// How to open a connection: [`UpstreamConnection::open`]'s settings.
@@ -271,7 +308,8 @@ pub enum DeliveryError {
     /// opportunistic upstream without STARTTLS): they are never sent in clear.
     #[error("not sending credentials to {address} over an unencrypted connection")]
     AuthWithoutTls { address: SocketAddr },
-    /// The upstream offers neither AUTH PLAIN nor AUTH LOGIN.
+    /// Password credentials, and the upstream offers neither AUTH PLAIN nor AUTH
+    /// LOGIN.
     #[error(
         "{address} offers no AUTH mechanism this client supports (PLAIN, LOGIN); offered: {}",
         if .offered.is_empty() { "none".to_owned() } else { .offered.join(" ") }
@@ -280,8 +318,20 @@ pub enum DeliveryError {
         address: SocketAddr,
         offered: Vec<String>,
     },
+    /// Bearer credentials, and the upstream does not offer their mechanism. QUIT was
+    /// sent, nothing else.
+    #[error(
+        "{address} does not offer AUTH {mechanism}; offered: {}",
+        if .offered.is_empty() { "none".to_owned() } else { .offered.join(" ") }
+    )]
+    AuthMechanismNotOffered {
+        address: SocketAddr,
+        mechanism: BearerMechanism,
+        offered: Vec<String>,
+    },
     /// AUTH failed: [`AuthError::Rejected`] carries the reply (535 bad credentials,
-    /// 454 temporary failure, ...), never the credentials.
+    /// 454 temporary failure, ...), [`AuthError::TokenRejected`] says a bearer token
+    /// was refused; neither holds the credentials.
     #[error("AUTH with {address}: {source}")]
     Auth {
         address: SocketAddr,
@@ -354,6 +404,20 @@ impl DeliveryError {
             self,
             Self::Protocol {
                 source: ClientError::InvalidAddress | ClientError::NoRecipients,
+                ..
+            }
+        )
+    }
+
+    /// True when the upstream refused a bearer token ([`AuthError::TokenRejected`]):
+    /// the token has expired or was revoked, so the caller should drop it, fetch a
+    /// fresh one and open a new connection with it, once. Any other AUTH failure
+    /// (and a second refusal of a fresh token) waits in the queue like the rest.
+    pub fn is_token_rejected(&self) -> bool {
+        matches!(
+            self,
+            Self::Auth {
+                source: AuthError::TokenRejected { .. },
                 ..
             }
         )
@@ -733,9 +797,10 @@ impl UpstreamConnection {
     /// credentials.
     ///
     /// Options that cannot work (an invalid EHLO or server name, no TLS configuration
-    /// for a TLS mode, credentials with [`TlsMode::None`]) are refused before any
-    /// connection is made. Once connected, every failure closes the connection,
-    /// after a QUIT when the session is still in step.
+    /// for a TLS mode, credentials with [`TlsMode::None`], a bearer token or username
+    /// its mechanism cannot carry) are refused before any connection is made. Once
+    /// connected, every failure closes the connection, after a QUIT when the session
+    /// is still in step.
     pub fn open(address: SocketAddr, options: &ConnectOptions<'_>) -> Result<Self, DeliveryError> {
         // Validate everything before opening a socket.
         let session = Session::new(options.helo_name)
@@ -764,6 +829,35 @@ impl UpstreamConnection {
         if options.credentials.is_some() && target.is_none() {
             return Err(DeliveryError::AuthWithoutTls { address });
         }
+        let auth_plan = match options.credentials {
+            None => None,
+            Some(Credentials::Password { username, password }) => {
+                Some(AuthPlan::Password { username, password })
+            }
+            Some(Credentials::Bearer {
+                username,
+                token,
+                mechanism,
+            }) => {
+                let started = match mechanism {
+                    BearerMechanism::XOAuth2 => AuthExchange::xoauth2(username, token),
+                    // RFC 7628 §3.1: the host name and port the client connected to.
+                    BearerMechanism::OAuthBearer => AuthExchange::oauthbearer(
+                        username,
+                        token,
+                        options.server_name,
+                        address.port(),
+                    ),
+                };
+                let (exchange, first) =
+                    started.map_err(|source| DeliveryError::Auth { address, source })?;
+                Some(AuthPlan::Bearer {
+                    mechanism: *mechanism,
+                    exchange,
+                    first,
+                })
+            }
+        };
 
         let timeouts = options.timeouts;
         let tcp =
@@ -794,8 +888,8 @@ impl UpstreamConnection {
         if let Some(summary) = connection.tls_summary() {
             tracing::debug!(%address, tls = %summary, "upstream connection encrypted");
         }
-        if let Some(credentials) = options.credentials {
-            connection.authenticate(credentials)?;
+        if let Some(plan) = auth_plan {
+            connection.authenticate(plan)?;
         }
         Ok(connection)
     }
@@ -893,28 +987,48 @@ impl UpstreamConnection {
         Ok(connection)
     }
 
-    /// AUTH PLAIN when offered, else AUTH LOGIN (RFC 4954), over TLS only.
-    fn authenticate(&mut self, credentials: &Credentials) -> Result<(), DeliveryError> {
+    /// AUTH (RFC 4954), over TLS only: for a password PLAIN when offered, else LOGIN;
+    /// for a bearer token its mechanism, when offered.
+    fn authenticate(&mut self, plan: AuthPlan<'_>) -> Result<(), DeliveryError> {
         let address = self.wire.address;
         if !self.wire.is_encrypted() {
             return Err(self.refuse(DeliveryError::AuthWithoutTls { address }));
         }
         let capabilities = self.session.capabilities();
-        // PLAIN first: one round trip with RFC 4954's initial response, where LOGIN
-        // takes three; both carry the password as it is, which TLS protects.
-        let started = if capabilities.offers_auth("PLAIN") {
-            AuthExchange::plain(&credentials.username, &credentials.password)
-        } else if capabilities.offers_auth("LOGIN") {
-            Ok(AuthExchange::login(
-                &credentials.username,
-                credentials.password.clone(),
-            ))
-        } else {
-            let offered = capabilities.auth_mechanisms.clone();
-            return Err(self.refuse(DeliveryError::AuthMechanismUnsupported { address, offered }));
+        let (mut exchange, first) = match plan {
+            // PLAIN first: one round trip with RFC 4954's initial response, where
+            // LOGIN takes three; both carry the password as it is, which TLS protects.
+            AuthPlan::Password { username, password } => {
+                let started = if capabilities.offers_auth("PLAIN") {
+                    AuthExchange::plain(username, password)
+                } else if capabilities.offers_auth("LOGIN") {
+                    Ok(AuthExchange::login(username, password.clone()))
+                } else {
+                    let offered = capabilities.auth_mechanisms.clone();
+                    return Err(
+                        self.refuse(DeliveryError::AuthMechanismUnsupported { address, offered })
+                    );
+                };
+                started.map_err(|source| self.refuse(DeliveryError::Auth { address, source }))?
+            }
+            // No fallback to another mechanism: the token is for this one, and a
+            // password mechanism has no password to send.
+            AuthPlan::Bearer {
+                mechanism,
+                exchange,
+                first,
+            } => {
+                if !capabilities.offers_auth(mechanism.name()) {
+                    let offered = capabilities.auth_mechanisms.clone();
+                    return Err(self.refuse(DeliveryError::AuthMechanismNotOffered {
+                        address,
+                        mechanism,
+                        offered,
+                    }));
+                }
+                (exchange, first)
+            }
         };
-        let (mut exchange, first) =
-            started.map_err(|source| self.refuse(DeliveryError::Auth { address, source }))?;
         let mut line = first;
         loop {
             self.write_command(line.expose(), ConnectionStage::Auth)?;
@@ -1215,14 +1329,68 @@ mod tests {
     }
 
     #[test]
-    fn credentials_debug_hides_the_password() {
-        let credentials = Credentials {
-            username: "user".to_owned(),
-            password: Secret::new("hunter2-secret"),
+    fn credentials_debug_hides_the_password_and_the_token() {
+        let cases = [
+            Credentials::Password {
+                username: "user".to_owned(),
+                password: Secret::new("hunter2-secret"),
+            },
+            Credentials::Bearer {
+                username: "user".to_owned(),
+                token: Secret::new("hunter2-secret"),
+                mechanism: BearerMechanism::XOAuth2,
+            },
+        ];
+        for credentials in cases {
+            let debug = format!("{credentials:?}");
+            assert!(!debug.contains("hunter2"), "{debug}");
+            assert!(debug.contains("user"), "{debug}");
+            assert_eq!(credentials.username(), "user");
+        }
+    }
+
+    #[test]
+    fn only_a_refused_token_is_token_rejected() {
+        let address = SocketAddr::from(([127, 0, 0, 1], 587));
+        let reply = |text: &str| {
+            parse_reply(text.as_bytes())
+                .ok()
+                .flatten()
+                .map(|(reply, _)| reply)
+                .unwrap()
         };
-        let debug = format!("{credentials:?}");
-        assert!(!debug.contains("hunter2"), "{debug}");
-        assert!(debug.contains("user"), "{debug}");
+        let auth = |source| DeliveryError::Auth { address, source };
+        let cases = [
+            (
+                auth(AuthError::TokenRejected {
+                    reply: reply("535 5.7.8 Username and Password not accepted\r\n"),
+                    detail: None,
+                }),
+                true,
+            ),
+            (
+                auth(AuthError::Rejected(reply("535 5.7.8 bad credentials\r\n"))),
+                false,
+            ),
+            (
+                auth(AuthError::Rejected(reply("454 4.7.0 try later\r\n"))),
+                false,
+            ),
+            (
+                DeliveryError::AuthMechanismNotOffered {
+                    address,
+                    mechanism: BearerMechanism::XOAuth2,
+                    offered: vec!["PLAIN".to_owned()],
+                },
+                false,
+            ),
+            (DeliveryError::AuthWithoutTls { address }, false),
+        ];
+        for (error, token_rejected) in cases {
+            assert_eq!(error.is_token_rejected(), token_rejected, "{error}");
+            // Every AUTH failure waits in the queue; none bounces.
+            assert!(!error.is_permanent(), "{error}");
+        }
     }
 
     #[test]

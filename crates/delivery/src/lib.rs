@@ -14,7 +14,8 @@
 //!   per-recipient outcomes.
 //! * [`dot_stuff`]: the DATA content encoder (dot-stuffing, terminator) over borrowed
 //!   slices.
-//! * [`auth`]: AUTH PLAIN and AUTH LOGIN client exchanges.
+//! * [`auth`]: AUTH client exchanges: PLAIN and LOGIN with a password, XOAUTH2 and
+//!   OAUTHBEARER (RFC 7628) with an OAuth 2.0 bearer token.
 //! * [`tls`]: rustls client configurations (verifying, or opportunistic per RFC
 //!   7435), built once per upstream.
 //! * [`connection`]: the one place with network I/O, a blocking driver that connects (plain,
@@ -35,7 +36,10 @@ pub mod mx;
 pub mod reply;
 pub mod tls;
 
-pub use auth::{AuthError, AuthExchange, AuthStep, Secret};
+pub use auth::{
+    AuthError, AuthExchange, AuthStep, BearerErrorDetail, BearerMechanism, EncodingProblem, Secret,
+    SecretBytes,
+};
 pub use client::{
     BodyType, ClientError, LocalFailure, Message, Reason, RecipientOutcome, Session, SessionEvent,
     Stage, Transaction, TransactionResult, TransactionStep,

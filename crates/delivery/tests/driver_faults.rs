@@ -535,7 +535,7 @@ fn impossible_options_are_refused_before_connecting() {
     };
     let required = TlsSettings::new(TlsMode::Required, None).unwrap();
     let none = TlsSettings::new(TlsMode::None, None).unwrap();
-    let credentials = Credentials {
+    let credentials = Credentials::Password {
         username: "user".to_owned(),
         password: Secret::new("not-a-real-password"),
     };

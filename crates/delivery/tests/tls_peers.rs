@@ -35,7 +35,7 @@ fn generated_password() -> String {
 }
 
 fn credentials(password: &str) -> Credentials {
-    Credentials {
+    Credentials::Password {
         username: USERNAME.to_owned(),
         password: Secret::new(password),
     }

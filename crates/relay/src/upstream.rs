@@ -81,7 +81,7 @@ pub(crate) fn build_table(
                 .password()
                 .map_err(|message| RelayError::Upstream { message })?;
             let credentials = match (&upstream.username, password) {
-                (Some(username), Some(password)) => Some(Credentials {
+                (Some(username), Some(password)) => Some(Credentials::Password {
                     username: username.clone(),
                     password: Secret::new(password.expose()),
                 }),

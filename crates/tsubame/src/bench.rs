@@ -109,7 +109,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
             );
             let password = std::env::var(PASSWORD_ENV)
                 .with_context(|| format!("--auth needs the password in {PASSWORD_ENV}"))?;
-            Some(Credentials {
+            Some(Credentials::Password {
                 username: username.clone(),
                 password: Secret::new(password),
             })

@@ -3,7 +3,7 @@
 Usage: aiosmtpd_sink.py PORT OUTDIR [--reject ADDRESS] [--defer ADDRESS]
            [--cert PEM --key PEM [--starttls [--require-starttls] | --implicit-tls]
             [--tls-max 1.2|1.3]]
-           [--auth MECHANISM[,MECHANISM...] [--auth-required]]
+           [--auth MECHANISM[,MECHANISM...] [--auth-required]] [--bearer-host NAME]
 
 Each accepted message is written to OUTDIR as N.json (envelope, parameters, the TLS
 version the message came over or null, the AUTH mechanism and login or null) and
@@ -14,36 +14,76 @@ OUTDIR/ready appears once the server listens.
 
 TLS: --starttls offers STARTTLS with the certificate (RFC 3207), --implicit-tls
 speaks TLS from the first byte (RFC 8314). AUTH is offered over TLS only (after
-STARTTLS, or on the implicit TLS connection) with the mechanisms listed (PLAIN, LOGIN, and CRAM-MD5, which
-always fails); the one valid login is read from the environment variables
-TSUBAME_TEST_SMTP_USERNAME and TSUBAME_TEST_SMTP_PASSWORD, which each test sets to a
-value it generates.
+STARTTLS, or on the implicit TLS connection) with the mechanisms listed (PLAIN, LOGIN,
+XOAUTH2, OAUTHBEARER, and CRAM-MD5, which always fails); the one valid login is read
+from the environment variables TSUBAME_TEST_SMTP_USERNAME and
+TSUBAME_TEST_SMTP_PASSWORD (PLAIN, LOGIN) or TSUBAME_TEST_SMTP_TOKEN (XOAUTH2,
+OAUTHBEARER), which each test sets to a value it generates.
+
+Bearer tokens: the initial response must be exactly the documented one (XOAUTH2:
+"user=" USER ^A "auth=Bearer " TOKEN ^A ^A; OAUTHBEARER, RFC 7628 section 3.1:
+"n,a=" USER "," ^A "host=" --bearer-host ^A "port=" PORT ^A "auth=Bearer " TOKEN ^A ^A,
+with "," and "=" in USER escaped as "=2C" and "=3D"). A right token gets 235. A wrong
+one gets the error challenge, a 334 with base64 JSON (Google's for XOAUTH2, RFC 7628
+section 3.2.2's for OAUTHBEARER); the client must answer it (XOAUTH2: an empty line,
+OAUTHBEARER: AQ==), and then gets 535 5.7.8, as from Gmail. Any other initial
+response gets 535 5.7.8 without a challenge. Each bearer AUTH appends one line to
+OUTDIR/auth.log saying what happened, never the token. With a bearer mechanism the
+server takes AUTH lines up to RFC 4954's 12,288 octets (aiosmtpd's default is 512).
 """
 
 import argparse
+import base64
+import binascii
+import collections
 import json
 import os
 import ssl
 import threading
 
 from aiosmtpd.controller import Controller
-from aiosmtpd.smtp import AuthResult, LoginPassword
+from aiosmtpd.smtp import MISSING, SMTP, AuthResult, LoginPassword
 
 BUILTIN_MECHANISMS = {"PLAIN", "LOGIN"}
-CUSTOM_MECHANISMS = {"CRAM-MD5"}
+BEARER_MECHANISMS = {"XOAUTH2", "OAUTHBEARER"}
+CUSTOM_MECHANISMS = {"CRAM-MD5"} | BEARER_MECHANISMS
+
+# RFC 4954 section 4: AUTH lines, and the responses after it, up to 12,288 octets.
+MAX_AUTH_LINE_BYTES = 12288
+
+# The error challenges: Google's for XOAUTH2, RFC 7628 section 3.2.2's for OAUTHBEARER.
+ERROR_CHALLENGES = {
+    "XOAUTH2": {"status": "401", "schemes": "Bearer", "scope": "https://mail.google.com/"},
+    "OAUTHBEARER": {
+        "status": "invalid_token",
+        "scope": "https://mail.tsubame.test/",
+        "openid-configuration": "https://auth.tsubame.test/.well-known/openid-configuration",
+    },
+}
+# What the client must send back to the error challenge.
+ERROR_ANSWERS = {"XOAUTH2": b"", "OAUTHBEARER": b"\x01"}
+TOKEN_REJECTED = (
+    "535-5.7.8 Username and Password not accepted. For more information, go to\r\n"
+    "535 5.7.8  https://support.tsubame.test/mail/?p=BadCredentials"
+)
 
 
 class Handler:
-    def __init__(self, outdir, reject, defer):
+    def __init__(self, outdir, reject, defer, bearer=None):
         self.outdir = outdir
         self.reject = reject
         self.defer = defer
+        # (username, token, host, port) as bytes, or None without bearer mechanisms.
+        self.bearer = bearer
         self.count = 0
         self.lock = threading.Lock()
 
     def log_mail(self, line):
+        self.log("mail.log", line)
+
+    def log(self, name, line):
         with self.lock:
-            with open(os.path.join(self.outdir, "mail.log"), "a", encoding="utf-8") as log:
+            with open(os.path.join(self.outdir, name), "a", encoding="utf-8") as log:
                 log.write(line + "\n")
 
     async def handle_MAIL(self, server, session, envelope, address, mail_options):
@@ -91,6 +131,83 @@ class Handler:
         # Offered only so a client can be shown a mechanism it does not support.
         return AuthResult(success=False, handled=False)
 
+    async def auth_XOAUTH2(self, server, args):
+        return await self.bearer_auth(server, args, "XOAUTH2")
+
+    async def auth_OAUTHBEARER(self, server, args):
+        return await self.bearer_auth(server, args, "OAUTHBEARER")
+
+    def bearer_prefix(self, mechanism):
+        """The initial response up to the token."""
+        username, _, host, port = self.bearer
+        if mechanism == "XOAUTH2":
+            return b"user=" + username + b"\x01auth=Bearer "
+        authzid = username.replace(b"=", b"=3D").replace(b",", b"=2C")
+        return (
+            b"n,a=" + authzid + b",\x01host=" + host + b"\x01port=" + port
+            + b"\x01auth=Bearer "
+        )
+
+    async def bearer_auth(self, server, args, mechanism):
+        if len(args) != 2:
+            self.log("auth.log", mechanism + " without initial response")
+            return AuthResult(success=False, handled=False)
+        try:
+            response = base64.b64decode(args[1], validate=True)
+        except binascii.Error:
+            self.log("auth.log", mechanism + " initial response not base64")
+            return AuthResult(success=False, handled=False)
+        username, token, _, _ = self.bearer
+        prefix = self.bearer_prefix(mechanism)
+        well_formed = (
+            response.startswith(prefix)
+            and response.endswith(b"\x01\x01")
+            and b"\x01" not in response[len(prefix):-2]
+        )
+        if not well_formed:
+            self.log("auth.log", mechanism + " malformed initial response")
+            return AuthResult(success=False, handled=False)
+        if response[len(prefix):-2] == token:
+            self.log(
+                "auth.log",
+                "%s accepted, initial response %d base64 bytes" % (mechanism, len(args[1])),
+            )
+            login = username.decode("utf-8", "replace")
+            return AuthResult(success=True, auth_data=Authenticated(mechanism, login))
+        challenge = json.dumps(ERROR_CHALLENGES[mechanism], separators=(",", ":"))
+        answer = await server.challenge_auth(challenge)
+        if answer is MISSING:
+            # challenge_auth has replied already (501 to "*" or to bad base64).
+            self.log("auth.log", mechanism + " wrong token; challenge answer not base64")
+            return AuthResult(success=False, handled=True)
+        self.log("auth.log", "%s wrong token; challenge answered %r" % (mechanism, answer))
+        if answer != ERROR_ANSWERS[mechanism]:
+            return AuthResult(success=False, handled=False, message="501 5.5.2 bad answer")
+        return AuthResult(success=False, handled=False, message=TOKEN_REJECTED)
+
+
+class LongAuthLines(SMTP):
+    """aiosmtpd with AUTH lines up to RFC 4954's 12,288 octets.
+
+    aiosmtpd reads lines through a StreamReader limited to line_length_limit (1,001)
+    and refuses commands over 512 octets; a bearer token's initial response is longer.
+    The reader's limit is read in SMTP.__init__, the command limits per command.
+    """
+
+    line_length_limit = MAX_AUTH_LINE_BYTES
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # An instance dict: SMTP's is a class attribute shared by every connection.
+        self.command_size_limits = collections.defaultdict(
+            lambda: SMTP.command_size_limit, {"AUTH": MAX_AUTH_LINE_BYTES}
+        )
+
+
+class LongAuthController(Controller):
+    def factory(self):
+        return LongAuthLines(self.handler, **self.SMTP_kwargs)
+
 
 class Authenticated:
     """What a successful login leaves in session.auth_data."""
@@ -103,7 +220,8 @@ class Authenticated:
 def authenticator(username, password):
     def check(server, session, envelope, mechanism, auth_data):
         valid = (
-            isinstance(auth_data, LoginPassword)
+            password is not None
+            and isinstance(auth_data, LoginPassword)
             and auth_data.login == username
             and auth_data.password == password
         )
@@ -137,13 +255,23 @@ def main():
     parser.add_argument("--tls-max", choices=["1.2", "1.3"], default="1.3")
     parser.add_argument("--auth")
     parser.add_argument("--auth-required", action="store_true")
+    parser.add_argument("--bearer-host", default="mx.tsubame.test")
     args = parser.parse_args()
     if (args.starttls or args.implicit_tls) and not (args.cert and args.key):
         parser.error("TLS needs --cert and --key")
     if args.starttls and args.implicit_tls:
         parser.error("--starttls and --implicit-tls exclude each other")
 
-    handler = Handler(args.outdir, args.reject, args.defer)
+    mechanisms = {m.upper() for m in args.auth.split(",")} if args.auth else set()
+    bearer = None
+    if mechanisms & BEARER_MECHANISMS:
+        bearer = (
+            os.environ["TSUBAME_TEST_SMTP_USERNAME"].encode("utf-8"),
+            os.environ["TSUBAME_TEST_SMTP_TOKEN"].encode("utf-8"),
+            args.bearer_host.encode("utf-8"),
+            str(args.port).encode("ascii"),
+        )
+    handler = Handler(args.outdir, args.reject, args.defer, bearer)
     smtp_options = {}
     context = None
     if args.starttls or args.implicit_tls:
@@ -152,12 +280,14 @@ def main():
         smtp_options["tls_context"] = context
         smtp_options["require_starttls"] = args.require_starttls
     if args.auth:
-        mechanisms = {mechanism.upper() for mechanism in args.auth.split(",")}
         unknown = mechanisms - BUILTIN_MECHANISMS - CUSTOM_MECHANISMS
         if unknown:
             parser.error("unknown mechanisms: " + ",".join(sorted(unknown)))
         username = os.environ["TSUBAME_TEST_SMTP_USERNAME"].encode("utf-8")
-        password = os.environ["TSUBAME_TEST_SMTP_PASSWORD"].encode("utf-8")
+        # A bearer-only test sets no password: then no password is valid.
+        password = os.environ.get("TSUBAME_TEST_SMTP_PASSWORD")
+        if password is not None:
+            password = password.encode("utf-8")
         smtp_options["authenticator"] = authenticator(username, password)
         # aiosmtpd counts only STARTTLS as TLS (its check is on the STARTTLS
         # protocol object), so under implicit TLS, where every byte is encrypted
@@ -172,7 +302,8 @@ def main():
         smtp_options["auth_exclude_mechanism"] = sorted(
             BUILTIN_MECHANISMS | CUSTOM_MECHANISMS
         )
-    controller = Controller(
+    controller_class = LongAuthController if bearer else Controller
+    controller = controller_class(
         handler,
         hostname="127.0.0.1",
         port=args.port,
