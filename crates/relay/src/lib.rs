@@ -32,6 +32,7 @@ mod job;
 mod mx;
 mod reclaim;
 mod routing;
+pub mod tokens;
 mod upstream;
 mod worker;
 
@@ -73,6 +74,8 @@ pub struct RelayOptions {
     pub seed: u64,
     /// Queue everything, deliver nothing (`serve --hold`).
     pub hold: bool,
+    /// Access tokens for the upstreams that log in with OAuth2, by `[[oauth]]` name.
+    pub tokens: tokens::TokenSources,
 }
 
 /// The running engine.
@@ -102,7 +105,7 @@ pub fn start(
     recovered: Vec<SpooledMessage>,
     options: RelayOptions,
 ) -> Result<Relay, RelayError> {
-    let upstreams = upstream::build_table(config, &options.hostname)?;
+    let upstreams = upstream::build_table(config, &options.hostname, &options.tokens)?;
     let names: Vec<String> = upstreams
         .iter()
         .map(|upstream| upstream.name().to_string())

@@ -5,12 +5,28 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use tsubame_config::{BUILTIN_MX_UPSTREAM, Config, TlsMode, UpstreamConfig, UpstreamKind};
+use tsubame_config::{
+    AuthMethod, BUILTIN_MX_UPSTREAM, Config, TlsMode, UpstreamConfig, UpstreamKind,
+};
 use tsubame_delivery::mx::{MxResolver, ResolverOptions};
-use tsubame_delivery::{Credentials, Secret, Timeouts, TlsSettings};
+use tsubame_delivery::{BearerMechanism, Credentials, Secret, Timeouts, TlsSettings};
 use tsubame_queue::RouteLimits;
 
 use crate::RelayError;
+use crate::tokens::{TokenFailure, TokenSource, TokenSources};
+
+/// How sessions with an upstream log in.
+#[derive(Debug, Clone)]
+pub(crate) enum Login {
+    None,
+    /// One username and password for every session.
+    Password(Credentials),
+    /// An access token per account, from a token source.
+    Bearer {
+        source: Arc<dyn TokenSource>,
+        mechanism: BearerMechanism,
+    },
+}
 
 /// Jobs handed out per connection of an upstream: one being sent, one waiting.
 const JOBS_PER_CONNECTION: usize = 2;
@@ -23,7 +39,7 @@ pub(crate) struct Upstream {
     pub config: UpstreamConfig,
     pub helo_name: String,
     pub timeouts: Timeouts,
-    pub credentials: Option<Credentials>,
+    pub login: Login,
     /// The TLS mode and client configuration, built once and shared by connections.
     pub tls: TlsSettings,
     /// `mx` upstreams: the DNS resolver (one thread per upstream, shared by its workers).
@@ -54,12 +70,58 @@ impl Upstream {
     pub fn idle_timeout(&self) -> Duration {
         Duration::from_secs(self.config.idle_timeout_secs)
     }
+
+    /// The account a message from `sender`, submitted by `user`, logs in as: `None`
+    /// for upstreams without per-account logins.
+    pub fn account_for(&self, user: Option<&str>, sender: &str) -> Option<String> {
+        match self.login {
+            Login::Bearer { .. } => self.config.account_for(user, sender).map(str::to_string),
+            Login::None | Login::Password(_) => None,
+        }
+    }
+
+    /// The credentials for a session as `account`: the password, or a current token.
+    pub fn credentials(&self, account: Option<&str>) -> Result<Option<Credentials>, TokenFailure> {
+        match &self.login {
+            Login::None => Ok(None),
+            Login::Password(credentials) => Ok(Some(credentials.clone())),
+            Login::Bearer { source, mechanism } => {
+                let account = account.ok_or_else(|| TokenFailure {
+                    detail: format!(
+                        "upstream {:?}: no account for this message (no account_map entry matches and no account is set)",
+                        self.name()
+                    ),
+                    needs_authorization: false,
+                })?;
+                let token = source.token(account)?;
+                Ok(Some(Credentials::Bearer {
+                    username: account.to_string(),
+                    token,
+                    mechanism: *mechanism,
+                }))
+            }
+        }
+    }
+
+    /// The upstream refused the token in `credentials`.
+    pub fn token_rejected(&self, credentials: &Credentials) {
+        if let (
+            Login::Bearer { source, .. },
+            Credentials::Bearer {
+                username, token, ..
+            },
+        ) = (&self.login, credentials)
+        {
+            source.rejected(username, token);
+        }
+    }
 }
 
 /// Builds the table: configured upstreams in file order, then `mx` if not configured.
 pub(crate) fn build_table(
     config: &Config,
     hostname: &str,
+    tokens: &TokenSources,
 ) -> Result<Vec<Arc<Upstream>>, RelayError> {
     let mut configs: Vec<UpstreamConfig> = config.upstreams.clone();
     if !configs
@@ -77,29 +139,53 @@ pub(crate) fn build_table(
         .into_iter()
         .enumerate()
         .map(|(index, upstream)| {
-            let password = upstream
-                .password()
-                .map_err(|message| RelayError::Upstream { message })?;
-            let credentials = match (&upstream.username, password) {
-                (Some(username), Some(password)) => Some(Credentials::Password {
-                    username: username.clone(),
-                    password: Secret::new(password.expose()),
-                }),
-                (Some(_), None) => {
-                    return Err(RelayError::Upstream {
+            let login = match upstream.auth_method() {
+                None => Login::None,
+                Some(AuthMethod::Password) => {
+                    let password = upstream
+                        .password()
+                        .map_err(|message| RelayError::Upstream { message })?;
+                    match (&upstream.username, password) {
+                        (Some(username), Some(password)) => {
+                            Login::Password(Credentials::Password {
+                                username: username.clone(),
+                                password: Secret::new(password.expose()),
+                            })
+                        }
+                        _ => {
+                            return Err(RelayError::Upstream {
+                                message: format!(
+                                    "upstream {:?} has a username but no password (password_file, password_env, or in the --upstream URL / TSUBAME_UPSTREAM_PASSWORD)",
+                                    upstream.name
+                                ),
+                            });
+                        }
+                    }
+                }
+                Some(method @ (AuthMethod::Xoauth2 | AuthMethod::Oauthbearer)) => {
+                    let name = upstream.oauth.as_deref().unwrap_or_default();
+                    let source = tokens.get(name).cloned().ok_or_else(|| RelayError::Upstream {
                         message: format!(
-                            "upstream {:?} has a username but no password (password_file, password_env, or in the --upstream URL / TSUBAME_UPSTREAM_PASSWORD)",
+                            "upstream {:?}: no token source {name:?} was set up",
                             upstream.name
                         ),
-                    });
+                    })?;
+                    Login::Bearer {
+                        source,
+                        mechanism: if method == AuthMethod::Xoauth2 {
+                            BearerMechanism::XOAuth2
+                        } else {
+                            BearerMechanism::OAuthBearer
+                        },
+                    }
                 }
-                _ => None,
             };
+            let has_login = !matches!(login, Login::None);
             // A password goes only to a server whose certificate was checked: with
             // credentials, "opportunistic" means STARTTLS required and verified (an
             // unverified peer could be anyone on the path).
             let mut tls_mode = upstream.tls_mode();
-            if credentials.is_some() && tls_mode == TlsMode::Opportunistic {
+            if has_login && tls_mode == TlsMode::Opportunistic {
                 tracing::info!(
                     upstream = upstream.name,
                     "credentials are configured: STARTTLS is required and the certificate checked"
@@ -150,7 +236,7 @@ pub(crate) fn build_table(
                 config: upstream,
                 helo_name,
                 timeouts,
-                credentials,
+                login,
                 tls,
                 resolver,
                 used,

@@ -12,7 +12,8 @@ use std::time::Instant;
 
 use tsubame_config::UpstreamKind;
 use tsubame_delivery::{
-    DeliveryError, LocalFailure, Message, Reason, RecipientOutcome, Reply, UpstreamConnection,
+    Credentials, DeliveryError, LocalFailure, Message, Reason, RecipientOutcome, Reply,
+    UpstreamConnection,
 };
 use tsubame_queue::Outcome;
 use tsubame_spool::Spool;
@@ -21,6 +22,7 @@ use crate::dispatcher::Input;
 use crate::inbox::{Inbox, Pop};
 use crate::job::{RecipientReport, Report, WorkItem};
 use crate::routing::domain_of;
+use crate::tokens::TokenFailure;
 use crate::upstream::Upstream;
 
 /// What every worker shares.
@@ -38,6 +40,8 @@ struct Cached {
     messages_sent: usize,
     /// The host name it was opened for (the smarthost's, or the MX host's).
     target: String,
+    /// The account it logged in as, for upstreams with a login per account.
+    account: Option<String>,
 }
 
 /// Runs one worker until its channel closes.
@@ -131,6 +135,9 @@ fn deliver(
             "5.1.7",
         );
     }
+    // The account the session logs in as (OAuth upstreams; one per message).
+    let account = upstream.account_for(message.authenticated_user.as_deref(), &message.mail_from);
+    let account = account.as_deref();
     // Recipients per destination: one group for a smarthost, one per domain for MX.
     let mut groups: BTreeMap<String, Vec<tsubame_queue::RecipientIndex>> = BTreeMap::new();
     for &(recipient, _attempt) in &item.recipients {
@@ -185,15 +192,16 @@ fn deliver(
         // and the lookup is a syscall or a DNS query per message.
         if upstream.config.kind.is_relay()
             && let Some(host) = upstream.config.host()
-            && let Some(outcomes) = send_on_cached(upstream, cached, host, outgoing)
+            && let Some(outcomes) = send_on_cached(upstream, cached, host, account, outgoing)
         {
             for (recipient, outcome) in recipients.iter().zip(outcomes) {
                 results.push(recipient_report(*recipient, &outcome, host));
             }
             continue;
         }
-        let outcome = targets(upstream, &domain)
-            .and_then(|targets| send_to_first_reachable(upstream, cached, &targets, outgoing));
+        let outcome = targets(upstream, &domain).and_then(|targets| {
+            send_to_first_reachable(upstream, cached, &targets, account, outgoing)
+        });
         match outcome {
             Ok((remote, result)) => {
                 for (recipient, outcome) in recipients.iter().zip(result) {
@@ -338,9 +346,12 @@ fn send_on_cached(
     upstream: &Upstream,
     cached: &mut Option<Cached>,
     target: &str,
+    account: Option<&str>,
     message: Message<'_>,
 ) -> Option<Vec<RecipientOutcome>> {
-    if !reusable(upstream, cached, |cached| cached.target == target) {
+    if !reusable(upstream, cached, |cached| {
+        cached.target == target && cached.account.as_deref() == account
+    }) {
         return None;
     }
     match send_on_open(cached, message) {
@@ -356,23 +367,51 @@ fn send_to_first_reachable(
     upstream: &Upstream,
     cached: &mut Option<Cached>,
     targets: &[Target],
+    account: Option<&str>,
     message: Message<'_>,
 ) -> Result<(String, Vec<RecipientOutcome>), GroupFailure> {
     let mut last_error: Option<DeliveryError> = None;
+    // Fetched when a session is first opened; fetched again after the upstream refused
+    // an access token, once.
+    let mut credentials: Option<Option<Credentials>> = None;
+    let mut fresh_token_tried = false;
     for target in targets {
         for &address in &target.addresses {
             for _ in 0..TRIES_PER_ADDRESS {
                 if !reusable(upstream, cached, |cached| {
-                    cached.connection.address() == address
+                    cached.connection.address() == address && cached.account.as_deref() == account
                 }) {
                     close(cached);
-                    match crate::connect::open(upstream, &target.name, address) {
+                    let current = match &credentials {
+                        Some(current) => current.clone(),
+                        None => match upstream.credentials(account) {
+                            Ok(fetched) => {
+                                credentials = Some(fetched.clone());
+                                fetched
+                            }
+                            Err(failure) => return Err(token_failure(upstream, account, failure)),
+                        },
+                    };
+                    match crate::connect::open(upstream, &target.name, address, current.as_ref()) {
                         Ok(connection) => {
                             *cached = Some(Cached {
                                 connection,
                                 messages_sent: 0,
                                 target: target.name.clone(),
+                                account: account.map(str::to_string),
                             })
+                        }
+                        Err(error) if error.is_token_rejected() && !fresh_token_tried => {
+                            // The token expired or was revoked since it was cached: one
+                            // more try with a fresh one (Google answers 535 5.7.8).
+                            fresh_token_tried = true;
+                            if let Some(rejected) = &current {
+                                upstream.token_rejected(rejected);
+                            }
+                            credentials = None;
+                            tracing::info!(upstream = upstream.name(), account, %error, "the upstream refused the access token; trying once more with a fresh one");
+                            last_error = Some(error);
+                            continue;
                         }
                         Err(error) => {
                             tracing::info!(upstream = upstream.name(), %address, %error, "cannot open a session");
@@ -406,6 +445,39 @@ fn send_to_first_reachable(
         },
         status: "4.4.1",
     })
+}
+
+/// No token for the session: every recipient of the group waits. A grant that needs
+/// authorising again is an operator's job, said loudly with the command to run.
+fn token_failure(
+    upstream: &Upstream,
+    account: Option<&str>,
+    failure: TokenFailure,
+) -> GroupFailure {
+    if failure.needs_authorization {
+        tracing::error!(
+            upstream = upstream.name(),
+            account,
+            reason = failure.detail,
+            "the OAuth grant is invalid or revoked: mail for this account waits until it is authorised again (tsubame oauth google authorize --account ACCOUNT ...)"
+        );
+    } else {
+        tracing::warn!(
+            upstream = upstream.name(),
+            account,
+            reason = failure.detail,
+            "no access token"
+        );
+    }
+    GroupFailure {
+        outcome: Outcome::Deferred,
+        detail: format!(
+            "no access token for {}: {}",
+            account.unwrap_or("?"),
+            failure.detail
+        ),
+        status: "4.7.0",
+    }
 }
 
 fn recipient_report(

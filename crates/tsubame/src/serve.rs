@@ -103,6 +103,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
             hostname,
             seed,
             hold: args.hold,
+            tokens: tsubame_relay::tokens::TokenSources::new(),
         },
     )
     .context("cannot start delivery")?;
