@@ -19,6 +19,7 @@ mod limits;
 mod login;
 mod login_limits;
 mod relay;
+mod relay_services;
 mod sink;
 mod smuggling;
 mod spool;

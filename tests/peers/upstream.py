@@ -21,7 +21,8 @@ Options:
                        TSUBAME_TEST_SMTP_PASSWORD, which each test generates
 
 N.json holds: mail_from, mail_options, rcpt_tos, tls (the TLS version the message came
-over, or null) and auth_login (the login used, or null).
+over, or null), auth_login (the login used, or null) and auth_mechanism (the SASL
+mechanism of that login, PLAIN or LOGIN, or null).
 """
 
 import argparse
@@ -89,6 +90,7 @@ class Handler:
             "rcpt_tos": envelope.rcpt_tos,
             "tls": tls.version() if tls is not None else None,
             "auth_login": getattr(session, "auth_data", None),
+            "auth_mechanism": getattr(session, "tsubame_auth_mechanism", None),
         }
         with open(base + ".json.tmp", "w", encoding="utf-8") as out:
             json.dump(record, out, ensure_ascii=False)
@@ -103,6 +105,9 @@ def check_login(username, password):
             and auth_data.login == username
             and auth_data.password == password
         ):
+            # Kept beside auth_data (the login, which other tests read as a string) so
+            # that the record can say which mechanism the client chose.
+            session.tsubame_auth_mechanism = mechanism
             return AuthResult(success=True, auth_data=auth_data.login.decode())
         return AuthResult(success=False, handled=False)
 

@@ -1360,6 +1360,142 @@ upstream = "mx"
         assert!(config.summary().contains("relaxed: AUTH without TLS"));
     }
 
+    /// The `toml` blocks of the README section that starts with `heading`, up to the
+    /// next heading of level 2 or 3.
+    fn readme_toml_blocks(heading: &str) -> Vec<&'static str> {
+        let readme = include_str!("../../../README.md");
+        let start = readme.find(heading).expect("section");
+        let body = &readme[start + heading.len()..];
+        let end = ["\n## ", "\n### "]
+            .iter()
+            .filter_map(|next| body.find(next))
+            .min()
+            .unwrap_or(body.len());
+        body[..end]
+            .split("```toml\n")
+            .skip(1)
+            .map(|rest| &rest[..rest.find("```").expect("block end")])
+            .collect()
+    }
+
+    /// Where a relay-service example takes its password from.
+    enum PasswordSource {
+        Env(&'static str),
+        File(&'static str),
+    }
+
+    /// Every block of the README's "Relay services" keeps the settings its service
+    /// documents (the pages named in each block's first lines), takes the password from
+    /// outside the file, and has mail routed to it. Blocks are fragments: the listener
+    /// is prepended here, as a real configuration has its own.
+    #[test]
+    fn readme_relay_service_examples_keep_the_documented_settings() {
+        struct Documented {
+            upstream: &'static str,
+            host: &'static str,
+            port: u16,
+            tls: TlsMode,
+            username: &'static str,
+            password: PasswordSource,
+            /// `None`: the block makes it the default upstream.
+            sender_domain: Option<&'static str>,
+        }
+        let services = [
+            Documented {
+                upstream: "sendgrid",
+                host: "smtp.sendgrid.net",
+                port: 587,
+                tls: TlsMode::Required,
+                username: "apikey",
+                password: PasswordSource::Env("SENDGRID_API_KEY"),
+                sender_domain: None,
+            },
+            Documented {
+                upstream: "ses-tokyo",
+                host: "email-smtp.ap-northeast-1.amazonaws.com",
+                port: 465,
+                tls: TlsMode::Implicit,
+                username: "AKIAIOSFODNN7EXAMPLE",
+                password: PasswordSource::File("/etc/tsubame/ses-smtp-password"),
+                sender_domain: Some("example.jp"),
+            },
+            Documented {
+                upstream: "mailgun",
+                host: "smtp.mailgun.org",
+                port: 2525,
+                tls: TlsMode::Required,
+                username: "postmaster@mg.example.com",
+                password: PasswordSource::File("/etc/tsubame/mailgun-smtp-password"),
+                sender_domain: Some("mg.example.com"),
+            },
+            Documented {
+                upstream: "postmark",
+                host: "smtp.postmarkapp.com",
+                port: 587,
+                tls: TlsMode::Required,
+                username: "postmark-smtp-token-access-key",
+                password: PasswordSource::Env("POSTMARK_SMTP_SECRET_KEY"),
+                sender_domain: Some("example.org"),
+            },
+        ];
+        let blocks = readme_toml_blocks("### Relay services");
+        assert_eq!(
+            blocks.len(),
+            services.len(),
+            "one README block per service in this table"
+        );
+        for (block, service) in blocks.into_iter().zip(services) {
+            let name = service.upstream;
+            assert!(
+                block
+                    .lines()
+                    .next()
+                    .is_some_and(|line| line.contains(" https://")),
+                "{name}: the block starts with a comment naming its documentation"
+            );
+            let text = format!("[[listener]]\naddress = \"127.0.0.1:25\"\n{block}");
+            let config =
+                Config::parse(&text, "README.md").unwrap_or_else(|error| panic!("{name}: {error}"));
+            let [upstream] = &config.upstreams[..] else {
+                panic!("{name}: one upstream per block");
+            };
+            assert_eq!(upstream.name, name);
+            assert_eq!(upstream.kind, UpstreamKind::Smtp, "{name}");
+            assert_eq!(upstream.host.as_deref(), Some(service.host), "{name}");
+            assert_eq!(upstream.port_number(), service.port, "{name}");
+            assert_eq!(upstream.tls_mode(), service.tls, "{name}");
+            assert_eq!(upstream.ca_file, None, "{name}: public roots, no ca_file");
+            assert_eq!(
+                upstream.username.as_deref(),
+                Some(service.username),
+                "{name}"
+            );
+            let expected_password = match service.password {
+                PasswordSource::Env(variable) => (Some(variable), None),
+                PasswordSource::File(path) => (None, Some(path)),
+            };
+            assert_eq!(
+                (
+                    upstream.password_env.as_deref(),
+                    upstream.password_file.as_deref().and_then(Path::to_str)
+                ),
+                expected_password,
+                "{name}: the password comes from outside the file"
+            );
+            match service.sender_domain {
+                None => assert_eq!(config.delivery.default_upstream, name),
+                Some(domain) => {
+                    let route = config
+                        .routes
+                        .iter()
+                        .find(|route| route.upstream == name)
+                        .unwrap_or_else(|| panic!("{name}: no route names it"));
+                    assert_eq!(route.sender_domains, [domain], "{name}");
+                }
+            }
+        }
+    }
+
     #[test]
     fn listener_tls_and_auth_settings_are_checked() {
         let cases = [
