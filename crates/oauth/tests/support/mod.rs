@@ -46,7 +46,10 @@ impl TokenEndpoint {
             .prefix("tsubame-oauth-peer-")
             .tempdir()
             .unwrap_or_else(|error| panic!("temporary directory: {error}"));
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/peers/token_endpoint.py");
+        // From the oauth crate's manifest directory or a sibling crate's (the tsubame
+        // binary's tests use this module too).
+        let script =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../oauth/tests/peers/token_endpoint.py");
         let mut command = Command::new("python3");
         command
             .arg(script)
