@@ -161,6 +161,61 @@ fn a_hanging_endpoint_times_out() {
 }
 
 #[test]
+fn https_with_a_verified_certificate() {
+    use rustls_pki_types::CertificateDer;
+    use rustls_pki_types::pem::PemObject;
+
+    let ca = support::TestCa::generate();
+    let client_secret = throwaway_secret("GOCSPX");
+    let refresh_token = throwaway_secret("1//refresh");
+    let peer = TokenEndpoint::start(&PeerOptions {
+        client_id: CLIENT_ID.into(),
+        client_secret: client_secret.clone(),
+        refresh_token: refresh_token.clone(),
+        tls: Some(ca.server()),
+        ..PeerOptions::default()
+    });
+    assert_eq!(peer.token_endpoint().url().scheme(), "https");
+    let mut roots = rustls::RootCertStore::empty();
+    for certificate in CertificateDer::pem_file_iter(ca.ca()).unwrap() {
+        roots.add(certificate.unwrap()).unwrap();
+    }
+    let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let trusting = HttpClient::with_tls_config(HttpSettings::default(), Arc::new(tls));
+    let source = |http| {
+        RefreshToken::new(
+            CLIENT_ID,
+            Secret::new(client_secret.clone()),
+            peer.token_endpoint(),
+            Secret::new(refresh_token.clone()),
+            http,
+        )
+    };
+    let token = source(trusting)
+        .fetch("a@example.com", SystemTime::now())
+        .unwrap();
+    assert_eq!(token.secret(), "at-1");
+
+    // The default client trusts only the public web PKI: the test CA is unknown.
+    let error = source(http())
+        .fetch("a@example.com", SystemTime::now())
+        .unwrap_err();
+    assert!(matches!(error, TokenError::Temporary { .. }), "{error}");
+    assert!(error.to_string().contains("UnknownIssuer"), "{error}");
+    assert_eq!(
+        peer.token_requests().len(),
+        1,
+        "nothing sent without a verified server"
+    );
+}
+
+#[test]
 fn nothing_listening_is_temporary() {
     let port = {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();

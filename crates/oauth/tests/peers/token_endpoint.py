@@ -33,6 +33,8 @@ nothing for --hang-secs, then close).
 
 Every request appends one JSON line to --log: {"path", "grant_type", "ok", "why",
 "sub", "mode"}.
+
+--cert PEM --key PEM serve https instead of http.
 """
 
 import argparse
@@ -40,6 +42,7 @@ import base64
 import hashlib
 import json
 import os
+import ssl
 import sys
 import threading
 import time
@@ -112,8 +115,15 @@ def make_handler(state):
         def log_message(self, format, *arguments):
             pass
 
+        def setup(self):
+            if isinstance(self.request, ssl.SSLSocket):
+                self.request.settimeout(10)
+                self.request.do_handshake()
+            super().setup()
+
         def endpoint_url(self):
-            return "http://127.0.0.1:%d/token" % self.server.server_address[1]
+            scheme = "https" if args.cert else "http"
+            return "%s://127.0.0.1:%d/token" % (scheme, self.server.server_address[1])
 
         def send_json(self, status, document):
             body = json.dumps(document).encode()
@@ -308,11 +318,21 @@ def main():
     parser.add_argument("--expires-in", type=int, default=3600)
     parser.add_argument("--hang-secs", type=float, default=30)
     parser.add_argument("--lifetime", type=float, default=300)
+    parser.add_argument("--cert", help="serve https with this PEM certificate chain")
+    parser.add_argument("--key", help="the certificate's PEM key")
     args = parser.parse_args()
 
     state = State(args)
     server = ThreadingHTTPServer(("127.0.0.1", 0), make_handler(state))
     server.daemon_threads = True
+    # A client that refuses the certificate is part of the tests; no traceback for it.
+    server.handle_error = lambda request, address: None
+    if args.cert:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(args.cert, args.key)
+        # The handshake runs in the handler's thread, not in accept().
+        server.socket = context.wrap_socket(server.socket, server_side=True,
+                                            do_handshake_on_connect=False)
     print(server.server_address[1], flush=True)
 
     def stop_when_stdin_closes():

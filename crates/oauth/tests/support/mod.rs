@@ -24,6 +24,7 @@ const LIFETIME_SECS: u32 = 300;
 pub struct TokenEndpoint {
     child: Child,
     port: u16,
+    scheme: &'static str,
     directory: TempDir,
 }
 
@@ -37,6 +38,8 @@ pub struct PeerOptions {
     pub service_account: Option<(PathBuf, String, String)>,
     pub deny_sub: Vec<String>,
     pub expires_in: Option<u64>,
+    /// Serve https with this certificate chain and key (PEM files).
+    pub tls: Option<(PathBuf, PathBuf)>,
 }
 
 impl TokenEndpoint {
@@ -84,6 +87,9 @@ impl TokenEndpoint {
         for sub in &options.deny_sub {
             command.arg("--deny-sub").arg(sub);
         }
+        if let Some((certificate, key)) = &options.tls {
+            command.arg("--cert").arg(certificate).arg("--key").arg(key);
+        }
         if let Some(expires_in) = options.expires_in {
             command.arg("--expires-in").arg(expires_in.to_string());
         }
@@ -109,6 +115,11 @@ impl TokenEndpoint {
         TokenEndpoint {
             child,
             port,
+            scheme: if options.tls.is_some() {
+                "https"
+            } else {
+                "http"
+            },
             directory,
         }
     }
@@ -118,7 +129,7 @@ impl TokenEndpoint {
     }
 
     pub fn token_endpoint(&self) -> Endpoint {
-        Endpoint::parse(&format!("http://127.0.0.1:{}/token", self.port)).unwrap()
+        Endpoint::parse(&format!("{}://127.0.0.1:{}/token", self.scheme, self.port)).unwrap()
     }
 
     pub fn auth_endpoint(&self) -> url::Url {
@@ -289,4 +300,92 @@ pub fn browser_get(url: &url::Url) -> (u16, Option<String>, String) {
         .find_map(|line| line.strip_prefix("Location: "))
         .map(str::to_string);
     (status, location, response)
+}
+
+/// A throwaway CA and a server certificate for 127.0.0.1 it signed (P-256 keys, made
+/// with `openssl`).
+#[derive(Debug)]
+pub struct TestCa {
+    directory: TempDir,
+}
+
+impl TestCa {
+    #[track_caller]
+    pub fn generate() -> TestCa {
+        let directory = tempfile::Builder::new()
+            .prefix("tsubame-oauth-ca-")
+            .tempdir()
+            .unwrap();
+        let path = directory.path();
+        std::fs::write(
+            path.join("server.ext"),
+            "subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\n\
+             keyUsage=digitalSignature\nextendedKeyUsage=serverAuth\n",
+        )
+        .unwrap();
+        let key = [
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+        ];
+        let mut ca = vec!["req", "-x509"];
+        ca.extend(key);
+        ca.extend([
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=tsubame oauth test CA",
+        ]);
+        openssl(path, &ca);
+        let mut request = vec!["req"];
+        request.extend(key);
+        request.extend([
+            "-keyout",
+            "server.key",
+            "-out",
+            "server.csr",
+            "-subj",
+            "/CN=127.0.0.1",
+        ]);
+        openssl(path, &request);
+        openssl(
+            path,
+            &[
+                "x509",
+                "-req",
+                "-in",
+                "server.csr",
+                "-CA",
+                "ca.pem",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-out",
+                "server.pem",
+                "-days",
+                "2",
+                "-extfile",
+                "server.ext",
+            ],
+        );
+        TestCa { directory }
+    }
+
+    pub fn ca(&self) -> PathBuf {
+        self.directory.path().join("ca.pem")
+    }
+
+    /// The server's (certificate, key) PEM files.
+    pub fn server(&self) -> (PathBuf, PathBuf) {
+        (
+            self.directory.path().join("server.pem"),
+            self.directory.path().join("server.key"),
+        )
+    }
 }
