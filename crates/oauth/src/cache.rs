@@ -495,7 +495,6 @@ impl TokenCache {
             .into_iter()
             .map(|(key, entry)| {
                 let state = lock(&entry.state);
-                let usable = state.valid_token(now).is_some();
                 TokenStatus {
                     key,
                     has_token: state.token.is_some(),
@@ -505,11 +504,12 @@ impl TokenCache {
                     consecutive_failures: state.consecutive_failures,
                     last_error: state.last_error.as_ref().map(ToString::to_string),
                     retry_at: state.retry_at.filter(|at| *at > now),
-                    needs_reauthorization: !usable
-                        && state
-                            .last_error
-                            .as_ref()
-                            .is_some_and(TokenError::needs_reauthorization),
+                    // Said as soon as a refresh is refused, even while the old token
+                    // still works for a few minutes: the operator has that long.
+                    needs_reauthorization: state
+                        .last_error
+                        .as_ref()
+                        .is_some_and(TokenError::needs_reauthorization),
                 }
             })
             .collect();
@@ -674,6 +674,21 @@ mod tests {
         assert!(status[0].retry_at.is_some());
         cache.reset(&key);
         assert!(cache.status().is_empty());
+    }
+
+    #[test]
+    fn a_refused_grant_shows_while_the_old_token_still_works() {
+        let source = Scripted::new(HOUR);
+        let (cache, clock, key) = setup(source.clone());
+        cache.get(&key).unwrap();
+        source.set(Err(TokenError::InvalidGrant {
+            reason: "revoked".into(),
+        }));
+        clock.advance(Duration::from_secs(3600 - 60));
+        assert_eq!(cache.get(&key).unwrap().secret(), "a@example.com-1");
+        let status = &cache.status()[0];
+        assert!(status.has_token);
+        assert!(status.needs_reauthorization);
     }
 
     #[test]
