@@ -4,6 +4,7 @@
 
 mod bench;
 mod inspect;
+mod oauth;
 mod queue;
 mod serve;
 mod sink;
@@ -38,7 +39,9 @@ use clap::{Parser, Subcommand};
         tsubame sink --listen 127.0.0.1:2526 --tempfail-rate 0.05\n  \
         tsubame bench --target 127.0.0.1:2525 -n 20000 -s 1024 -c 50\n  \
         tsubame bench --target 127.0.0.1:2525 --starttls --handshakes -n 5000\n  \
-        tsubame user add printer --users-file /etc/tsubame/users.toml\n\n\
+        tsubame user add printer --users-file /etc/tsubame/users.toml\n  \
+        tsubame oauth google authorize --client-id ID --client-secret-file FILE \\\n      \
+        --account printer@example.com --token-file /etc/tsubame/oauth/printer.token\n\n\
         Every message is synced to the spool before the client hears 250."
 )]
 struct Cli {
@@ -76,6 +79,9 @@ enum Command {
     /// Device accounts for SMTP AUTH: add a user or set a new password (argon2id hash
     /// in the users file), or list users and their restrictions.
     User(user::UserArgs),
+    /// OAuth 2.0 for upstreams that want XOAUTH2 (smtp.gmail.com): `oauth google
+    /// authorize` obtains and stores a refresh token on a server without a browser.
+    Oauth(oauth::OauthArgs),
     /// Look at a spool offline.
     Spool {
         #[command(subcommand)]
@@ -103,6 +109,7 @@ fn main() -> ExitCode {
         Command::Queue(args) => queue::run(args),
         Command::Trace(args) => trace::run(args),
         Command::User(args) => user::run(args),
+        Command::Oauth(args) => oauth::run(args),
         Command::Spool {
             command: SpoolCommand::Inspect(args),
         } => inspect::run(args),
