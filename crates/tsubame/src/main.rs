@@ -7,6 +7,7 @@ mod inspect;
 mod oauth;
 mod queue;
 mod serve;
+mod tokens;
 mod sink;
 mod trace;
 mod user;

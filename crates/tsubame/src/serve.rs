@@ -95,6 +95,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
     let seed = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |elapsed| elapsed.as_nanos() as u64);
+    let (_token_cache, tokens) = crate::tokens::build(&config)?;
     let relay = tsubame_relay::start(
         &config,
         spool.clone(),
@@ -103,7 +104,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
             hostname,
             seed,
             hold: args.hold,
-            tokens: tsubame_relay::tokens::TokenSources::new(),
+            tokens,
         },
     )
     .context("cannot start delivery")?;

@@ -1,0 +1,122 @@
+//! The relay's access tokens: `[[oauth]]` sources from the configuration, built on
+//! `tsubame-oauth`'s cache, behind the relay's `TokenSource`.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use anyhow::Context;
+use tsubame_config::{Config, OAuthConfig, OAuthKind};
+use tsubame_oauth::http::Endpoint;
+use tsubame_oauth::{
+    AccessToken, HttpClient, HttpSettings, RefreshToken, ServiceAccount, TokenCache, TokenError,
+    TokenKey,
+};
+use tsubame_relay::tokens::{TokenFailure, TokenSources};
+
+/// Every configured source in one cache, and the relay's view of each.
+pub fn build(config: &Config) -> anyhow::Result<(Arc<TokenCache>, TokenSources)> {
+    let cache = Arc::new(TokenCache::with_defaults());
+    let mut sources = TokenSources::new();
+    for source in &config.oauth_sources {
+        let http = HttpClient::new(HttpSettings::default())
+            .with_context(|| format!("oauth {:?}", source.name))?;
+        let endpoint = Endpoint::parse(&source.token_endpoint)
+            .with_context(|| format!("oauth {:?}: token_endpoint", source.name))?;
+        let fetcher: Arc<dyn tsubame_oauth::TokenSource> = match source.kind {
+            OAuthKind::RefreshToken => Arc::new(PerAccountRefreshTokens {
+                client_id: source.client_id.clone().unwrap_or_default(),
+                client_secret: tsubame_oauth::Secret::new(
+                    source
+                        .client_secret()
+                        .map_err(anyhow::Error::msg)?
+                        .expose()
+                        .to_string(),
+                ),
+                endpoint,
+                config: source.clone(),
+                http,
+            }),
+            OAuthKind::ServiceAccount => {
+                let key_file = source.key_file.clone().unwrap_or_default();
+                Arc::new(
+                    ServiceAccount::from_key_file(&key_file, http)
+                        .with_context(|| format!("oauth {:?}: key_file {}", source.name, key_file.display()))?
+                        .with_token_endpoint(endpoint)
+                        .with_scope(source.scope.clone()),
+                )
+            }
+        };
+        cache.add_source(source.name.clone(), fetcher);
+        sources.insert(
+            source.name.clone(),
+            Arc::new(CachedTokens {
+                cache: Arc::clone(&cache),
+                source: source.name.clone(),
+            }),
+        );
+    }
+    Ok((cache, sources))
+}
+
+/// An installed-app client with one refresh token per account, each in its file under
+/// `token_directory` (read at each refresh, so a new authorisation takes effect without
+/// a restart).
+#[derive(Debug)]
+struct PerAccountRefreshTokens {
+    client_id: String,
+    client_secret: tsubame_oauth::Secret,
+    endpoint: Endpoint,
+    config: OAuthConfig,
+    http: HttpClient,
+}
+
+impl PerAccountRefreshTokens {
+    fn file(&self, account: &str) -> PathBuf {
+        self.config
+            .refresh_token_file(account)
+            .unwrap_or_else(|| PathBuf::from(format!("{account}.token")))
+    }
+}
+
+impl tsubame_oauth::TokenSource for PerAccountRefreshTokens {
+    fn fetch(&self, account: &str, now: SystemTime) -> Result<AccessToken, TokenError> {
+        RefreshToken::from_token_file(
+            self.client_id.clone(),
+            self.client_secret.clone(),
+            self.endpoint.clone(),
+            self.file(account),
+            self.http.clone(),
+        )
+        .fetch(account, now)
+    }
+}
+
+/// One source of the shared cache, as the relay asks for it.
+#[derive(Debug)]
+struct CachedTokens {
+    cache: Arc<TokenCache>,
+    source: String,
+}
+
+impl tsubame_relay::tokens::TokenSource for CachedTokens {
+    fn token(&self, account: &str) -> Result<tsubame_delivery::Secret, TokenFailure> {
+        self.cache
+            .get(&TokenKey::new(self.source.clone(), account))
+            .map(|token| tsubame_delivery::Secret::new(token.secret()))
+            .map_err(|error| TokenFailure {
+                needs_authorization: error.needs_reauthorization(),
+                detail: error.to_string(),
+            })
+    }
+
+    fn rejected(&self, account: &str, token: &tsubame_delivery::Secret) {
+        let key = TokenKey::new(self.source.clone(), account);
+        // The cache drops a token only if it is still the one it holds.
+        if let Ok(current) = self.cache.get(&key)
+            && current.secret() == token.expose()
+        {
+            self.cache.invalidate(&key, &current);
+        }
+    }
+}
