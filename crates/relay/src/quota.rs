@@ -50,6 +50,21 @@
 //! handed out together cannot overshoot a quota between them. In-flight counts live in
 //! memory only: after a restart those jobs are attempted again anyway.
 //!
+//! # Use
+//!
+//! * At start: [`Quotas::load`] from `<spool>/`[`FILE_NAME`].
+//! * Before handing out a job: [`Quotas::begin`] with the job's key and recipient count.
+//!   Refused: send it through the fallback upstream (its own key, its own `begin`), or
+//!   put it back as deferred until [`QuotaExhausted::until_unix_ms`]; `None` there means
+//!   the job has more recipients than the quota allows, and [`Quotas::headroom`] says how
+//!   many to send now.
+//! * When the job's report comes: [`Quotas::finish`] with the recipients the upstream
+//!   accepted. A reply that `tsubame_delivery::classify_reply` calls a spent quota
+//!   becomes [`Quotas::block_until`] (account) or [`Quotas::block_upstream_until`]
+//!   (customer-wide).
+//! * Every few seconds while [`Quotas::is_dirty`], and once at shutdown after the last
+//!   report: [`Quotas::save`].
+//!
 //! # Persistence
 //!
 //! [`Quotas::save`] writes the file atomically (temporary file, fsync, rename, fsync of
