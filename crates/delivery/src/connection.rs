@@ -422,6 +422,22 @@ impl DeliveryError {
             }
         )
     }
+
+    /// The upstream's reply that ended the session, when there was one: a refused
+    /// greeting, EHLO or STARTTLS, or an AUTH refusal. For
+    /// [`reply_class::classify_reply`](crate::reply_class::classify_reply), which tells
+    /// a rate limit (`421 4.7.0 Try again later`, `454 4.7.0 Too many login attempts`)
+    /// from other refusals.
+    pub fn reply(&self) -> Option<&Reply> {
+        match self {
+            Self::Rejected { reply, .. } | Self::StartTlsRefused { reply, .. } => Some(reply),
+            Self::Auth {
+                source: AuthError::Rejected(reply) | AuthError::Unexpected(reply),
+                ..
+            } => Some(reply),
+            _ => None,
+        }
+    }
 }
 
 /// The TLS to start on a connection: checked before any socket is opened.

@@ -23,6 +23,8 @@
 //!   transactions above over the socket, with RFC 5321 timeouts.
 //! * [`mx`]: MX lookup (RFC 5321 §5.1), blocking calls served by one resolver thread.
 //! * [`dsn`]: delivery status notifications (RFC 3464 bounces), pure over bytes.
+//! * [`reply_class`]: what a refusal means beyond its code: Google's quota and
+//!   rate-limit replies, which defer instead of bouncing.
 #![forbid(unsafe_code)]
 
 pub mod auth;
@@ -34,6 +36,7 @@ pub mod ehlo;
 pub mod load;
 pub mod mx;
 pub mod reply;
+pub mod reply_class;
 pub mod tls;
 
 pub use auth::{
@@ -50,4 +53,5 @@ pub use connection::{
 pub use dot_stuff::DotStuffed;
 pub use ehlo::Capabilities;
 pub use reply::{MAX_REPLY_LINE_BYTES, MAX_REPLY_LINES, Reply, ReplyError, parse_reply};
+pub use reply_class::{QuotaScope, RateScope, UpstreamSignal, classify, classify_reply};
 pub use tls::{TlsError, TlsSettings};

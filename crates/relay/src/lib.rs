@@ -12,6 +12,8 @@
 //! * `worker`: blocking delivery threads, `max_connections` per upstream, with
 //!   connection reuse.
 //! * [`control`]: the queue control socket and its client.
+//! * [`quota`]: sending quotas per upstream account over a rolling day, saved in the
+//!   spool directory.
 //!
 //! Durability: the dispatcher journals outcomes in the spool but never waits for those
 //! records' sync. A crash may lose the latest outcomes; the messages are then tried
@@ -30,6 +32,7 @@ mod dispatcher;
 mod inbox;
 mod job;
 mod mx;
+pub mod quota;
 mod reclaim;
 mod routing;
 pub mod tokens;
