@@ -18,6 +18,7 @@ mod disk_full;
 mod limits;
 mod login;
 mod login_limits;
+mod quota;
 mod relay;
 mod relay_services;
 mod sink;

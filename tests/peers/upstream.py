@@ -10,6 +10,8 @@ Every refusal is counted in DIR/events.log, one line per event.
 Options:
   --bind ADDR          address to listen on (default 127.0.0.1)
   --reject ADDR        RCPT for ADDR gets 550 5.1.1 (repeatable)
+  --rcpt-reply TEXT    every RCPT gets this reply instead (e.g. Google's
+                       "550 5.4.5 Daily user sending quota exceeded.")
   --defer-first N      the first N messages get 451 4.3.0 at end of data (not stored)
   --hang-first N       the first N transactions stall at RCPT for --hang-secs, then 451
   --hang-secs S        (default 30)
@@ -59,6 +61,9 @@ class Handler:
             self.event("hang " + address)
             await asyncio.sleep(self.args.hang_secs)
             return "451 4.4.2 stalled on purpose"
+        if self.args.rcpt_reply:
+            self.event("rcpt-reply " + address)
+            return self.args.rcpt_reply
         if address in (self.args.reject or []):
             self.event("reject " + address)
             return "550 5.1.1 <%s>: no such user here" % address
@@ -120,6 +125,7 @@ def main():
     parser.add_argument("--outdir", required=True)
     parser.add_argument("--bind", default="127.0.0.1")
     parser.add_argument("--reject", action="append")
+    parser.add_argument("--rcpt-reply")
     parser.add_argument("--defer-first", type=int, default=0)
     parser.add_argument("--hang-first", type=int, default=0)
     parser.add_argument("--hang-secs", type=float, default=30.0)

@@ -260,6 +260,10 @@ pub struct UpstreamConfig {
     /// Recipients per account per rolling 24 hours (Google: 10,000 for the relay).
     #[serde(default)]
     pub recipients_per_day: Option<u32>,
+    /// Percentage of each daily quota kept back, so mail spills to `fallback` (or waits)
+    /// before the upstream itself refuses. 0 to 50.
+    #[serde(default)]
+    pub quota_reserve_percent: u8,
 }
 
 /// Postfix's `smtp_destination_recipient_limit` default; RFC 5321 §4.5.3.1.8 requires
@@ -315,6 +319,7 @@ impl UpstreamConfig {
             fallback: None,
             messages_per_day: None,
             recipients_per_day: None,
+            quota_reserve_percent: 0,
         }
     }
 
@@ -351,6 +356,15 @@ impl UpstreamConfig {
             _ if self.username.is_some() => Some(AuthMethod::Password),
             _ => None,
         })
+    }
+
+    /// The account whose daily quota a message counts against: the login's account,
+    /// else (Google's relay, which counts per sending user) the envelope sender.
+    pub fn quota_account(&self, user: Option<&str>, sender: &str) -> String {
+        match self.account_for(user, sender) {
+            Some(account) if self.uses_oauth() || self.username.is_some() => account.to_string(),
+            _ => sender.to_ascii_lowercase(),
+        }
     }
 
     /// Whether logins use tokens from an `[[oauth]]` source.
@@ -546,6 +560,12 @@ impl UpstreamConfig {
                     ),
                 ));
             }
+        }
+        if self.quota_reserve_percent > 50 {
+            return Err((
+                "quota_reserve_percent",
+                format!("upstream {name:?}: quota_reserve_percent must be between 0 and 50"),
+            ));
         }
         if matches!(self.messages_per_day, Some(0)) || matches!(self.recipients_per_day, Some(0)) {
             return Err((

@@ -658,6 +658,7 @@ impl Dispatcher {
                     // RFC 3463: 4.4.7 delivery time expired, final here.
                     status: "4.4.7".to_string(),
                     remote: None,
+                    spill: false,
                 });
             }
             let failed: Vec<&RecipientReport> = reports.iter().collect();

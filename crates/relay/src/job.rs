@@ -57,6 +57,9 @@ pub(crate) struct RecipientReport {
     pub status: String,
     /// The host that answered, when one did.
     pub remote: Option<String>,
+    /// Deferred because the upstream cannot take it now (its quota, its rate limit):
+    /// the upstream's `fallback`, if it has one, gets it at once.
+    pub spill: bool,
 }
 
 /// What a worker sends back when a job is over. One entry per recipient of the job.

@@ -88,6 +88,7 @@ pub struct Relay {
     dispatcher: Option<std::thread::JoinHandle<()>>,
     workers: Vec<std::thread::JoinHandle<()>>,
     control: Option<control::ControlServer>,
+    quotas: Arc<quota::QuotaBook>,
 }
 
 /// How often shutdown looks whether a busy worker has finished its job.
@@ -139,10 +140,13 @@ pub fn start(
             .collect(),
     })?;
 
+    let quotas = Arc::new(load_quotas(config, &upstreams));
     let inbox: Arc<Inbox<Input>> = Arc::new(Inbox::default());
     let context = Arc::new(WorkerContext {
         spool: spool.clone(),
         reports: Arc::clone(&inbox),
+        upstreams: upstreams.clone(),
+        quotas: Arc::clone(&quotas),
     });
     let mut job_queues = Vec::with_capacity(upstreams.len());
     let mut workers = Vec::new();
@@ -201,7 +205,36 @@ pub fn start(
         dispatcher: Some(dispatcher),
         workers,
         control: Some(control),
+        quotas,
     })
+}
+
+/// The daily quotas of the upstreams that have one, as the last run left them.
+fn load_quotas(config: &Config, upstreams: &[Arc<upstream::Upstream>]) -> quota::QuotaBook {
+    let path = config.spool.directory.join(quota::FILE_NAME);
+    let limits: std::collections::HashMap<String, quota::QuotaLimits> = upstreams
+        .iter()
+        .filter_map(|upstream| {
+            upstream
+                .quota_limits()
+                .map(|limits| (upstream.name().to_string(), limits))
+        })
+        .collect();
+    let (quotas, outcome) = quota::Quotas::load(
+        &path,
+        move |key| limits.get(key.upstream()).copied(),
+        now_unix_ms(),
+    );
+    match outcome {
+        quota::LoadOutcome::Missing => {}
+        quota::LoadOutcome::Loaded { accounts } => {
+            tracing::info!(accounts, file = %path.display(), "sending quotas restored");
+        }
+        quota::LoadOutcome::Discarded { reason } => {
+            tracing::warn!(file = %path.display(), reason, "sending quotas could not be read; counting starts from zero");
+        }
+    }
+    quota::QuotaBook::new(quotas, path)
 }
 
 impl Relay {
@@ -239,5 +272,6 @@ impl Relay {
                 let _ = worker.join();
             }
         }
+        self.quotas.save_now();
     }
 }

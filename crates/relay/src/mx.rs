@@ -5,6 +5,8 @@ use tsubame_delivery::mx::MxError;
 use tsubame_queue::Outcome;
 
 use crate::upstream::Upstream;
+use tsubame_delivery::reply_class::UpstreamSignal;
+
 use crate::worker::{GroupFailure, Target};
 
 pub(crate) fn targets(
@@ -17,6 +19,7 @@ pub(crate) fn targets(
             outcome: Outcome::Deferred,
             detail: format!("upstream {:?} has no resolver", upstream.name()),
             status: "4.3.0",
+            signal: UpstreamSignal::Normal,
         });
     };
     if domain.is_empty() {
@@ -24,6 +27,7 @@ pub(crate) fn targets(
             outcome: Outcome::Failed,
             detail: "the recipient address has no domain to look up".to_string(),
             status: "5.1.3",
+            signal: UpstreamSignal::Normal,
         });
     }
     match resolver.lookup(domain) {
@@ -42,6 +46,7 @@ pub(crate) fn targets(
             },
             status: error.status(),
             detail: describe(&error),
+            signal: UpstreamSignal::Normal,
         }),
     }
 }

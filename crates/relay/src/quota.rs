@@ -1144,3 +1144,86 @@ fn decode(bytes: &[u8], now_unix_ms: u64) -> Result<Decoded, String> {
     }
     Ok(decoded)
 }
+
+/// The quotas the workers share, with their file: saved at most every
+/// [`SAVE_INTERVAL`] while something changed, at once after a block, and at shutdown.
+#[derive(Debug)]
+pub(crate) struct QuotaBook {
+    quotas: std::sync::Mutex<Quotas>,
+    path: std::path::PathBuf,
+    last_save: std::sync::Mutex<std::time::Instant>,
+}
+
+/// How often the quota file is rewritten at most while mail flows.
+pub(crate) const SAVE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
+
+impl QuotaBook {
+    pub fn new(quotas: Quotas, path: std::path::PathBuf) -> Self {
+        Self {
+            quotas: std::sync::Mutex::new(quotas),
+            path,
+            last_save: std::sync::Mutex::new(std::time::Instant::now()),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Quotas> {
+        self.quotas
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    pub fn begin(
+        &self,
+        key: &QuotaKey,
+        recipients: u32,
+        now_unix_ms: u64,
+    ) -> Result<Reservation, QuotaExhausted> {
+        self.lock().begin(key, recipients, now_unix_ms)
+    }
+
+    pub fn finish(&self, reservation: Reservation, accepted_recipients: u32, now_unix_ms: u64) {
+        self.lock()
+            .finish(reservation, accepted_recipients, now_unix_ms);
+    }
+
+    pub fn block_until(&self, key: &QuotaKey, until_unix_ms: u64, now_unix_ms: u64) {
+        self.lock().block_until(key, until_unix_ms, now_unix_ms);
+        self.save_now();
+    }
+
+    pub fn block_upstream_until(&self, upstream: &str, until_unix_ms: u64, now_unix_ms: u64) {
+        self.lock()
+            .block_upstream_until(upstream, until_unix_ms, now_unix_ms);
+        self.save_now();
+    }
+
+    /// Saves when something changed and the last save is [`SAVE_INTERVAL`] old.
+    pub fn save_if_due(&self) {
+        let due = self
+            .last_save
+            .lock()
+            .map(|last| last.elapsed() >= SAVE_INTERVAL)
+            .unwrap_or(true);
+        if due && self.lock().is_dirty() {
+            self.save_now();
+        }
+    }
+
+    /// Saves now if anything changed since the last save.
+    pub fn save_now(&self) {
+        let snapshot = {
+            let mut quotas = self.lock();
+            if !quotas.is_dirty() {
+                return;
+            }
+            quotas.snapshot(crate::now_unix_ms())
+        };
+        if let Ok(mut last) = self.last_save.lock() {
+            *last = std::time::Instant::now();
+        }
+        if let Err(error) = snapshot.write_atomically(&self.path) {
+            tracing::error!(%error, "cannot save the sending quotas; they are kept in memory and saved again later");
+            self.lock().mark_dirty();
+        }
+    }
+}

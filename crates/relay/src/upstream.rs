@@ -71,6 +71,22 @@ impl Upstream {
         Duration::from_secs(self.config.idle_timeout_secs)
     }
 
+    /// The daily quota of each account, for the upstreams whose accounts are tracked:
+    /// those with a quota, a fallback, or Google's (whose quota replies block an account
+    /// for a while). `None` for the rest, whose jobs pay nothing for this.
+    pub fn quota_limits(&self) -> Option<crate::quota::QuotaLimits> {
+        let config = &self.config;
+        let tracked = config.messages_per_day.is_some()
+            || config.recipients_per_day.is_some()
+            || config.fallback.is_some()
+            || matches!(config.kind, UpstreamKind::Gmail | UpstreamKind::GoogleRelay);
+        tracked.then_some(crate::quota::QuotaLimits {
+            messages_per_day: config.messages_per_day,
+            recipients_per_day: config.recipients_per_day,
+            reserve_percent: config.quota_reserve_percent,
+        })
+    }
+
     /// The account a message from `sender`, submitted by `user`, logs in as: `None`
     /// for upstreams without per-account logins.
     pub fn account_for(&self, user: Option<&str>, sender: &str) -> Option<String> {
@@ -218,7 +234,13 @@ pub(crate) fn build_table(
                 || config
                     .users
                     .iter()
-                    .any(|user| user.upstream.as_deref() == Some(upstream.name.as_str()));
+                    .any(|user| user.upstream.as_deref() == Some(upstream.name.as_str()))
+                || config
+                    .upstreams
+                    .iter()
+                    .any(|other| other.fallback.as_deref() == Some(upstream.name.as_str()))
+                || (upstream.name == BUILTIN_MX_UPSTREAM
+                    && config.upstreams.iter().any(|other| other.fallback.as_deref() == Some(BUILTIN_MX_UPSTREAM)));
             let resolver = match upstream.kind {
                 UpstreamKind::Mx if used => Some(
                     MxResolver::new(ResolverOptions {

@@ -21,9 +21,12 @@ use tsubame_spool::Spool;
 use crate::dispatcher::Input;
 use crate::inbox::{Inbox, Pop};
 use crate::job::{RecipientReport, Report, WorkItem};
+use crate::now_unix_ms;
+use crate::quota::{QuotaBook, QuotaExhausted, QuotaKey};
 use crate::routing::domain_of;
 use crate::tokens::TokenFailure;
 use crate::upstream::Upstream;
+use tsubame_delivery::reply_class::{QuotaScope, RateScope, UpstreamSignal, classify_reply};
 
 /// What every worker shares.
 #[derive(Debug)]
@@ -31,6 +34,10 @@ pub(crate) struct WorkerContext {
     pub spool: Spool,
     /// The dispatcher's inbox, for reports.
     pub reports: Arc<Inbox<Input>>,
+    /// Every upstream, for sending through an upstream's `fallback`.
+    pub upstreams: Vec<Arc<Upstream>>,
+    /// Daily quotas per upstream account, shared by all workers.
+    pub quotas: Arc<QuotaBook>,
 }
 
 /// An open connection and how much it has carried.
@@ -100,11 +107,231 @@ fn close(cached: &mut Option<Cached>) {
     }
 }
 
+/// Sends one job through `upstream`, and through its `fallback` what the upstream
+/// cannot take now: an account at its daily quota, or the upstream's own quota and
+/// rate-limit replies (which never bounce, even as 5yz).
 fn deliver(
     upstream: &Upstream,
     context: &WorkerContext,
     cached: &mut Option<Cached>,
     item: WorkItem,
+) -> Report {
+    let message = &item.meta.message;
+    let key = upstream.quota_limits().map(|_| {
+        QuotaKey::new(
+            upstream.name(),
+            &upstream
+                .config
+                .quota_account(message.authenticated_user.as_deref(), &message.mail_from),
+        )
+    });
+    let Some(key) = key else {
+        let mut report = deliver_here(upstream, context, cached, &item);
+        spill(upstream, context, &item, &mut report);
+        return report;
+    };
+    let recipients = u32::try_from(item.recipients.len()).unwrap_or(u32::MAX);
+    let reservation = match context.quotas.begin(&key, recipients, now_unix_ms()) {
+        Ok(reservation) => reservation,
+        Err(exhausted) => {
+            let why = quota_text(upstream, &key, &exhausted);
+            let mut report = report_all(upstream, &item, Outcome::Deferred, &why, "4.7.0");
+            for recipient in &mut report.recipients {
+                recipient.spill = true;
+            }
+            if !spill(upstream, context, &item, &mut report) {
+                tracing::info!(
+                    upstream = upstream.name(),
+                    account = key.account(),
+                    reason = why,
+                    "daily quota reached; the mail waits"
+                );
+            }
+            return report;
+        }
+    };
+    let mut report = deliver_here(upstream, context, cached, &item);
+    let accepted = report
+        .recipients
+        .iter()
+        .filter(|recipient| recipient.outcome == Outcome::Delivered)
+        .count();
+    context.quotas.finish(
+        reservation,
+        u32::try_from(accepted).unwrap_or(u32::MAX),
+        now_unix_ms(),
+    );
+    spill(upstream, context, &item, &mut report);
+    context.quotas.save_if_due();
+    report
+}
+
+/// Sends the recipients of `report` that `upstream` deferred because of its quota or
+/// rate limits through the upstream's `fallback`, now, and puts their outcomes in the
+/// report. Returns whether a fallback took them.
+fn spill(
+    upstream: &Upstream,
+    context: &WorkerContext,
+    item: &WorkItem,
+    report: &mut Report,
+) -> bool {
+    let waiting: Vec<(tsubame_queue::RecipientIndex, u32)> = item
+        .recipients
+        .iter()
+        .copied()
+        .filter(|(recipient, _)| {
+            report
+                .recipients
+                .iter()
+                .any(|reported| reported.recipient == *recipient && reported.spill)
+        })
+        .collect();
+    if waiting.is_empty() {
+        return false;
+    }
+    let Some(fallback) = upstream
+        .config
+        .fallback
+        .as_deref()
+        .and_then(|name| context.upstreams.iter().find(|other| other.name() == name))
+    else {
+        return false;
+    };
+    tracing::info!(
+        id = %item.meta.message.id,
+        upstream = upstream.name(),
+        fallback = fallback.name(),
+        recipients = waiting.len(),
+        "the upstream cannot take this mail now; sending it through the fallback"
+    );
+    let through_item = WorkItem {
+        job: item.job,
+        meta: Arc::clone(&item.meta),
+        recipients: waiting,
+    };
+    // Its own connection, closed after: the worker's open connection is this upstream's.
+    let mut connection = None;
+    let through = deliver_here(fallback, context, &mut connection, &through_item);
+    close(&mut connection);
+    for outcome in through.recipients {
+        if let Some(slot) = report
+            .recipients
+            .iter_mut()
+            .find(|reported| reported.recipient == outcome.recipient)
+        {
+            *slot = RecipientReport {
+                remote: Some(format!(
+                    "{} (fallback {})",
+                    outcome.remote.as_deref().unwrap_or("-"),
+                    fallback.name()
+                )),
+                spill: false,
+                ..outcome
+            };
+        }
+    }
+    true
+}
+
+fn quota_text(upstream: &Upstream, key: &QuotaKey, exhausted: &QuotaExhausted) -> String {
+    let until = exhausted.until_unix_ms.map_or_else(
+        || "; the job must be sent in smaller parts".to_string(),
+        |until| {
+            format!(
+                "; room again in {} s",
+                until.saturating_sub(now_unix_ms()).div_ceil(1000)
+            )
+        },
+    );
+    format!(
+        "daily sending quota of {} at upstream {} reached ({:?}){until}",
+        key.account(),
+        upstream.name(),
+        exhausted.which
+    )
+}
+
+/// A recipient's report, with what the reply says about the upstream's limits: a
+/// quota or rate-limit reply defers (never bounces), blocks the account or upstream for
+/// a while, and marks the recipient for the fallback.
+fn with_signal(
+    upstream: &Upstream,
+    context: &WorkerContext,
+    account: &str,
+    mut report: RecipientReport,
+    outcome: &RecipientOutcome,
+) -> RecipientReport {
+    let reply = match outcome {
+        RecipientOutcome::Deferred(Reason::Reply { reply, .. })
+        | RecipientOutcome::Failed(Reason::Reply { reply, .. }) => reply,
+        _ => return report,
+    };
+    let signal = classify_reply(reply);
+    if signal.defers() {
+        heed(upstream, context, account, signal);
+        report.outcome = Outcome::Deferred;
+        report.spill = !matches!(
+            signal,
+            UpstreamSignal::TooManyRecipients
+                | UpstreamSignal::RateLimited {
+                    scope: RateScope::Recipient,
+                    ..
+                }
+        );
+    }
+    report
+}
+
+/// Acts on what an upstream's reply says about its limits: blocks the account or the
+/// upstream for the reply's hint, so that the next jobs wait (or spill) without asking.
+fn heed(upstream: &Upstream, context: &WorkerContext, account: &str, signal: UpstreamSignal) {
+    let now = now_unix_ms();
+    match signal {
+        UpstreamSignal::QuotaExceeded {
+            scope: QuotaScope::Account,
+            retry_after_hint,
+        } => {
+            let key = QuotaKey::new(upstream.name(), account);
+            let until = now.saturating_add(retry_after_hint.as_millis() as u64);
+            context.quotas.block_until(&key, until, now);
+            tracing::warn!(
+                upstream = upstream.name(),
+                account,
+                "the upstream says the account's daily quota is spent"
+            );
+        }
+        UpstreamSignal::QuotaExceeded {
+            scope: QuotaScope::Upstream,
+            retry_after_hint,
+        }
+        | UpstreamSignal::RateLimited {
+            scope: RateScope::Upstream,
+            retry_after_hint,
+        } => {
+            let until = now.saturating_add(retry_after_hint.as_millis() as u64);
+            context
+                .quotas
+                .block_upstream_until(upstream.name(), until, now);
+            tracing::warn!(
+                upstream = upstream.name(),
+                ?signal,
+                "the upstream asks us to slow down"
+            );
+        }
+        UpstreamSignal::RateLimited {
+            scope: RateScope::Recipient,
+            ..
+        }
+        | UpstreamSignal::TooManyRecipients
+        | UpstreamSignal::Normal => {}
+    }
+}
+
+fn deliver_here(
+    upstream: &Upstream,
+    context: &WorkerContext,
+    cached: &mut Option<Cached>,
+    item: &WorkItem,
 ) -> Report {
     let started = Instant::now();
     let message = &item.meta.message;
@@ -116,7 +343,7 @@ fn deliver(
             tracing::error!(id = %message.id, %error, "cannot read the message body from the spool");
             return report_all(
                 upstream,
-                &item,
+                item,
                 Outcome::Deferred,
                 &format!("local error reading the spool: {error}"),
                 "4.3.0",
@@ -129,7 +356,7 @@ fn deliver(
     if !tsubame_delivery::client::valid_address(&message.mail_from, true) {
         return report_all(
             upstream,
-            &item,
+            item,
             Outcome::Failed,
             "the sender address cannot be sent in a MAIL command",
             "5.1.7",
@@ -138,6 +365,11 @@ fn deliver(
     // The account the session logs in as (OAuth upstreams; one per message).
     let account = upstream.account_for(message.authenticated_user.as_deref(), &message.mail_from);
     let account = account.as_deref();
+    // Whose quota a reply speaks of.
+    let quota_account = upstream
+        .config
+        .quota_account(message.authenticated_user.as_deref(), &message.mail_from);
+    let account_text = quota_account.as_str();
     // Recipients per destination: one group for a smarthost, one per domain for MX.
     let mut groups: BTreeMap<String, Vec<tsubame_queue::RecipientIndex>> = BTreeMap::new();
     for &(recipient, _attempt) in &item.recipients {
@@ -152,6 +384,7 @@ fn deliver(
                 detail: "the recipient address cannot be sent in a RCPT command".to_string(),
                 status: "5.1.3".to_string(),
                 remote: None,
+                spill: false,
             });
             continue;
         }
@@ -195,7 +428,14 @@ fn deliver(
             && let Some(outcomes) = send_on_cached(upstream, cached, host, account, outgoing)
         {
             for (recipient, outcome) in recipients.iter().zip(outcomes) {
-                results.push(recipient_report(*recipient, &outcome, host));
+                let report = recipient_report(*recipient, &outcome, host);
+                results.push(with_signal(
+                    upstream,
+                    context,
+                    account_text,
+                    report,
+                    &outcome,
+                ));
             }
             continue;
         }
@@ -205,10 +445,18 @@ fn deliver(
         match outcome {
             Ok((remote, result)) => {
                 for (recipient, outcome) in recipients.iter().zip(result) {
-                    results.push(recipient_report(*recipient, &outcome, &remote));
+                    let report = recipient_report(*recipient, &outcome, &remote);
+                    results.push(with_signal(
+                        upstream,
+                        context,
+                        account_text,
+                        report,
+                        &outcome,
+                    ));
                 }
             }
             Err(failure) => {
+                heed(upstream, context, account_text, failure.signal);
                 for recipient in &recipients {
                     results.push(RecipientReport {
                         recipient: *recipient,
@@ -216,6 +464,7 @@ fn deliver(
                         detail: failure.detail.clone(),
                         status: failure.status.to_string(),
                         remote: None,
+                        spill: failure.signal.defers(),
                     });
                 }
             }
@@ -242,6 +491,8 @@ pub(crate) struct GroupFailure {
     pub outcome: Outcome,
     pub detail: String,
     pub status: &'static str,
+    /// What the refusal said about the upstream's limits (`421 4.7.0 Try again later`).
+    pub signal: UpstreamSignal,
 }
 
 /// A host to try: its name (for TLS and reports) and addresses.
@@ -264,6 +515,7 @@ fn targets(upstream: &Upstream, domain: &str) -> Result<Vec<Target>, GroupFailur
                     outcome: Outcome::Deferred,
                     detail: format!("cannot resolve {host}: {error}"),
                     status: "4.4.3",
+                    signal: UpstreamSignal::Normal,
                 })?
                 .collect();
             Ok(vec![Target {
@@ -430,6 +682,7 @@ fn send_to_first_reachable(
                             outcome: Outcome::Failed,
                             detail: error.to_string(),
                             status: "5.1.3",
+                            signal: UpstreamSignal::Normal,
                         });
                     }
                     Sent::Refused(error) => last_error = Some(error),
@@ -437,6 +690,12 @@ fn send_to_first_reachable(
             }
         }
     }
+    // A refusal that speaks of the upstream's limits (`421 4.7.0 Try again later` at
+    // the greeting, `454 4.7.0 Too many login attempts`) sends the mail to the fallback.
+    let signal = last_error
+        .as_ref()
+        .and_then(DeliveryError::reply)
+        .map_or(UpstreamSignal::Normal, classify_reply);
     Err(GroupFailure {
         outcome: Outcome::Deferred,
         detail: match last_error {
@@ -444,6 +703,7 @@ fn send_to_first_reachable(
             None => "no address to connect to".to_string(),
         },
         status: "4.4.1",
+        signal,
     })
 }
 
@@ -477,6 +737,7 @@ fn token_failure(
             failure.detail
         ),
         status: "4.7.0",
+        signal: UpstreamSignal::Normal,
     }
 }
 
@@ -506,6 +767,7 @@ fn recipient_report(
         detail: reason_text,
         status,
         remote: Some(remote.to_string()),
+        spill: false,
     }
 }
 
@@ -593,6 +855,7 @@ fn report_all(
                 status: status.to_string(),
                 // Nobody answered: these outcomes are our own.
                 remote: None,
+                spill: false,
             })
             .collect(),
     }

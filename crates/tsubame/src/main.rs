@@ -7,8 +7,8 @@ mod inspect;
 mod oauth;
 mod queue;
 mod serve;
-mod tokens;
 mod sink;
+mod tokens;
 mod trace;
 mod user;
 

@@ -41,7 +41,9 @@ pub fn build(config: &Config) -> anyhow::Result<(Arc<TokenCache>, TokenSources)>
                 let key_file = source.key_file.clone().unwrap_or_default();
                 Arc::new(
                     ServiceAccount::from_key_file(&key_file, http)
-                        .with_context(|| format!("oauth {:?}: key_file {}", source.name, key_file.display()))?
+                        .with_context(|| {
+                            format!("oauth {:?}: key_file {}", source.name, key_file.display())
+                        })?
                         .with_token_endpoint(endpoint)
                         .with_scope(source.scope.clone()),
                 )
