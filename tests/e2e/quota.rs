@@ -6,7 +6,6 @@ use std::time::Duration;
 
 use serde_json::Value;
 use tsubame_tests::cli::tsubame;
-use tsubame_tests::peers::Smtplib;
 use tsubame_tests::process::hard_limit;
 use tsubame_tests::server::{Server, ServerOptions};
 use tsubame_tests::upstream::{Aiosmtpd, wait_until};
@@ -32,25 +31,11 @@ fn config(primary: u16, primary_keys: &str, fallback: Option<u16>) -> String {
 }
 
 fn message(subject: &str) -> Vec<u8> {
-    tsubame_tests::crlf(&format!(
-        "From: sender@example.com\nTo: rcpt@example.net\nSubject: {subject}\n\
-         Message-Id: <{subject}@quota.tsubame.test>\n\nbody of {subject}\n"
-    ))
+    crate::test_message(subject, &format!("body of {subject}\n"))
 }
 
 fn send(server: &Server, subject: &str) -> String {
-    let outcomes = Smtplib::new(server.address())
-        .ehlo()
-        .mail("sender@example.com", &[])
-        .rcpt("rcpt@example.net", &[])
-        .data(&message(subject))
-        .quit()
-        .run();
-    let data = outcomes
-        .get(3)
-        .unwrap_or_else(|| panic!("smtplib session ended early: {outcomes:?}"));
-    data.expect(250, "2.0.0", "DATA");
-    data.queued_id()
+    crate::send_with_smtplib(server.address(), &message(subject))
 }
 
 fn queue_list(server: &Server) -> Value {

@@ -370,6 +370,21 @@ fn deliver_here(
         .config
         .quota_account(message.authenticated_user.as_deref(), &message.mail_from);
     let account_text = quota_account.as_str();
+    let report_outcomes = |results: &mut Vec<RecipientReport>,
+                           recipients: &[tsubame_queue::RecipientIndex],
+                           outcomes: Vec<RecipientOutcome>,
+                           remote: &str| {
+        for (recipient, outcome) in recipients.iter().zip(outcomes) {
+            let report = recipient_report(*recipient, &outcome, remote);
+            results.push(with_signal(
+                upstream,
+                context,
+                account_text,
+                report,
+                &outcome,
+            ));
+        }
+    };
     // Recipients per destination: one group for a smarthost, one per domain for MX.
     let mut groups: BTreeMap<String, Vec<tsubame_queue::RecipientIndex>> = BTreeMap::new();
     for &(recipient, _attempt) in &item.recipients {
@@ -427,16 +442,7 @@ fn deliver_here(
             && let Some(host) = upstream.config.host()
             && let Some(outcomes) = send_on_cached(upstream, cached, host, account, outgoing)
         {
-            for (recipient, outcome) in recipients.iter().zip(outcomes) {
-                let report = recipient_report(*recipient, &outcome, host);
-                results.push(with_signal(
-                    upstream,
-                    context,
-                    account_text,
-                    report,
-                    &outcome,
-                ));
-            }
+            report_outcomes(&mut results, &recipients, outcomes, host);
             continue;
         }
         let outcome = targets(upstream, &domain).and_then(|targets| {
@@ -444,16 +450,7 @@ fn deliver_here(
         });
         match outcome {
             Ok((remote, result)) => {
-                for (recipient, outcome) in recipients.iter().zip(result) {
-                    let report = recipient_report(*recipient, &outcome, &remote);
-                    results.push(with_signal(
-                        upstream,
-                        context,
-                        account_text,
-                        report,
-                        &outcome,
-                    ));
-                }
+                report_outcomes(&mut results, &recipients, result, &remote);
             }
             Err(failure) => {
                 heed(upstream, context, account_text, failure.signal);
