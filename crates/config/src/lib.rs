@@ -1378,6 +1378,40 @@ upstream = "mx"
             .collect()
     }
 
+    /// The README's Google example: presets, accounts, quotas and the relay's FQDN.
+    #[test]
+    fn readme_google_example_is_valid() {
+        let blocks = readme_toml_blocks("## Google OAuth2 set-up");
+        assert_eq!(blocks.len(), 1, "one toml block in the Google section");
+        let text = format!(
+            "[[listener]]\naddress = \"127.0.0.1:25\"\n{}\n[[upstream]]\nname = \"relay\"\nkind = \"smtp\"\nhost = \"relay.example.net\"\n",
+            blocks[0]
+        );
+        let config = Config::parse(&text, "README.md").unwrap();
+        let gmail = config.upstream("gmail").unwrap();
+        assert_eq!(gmail.host(), Some(GMAIL_HOST));
+        assert_eq!(gmail.auth_method(), Some(AuthMethod::Xoauth2));
+        assert_eq!(
+            gmail.account_for(Some("scanner-3f"), "x@example.com"),
+            Some("scans@example.com")
+        );
+        assert_eq!(
+            gmail.account_for(None, "ar@billing.example.com"),
+            Some("billing@example.com")
+        );
+        assert_eq!(
+            gmail.account_for(None, "x@example.com"),
+            Some("printer@example.com")
+        );
+        assert_eq!(
+            (gmail.messages_per_day, gmail.quota_reserve_percent),
+            (Some(2000), 5)
+        );
+        let workspace = config.upstream("workspace").unwrap();
+        assert_eq!(workspace.host(), Some(GOOGLE_RELAY_HOST));
+        assert_eq!(config.oauth_sources[0].kind, OAuthKind::RefreshToken);
+    }
+
     /// Where a relay-service example takes its password from.
     enum PasswordSource {
         Env(&'static str),

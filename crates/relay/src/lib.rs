@@ -209,6 +209,56 @@ pub fn start(
     })
 }
 
+/// Logs in to upstream `name` as `account` (for OAuth upstreams; `None` otherwise)
+/// without sending mail, and says how it went: `tsubame oauth test`. The token comes
+/// from `tokens` as in delivery; the session ends with QUIT.
+pub fn check_login(
+    config: &Config,
+    hostname: &str,
+    tokens: &tokens::TokenSources,
+    name: &str,
+    account: Option<&str>,
+) -> Result<String, String> {
+    let upstreams =
+        upstream::build_table(config, hostname, tokens).map_err(|error| error.to_string())?;
+    let upstream = upstreams
+        .iter()
+        .find(|upstream| upstream.name() == name)
+        .ok_or_else(|| format!("no upstream {name:?} in the configuration"))?;
+    if !upstream.config.kind.is_relay() {
+        return Err(format!(
+            "upstream {name:?} delivers by MX: there is no login to test"
+        ));
+    }
+    let credentials = upstream
+        .credentials(account)
+        .map_err(|failure| failure.detail)?;
+    let targets = worker::targets(upstream, "").map_err(|failure| failure.detail)?;
+    let mut last_error = format!("upstream {name:?} has no address to connect to");
+    for target in &targets {
+        for &address in &target.addresses {
+            match connect::open(upstream, &target.name, address, credentials.as_ref()) {
+                Ok(connection) => {
+                    let tls = connection
+                        .tls_summary()
+                        .unwrap_or_else(|| "no TLS".to_string());
+                    let _ = connection.quit();
+                    let login = match (&credentials, account) {
+                        (Some(credentials), _) => format!(" as {}", credentials.username()),
+                        (None, _) => " (no login configured)".to_string(),
+                    };
+                    return Ok(format!(
+                        "{} ({address}){login}: accepted, {tls}",
+                        target.name
+                    ));
+                }
+                Err(error) => last_error = format!("{} ({address}): {error}", target.name),
+            }
+        }
+    }
+    Err(last_error)
+}
+
 /// The daily quotas of the upstreams that have one, as the last run left them.
 fn load_quotas(config: &Config, upstreams: &[Arc<upstream::Upstream>]) -> quota::QuotaBook {
     let path = config.spool.directory.join(quota::FILE_NAME);

@@ -500,7 +500,7 @@ pub(crate) struct Target {
 }
 
 /// Where to connect for a group, in the order to try.
-fn targets(upstream: &Upstream, domain: &str) -> Result<Vec<Target>, GroupFailure> {
+pub(crate) fn targets(upstream: &Upstream, domain: &str) -> Result<Vec<Target>, GroupFailure> {
     let port = upstream.config.port_number();
     match upstream.config.kind {
         UpstreamKind::Mx => crate::mx::targets(upstream, domain, port),

@@ -39,6 +39,37 @@ enum OauthCommand {
         #[command(subcommand)]
         command: GoogleCommand,
     },
+    /// Get a token for ACCOUNT and log in to the upstream with it, without sending mail:
+    /// the check after `authorize`, or when mail for an account is deferred.
+    Test(TestArgs),
+    /// Every OAuth account the configuration names: whether its refresh token file is
+    /// there, and (while the server runs) its token's expiry, refreshes and last error.
+    Status(StatusArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct TestArgs {
+    /// The account to log in as (the mailbox the token is for).
+    account: String,
+    /// The configuration file.
+    #[arg(short, long, value_name = "FILE")]
+    config: PathBuf,
+    /// The upstream to log in to; default: the first that uses OAuth.
+    #[arg(long, value_name = "NAME")]
+    upstream: Option<String>,
+}
+
+#[derive(Debug, clap::Args)]
+struct StatusArgs {
+    /// The configuration file.
+    #[arg(short, long, value_name = "FILE")]
+    config: PathBuf,
+    /// The running server's spool directory, when not the configuration's.
+    #[arg(long, value_name = "DIR")]
+    spool: Option<PathBuf>,
+    /// JSON instead of a table.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Debug, clap::Subcommand)]
@@ -103,7 +134,155 @@ pub fn run(args: OauthArgs) -> anyhow::Result<ExitCode> {
         OauthCommand::Google {
             command: GoogleCommand::Authorize(args),
         } => authorize(&args),
+        OauthCommand::Test(args) => test(&args),
+        OauthCommand::Status(args) => status(&args),
     }
+}
+
+fn test(args: &TestArgs) -> anyhow::Result<ExitCode> {
+    let config = tsubame_config::Config::load(&args.config)?;
+    let name = match &args.upstream {
+        Some(name) => name.clone(),
+        None => config
+            .upstreams
+            .iter()
+            .find(|upstream| upstream.uses_oauth())
+            .map(|upstream| upstream.name.clone())
+            .context("no [[upstream]] in the configuration logs in with OAuth (auth = \"xoauth2\" or kind = \"gmail\")")?,
+    };
+    let (_cache, tokens) = crate::tokens::build(&config)?;
+    let hostname = config
+        .server
+        .hostname
+        .clone()
+        .unwrap_or_else(tsubame_server::system_hostname);
+    match tsubame_relay::check_login(&config, &hostname, &tokens, &name, Some(&args.account)) {
+        Ok(said) => {
+            println!("upstream {name}: {said}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(reason) => {
+            eprintln!(
+                "upstream {name}: login as {} failed: {reason}",
+                args.account
+            );
+            Ok(ExitCode::FAILURE)
+        }
+    }
+}
+
+fn status(args: &StatusArgs) -> anyhow::Result<ExitCode> {
+    let config = tsubame_config::Config::load(&args.config)?;
+    let spool = args
+        .spool
+        .clone()
+        .unwrap_or_else(|| config.spool.directory.clone());
+    let path = crate::tokens::status_path(&spool);
+    let live: Option<serde_json::Value> = std::fs::read_to_string(&path)
+        .ok()
+        .and_then(|text| serde_json::from_str(&text).ok());
+    let mut rows = Vec::new();
+    for upstream in config
+        .upstreams
+        .iter()
+        .filter(|upstream| upstream.uses_oauth())
+    {
+        let source_name = upstream.oauth.clone().unwrap_or_default();
+        let source = config
+            .oauth_sources
+            .iter()
+            .find(|source| source.name == source_name);
+        let mut accounts: Vec<String> = upstream
+            .account_map
+            .iter()
+            .map(|mapping| mapping.account.clone())
+            .collect();
+        accounts.extend(upstream.account.clone());
+        accounts.sort();
+        accounts.dedup();
+        for account in accounts {
+            let token_file = source.and_then(|source| source.refresh_token_file(&account));
+            let state = live.as_ref().and_then(|live| {
+                live["accounts"]
+                    .as_array()?
+                    .iter()
+                    .find(|entry| {
+                        entry["source"] == source_name.as_str()
+                            && entry["account"] == account.as_str()
+                    })
+                    .cloned()
+            });
+            rows.push(serde_json::json!({
+                "upstream": upstream.name,
+                "source": source_name,
+                "account": account,
+                "refresh_token_file": token_file.as_ref().map(|path| path.display().to_string()),
+                "refresh_token_file_present": token_file.as_ref().map(|path| path.exists()),
+                "live": state,
+            }));
+        }
+    }
+    if args.json {
+        println!(
+            "{}",
+            serde_json::json!({ "status_file": path.display().to_string(), "server_running_status": live.is_some(), "accounts": rows })
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    if rows.is_empty() {
+        println!(
+            "no upstream logs in with OAuth in {}",
+            args.config.display()
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    if live.is_none() {
+        println!(
+            "(no live state: is tsubame running with spool {}? it writes {})\n",
+            spool.display(),
+            path.display()
+        );
+    }
+    let now = SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |elapsed| elapsed.as_secs());
+    for row in &rows {
+        let mut line = format!(
+            "{} {} (oauth {})",
+            row["upstream"].as_str().unwrap_or_default(),
+            row["account"].as_str().unwrap_or_default(),
+            row["source"].as_str().unwrap_or_default()
+        );
+        match row["refresh_token_file_present"].as_bool() {
+            Some(true) => line.push_str(", refresh token file present"),
+            Some(false) => line.push_str(&format!(
+                ", NO refresh token file ({}): run tsubame oauth google authorize",
+                row["refresh_token_file"].as_str().unwrap_or_default()
+            )),
+            None => {}
+        }
+        let state = &row["live"];
+        if state.is_object() {
+            match state["expires_at_unix"].as_u64() {
+                Some(expires) if state["has_token"] == true => line.push_str(&format!(
+                    ", token valid for {} s",
+                    expires.saturating_sub(now)
+                )),
+                _ => line.push_str(", no token"),
+            }
+            line.push_str(&format!(", {} refreshes", state["refresh_count"]));
+            if let Some(error) = state["last_error"].as_str() {
+                line.push_str(&format!(", last error: {error}"));
+            }
+            if state["needs_reauthorization"] == true {
+                line.push_str(", RE-AUTHORISATION NEEDED");
+            }
+        } else if live.is_some() {
+            line.push_str(", not used since the server started");
+        }
+        println!("{line}");
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// What the two waiting threads report.

@@ -95,7 +95,20 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
     let seed = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |elapsed| elapsed.as_nanos() as u64);
-    let (_token_cache, tokens) = crate::tokens::build(&config)?;
+    let (token_cache, tokens) = crate::tokens::build(&config)?;
+    let status_stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let status_writer = if config.oauth_sources.is_empty() {
+        None
+    } else {
+        Some(
+            crate::tokens::keep_status_file(
+                Arc::clone(&token_cache),
+                crate::tokens::status_path(&directory),
+                Arc::clone(&status_stop),
+            )
+            .context("cannot start the OAuth status thread")?,
+        )
+    };
     let relay = tsubame_relay::start(
         &config,
         spool.clone(),
@@ -152,6 +165,11 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         config.delivery.shutdown_timeout_secs,
     ));
     spool.shutdown();
+    if let Some(writer) = status_writer {
+        status_stop.store(true, std::sync::atomic::Ordering::Release);
+        writer.thread().unpark();
+        let _ = writer.join();
+    }
     tracing::info!("stopped");
     Ok(ExitCode::SUCCESS)
 }

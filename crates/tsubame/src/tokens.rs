@@ -122,3 +122,78 @@ impl tsubame_relay::tokens::TokenSource for CachedTokens {
         }
     }
 }
+
+/// Where `serve` keeps the token cache's state for `tsubame oauth status`.
+pub fn status_path(spool: &std::path::Path) -> PathBuf {
+    spool.join("oauth-status.json")
+}
+
+/// The cache's state as JSON (no token, no secret: times, counts and errors).
+pub fn status_json(cache: &TokenCache) -> serde_json::Value {
+    let seconds = |time: Option<SystemTime>| {
+        time.and_then(|time| time.duration_since(std::time::UNIX_EPOCH).ok())
+            .map(|elapsed| elapsed.as_secs())
+    };
+    let accounts: Vec<serde_json::Value> = cache
+        .status()
+        .into_iter()
+        .map(|status| {
+            serde_json::json!({
+                "source": status.key.source,
+                "account": status.key.account,
+                "has_token": status.has_token,
+                "expires_at_unix": seconds(status.expires_at),
+                "last_refresh_at_unix": seconds(status.last_refresh_at),
+                "refresh_count": status.refresh_count,
+                "consecutive_failures": status.consecutive_failures,
+                "last_error": status.last_error,
+                "retry_at_unix": seconds(status.retry_at),
+                "needs_reauthorization": status.needs_reauthorization,
+            })
+        })
+        .collect();
+    serde_json::json!({ "written_at_unix": seconds(Some(SystemTime::now())), "accounts": accounts })
+}
+
+/// Writes [`status_json`] to `path` every few seconds while the server runs (a temp
+/// file renamed over it, mode 0600), until `stop` is set.
+pub fn keep_status_file(
+    cache: Arc<TokenCache>,
+    path: PathBuf,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
+    const INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
+    std::thread::Builder::new()
+        .name("oauth-status".to_string())
+        .spawn(move || {
+            let mut last = String::new();
+            while !stop.load(std::sync::atomic::Ordering::Acquire) {
+                let mut now = status_json(&cache);
+                let written_at = now["written_at_unix"].take();
+                let text = now.to_string();
+                if text != last {
+                    now["written_at_unix"] = written_at;
+                    if let Err(error) = write_private(&path, now.to_string().as_bytes()) {
+                        tracing::warn!(file = %path.display(), %error, "cannot write the OAuth status file");
+                    }
+                    last = text;
+                }
+                std::thread::park_timeout(INTERVAL);
+            }
+        })
+}
+
+fn write_private(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let temporary = path.with_extension("json.tmp");
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&temporary)?;
+    file.write_all(bytes)?;
+    file.write_all(b"\n")?;
+    std::fs::rename(&temporary, path)
+}
