@@ -349,10 +349,14 @@ impl UpstreamConfig {
         })
     }
 
-    /// How sessions log in, after the defaults; `None`: no AUTH.
+    /// How sessions log in, after the defaults; `None`: no AUTH. Gmail's default is
+    /// XOAUTH2 unless a password is configured (an app password).
     pub fn auth_method(&self) -> Option<AuthMethod> {
+        let password = self.password_file.is_some()
+            || self.password_env.is_some()
+            || self.password_inline.is_some();
         self.auth.or(match self.kind {
-            UpstreamKind::Gmail => Some(AuthMethod::Xoauth2),
+            UpstreamKind::Gmail if !password => Some(AuthMethod::Xoauth2),
             _ if self.username.is_some() => Some(AuthMethod::Password),
             _ => None,
         })
@@ -495,11 +499,11 @@ impl UpstreamConfig {
                 format!("upstream {name:?} is kind mx: MX hosts take no AUTH"),
             ));
         }
-        if self.kind == UpstreamKind::Gmail && !self.uses_oauth() {
+        if self.kind == UpstreamKind::Gmail && method.is_none() {
             return Err((
                 "auth",
                 format!(
-                    "upstream {name:?} is kind gmail: smtp.gmail.com takes OAuth2 only (auth = \"xoauth2\" or \"oauthbearer\")"
+                    "upstream {name:?} is kind gmail: smtp.gmail.com needs a login: OAuth2 (the default, with oauth and account) or an app password (auth = \"password\" with username and password_file)"
                 ),
             ));
         }

@@ -1275,7 +1275,7 @@ upstream = "mx"
             ),
             (
                 GMAIL.replace("kind = \"gmail\"", "kind = \"gmail\"\nauth = \"password\""),
-                "smtp.gmail.com takes OAuth2 only",
+                "oauth is for auth = \"xoauth2\" or \"oauthbearer\"",
             ),
             (
                 GMAIL.replace("fallback = \"mx\"", "fallback = \"gmail\""),
@@ -1309,6 +1309,22 @@ upstream = "mx"
             let error = Config::parse(&text, "t.toml").unwrap_err().to_string();
             assert!(error.contains(message), "{message}: {error}");
         }
+    }
+
+    #[test]
+    fn gmail_takes_an_app_password_too() {
+        let text = "[[listener]]\naddress = \"127.0.0.1:25\"\n[[upstream]]\nname = \"gmail\"\nkind = \"gmail\"\n\
+            username = \"printer@example.com\"\npassword_env = \"GMAIL_APP_PASSWORD\"\n";
+        let config = Config::parse(text, "t.toml").unwrap();
+        let gmail = config.upstream("gmail").unwrap();
+        assert_eq!(gmail.auth_method(), Some(AuthMethod::Password));
+        assert_eq!(gmail.host(), Some(GMAIL_HOST));
+        let bare = "[[listener]]\naddress = \"127.0.0.1:25\"\n[[upstream]]\nname = \"gmail\"\nkind = \"gmail\"\nauth = \"password\"\n";
+        let error = Config::parse(bare, "t.toml").unwrap_err().to_string();
+        assert!(
+            error.contains("auth = \"password\" needs a username"),
+            "{error}"
+        );
     }
 
     #[test]
