@@ -4,6 +4,7 @@ Usage: aiosmtpd_sink.py PORT OUTDIR [--reject ADDRESS] [--defer ADDRESS]
            [--cert PEM --key PEM [--starttls [--require-starttls] | --implicit-tls]
             [--tls-max 1.2|1.3]]
            [--auth MECHANISM[,MECHANISM...] [--auth-required]] [--bearer-host NAME]
+           [--issued-tokens LOG [--grants JSON] [--expired-token TOKEN]...]
 
 Each accepted message is written to OUTDIR as N.json (envelope, parameters, the TLS
 version the message came over or null, the AUTH mechanism and login or null) and
@@ -30,6 +31,15 @@ OAUTHBEARER: AQ==), and then gets 535 5.7.8, as from Gmail. Any other initial
 response gets 535 5.7.8 without a challenge. Each bearer AUTH appends one line to
 OUTDIR/auth.log saying what happened, never the token. With a bearer mechanism the
 server takes AUTH lines up to RFC 4954's 12,288 octets (aiosmtpd's default is 512).
+
+Tokens from the token endpoint peer: with --issued-tokens LOG (the --log of
+crates/oauth/tests/peers/token_endpoint.py), there is no one valid login; the user is
+the one the initial response names, and its token is right when LOG shows the endpoint
+issued it for that user: from the user's refresh token (--grants, a JSON object of user
+to refresh token) or in a service-account assertion whose sub is the user. A token
+given with --expired-token (repeatable) is wrong however it was issued, as a token
+that expired or was revoked is at Gmail. N.json then also holds auth_token, the token
+the session logged in with (the endpoint's throwaway at-N).
 """
 
 import argparse
@@ -68,13 +78,44 @@ TOKEN_REJECTED = (
 )
 
 
+class IssuedTokens:
+    """The bearer logins the token endpoint peer's request log makes valid."""
+
+    def __init__(self, log_path, grants, expired):
+        self.log_path = log_path
+        # user -> the refresh token the endpoint issues that user's tokens from.
+        self.grants = grants
+        self.expired = set(expired)
+
+    def valid(self, user, token):
+        if token in self.expired:
+            return False
+        try:
+            with open(self.log_path, encoding="utf-8") as log:
+                records = [json.loads(line) for line in log if line.strip()]
+        except OSError:
+            return False
+        for record in records:
+            if not record.get("ok") or record.get("access_token") != token:
+                continue
+            if record.get("sub") == user:
+                return True
+            refresh_token = record.get("refresh_token")
+            if refresh_token is not None and self.grants.get(user) == refresh_token:
+                return True
+        return False
+
+
 class Handler:
-    def __init__(self, outdir, reject, defer, bearer=None):
+    def __init__(self, outdir, reject, defer, bearer=None, issued=None):
         self.outdir = outdir
         self.reject = reject
         self.defer = defer
-        # (username, token, host, port) as bytes, or None without bearer mechanisms.
+        # (username, token, host, port) as bytes, or None without bearer mechanisms;
+        # username and token are None with issued tokens.
         self.bearer = bearer
+        # IssuedTokens, or None: then the one valid login is the bearer's.
+        self.issued = issued
         self.count = 0
         self.lock = threading.Lock()
 
@@ -120,6 +161,8 @@ class Handler:
             "auth_mechanism": getattr(auth_data, "mechanism", None),
             "auth_login": getattr(auth_data, "login", None),
         }
+        if self.issued is not None:
+            record["auth_token"] = getattr(auth_data, "token", None)
         # Write the envelope last and atomically: its presence means the message is
         # complete.
         with open(base + ".json.tmp", "w", encoding="utf-8") as out:
@@ -137,9 +180,9 @@ class Handler:
     async def auth_OAUTHBEARER(self, server, args):
         return await self.bearer_auth(server, args, "OAUTHBEARER")
 
-    def bearer_prefix(self, mechanism):
+    def bearer_prefix(self, mechanism, username):
         """The initial response up to the token."""
-        username, _, host, port = self.bearer
+        _, _, host, port = self.bearer
         if mechanism == "XOAUTH2":
             return b"user=" + username + b"\x01auth=Bearer "
         authzid = username.replace(b"=", b"=3D").replace(b",", b"=2C")
@@ -157,23 +200,36 @@ class Handler:
         except binascii.Error:
             self.log("auth.log", mechanism + " initial response not base64")
             return AuthResult(success=False, handled=False)
-        username, token, _, _ = self.bearer
-        prefix = self.bearer_prefix(mechanism)
+        if self.issued is None:
+            username = self.bearer[0]
+        else:
+            username = claimed_user(response, mechanism)
+        prefix = self.bearer_prefix(mechanism, username or b"")
         well_formed = (
-            response.startswith(prefix)
+            username is not None
+            and response.startswith(prefix)
             and response.endswith(b"\x01\x01")
             and b"\x01" not in response[len(prefix):-2]
         )
         if not well_formed:
             self.log("auth.log", mechanism + " malformed initial response")
             return AuthResult(success=False, handled=False)
-        if response[len(prefix):-2] == token:
+        token = response[len(prefix):-2]
+        if self.issued is None:
+            right = token == self.bearer[1]
+        else:
+            right = self.issued.valid(
+                username.decode("utf-8", "replace"), token.decode("utf-8", "replace"))
+        if right:
             self.log(
                 "auth.log",
                 "%s accepted, initial response %d base64 bytes" % (mechanism, len(args[1])),
             )
             login = username.decode("utf-8", "replace")
-            return AuthResult(success=True, auth_data=Authenticated(mechanism, login))
+            authenticated = Authenticated(mechanism, login)
+            if self.issued is not None:
+                authenticated.token = token.decode("utf-8", "replace")
+            return AuthResult(success=True, auth_data=authenticated)
         challenge = json.dumps(ERROR_CHALLENGES[mechanism], separators=(",", ":"))
         answer = await server.challenge_auth(challenge)
         if answer is MISSING:
@@ -184,6 +240,22 @@ class Handler:
         if answer != ERROR_ANSWERS[mechanism]:
             return AuthResult(success=False, handled=False, message="501 5.5.2 bad answer")
         return AuthResult(success=False, handled=False, message=TOKEN_REJECTED)
+
+
+def claimed_user(response, mechanism):
+    """The user an initial response names (unescaped), or None if it names none."""
+    if mechanism == "XOAUTH2":
+        if not response.startswith(b"user="):
+            return None
+        end = response.find(b"\x01")
+        return response[len(b"user="):end] if end > len(b"user=") else None
+    if not response.startswith(b"n,a="):
+        return None
+    end = response.find(b",\x01")
+    if end <= len(b"n,a="):
+        return None
+    # RFC 7628 section 3.1 (RFC 5801's saslname): "=2C" is ",", "=3D" is "=".
+    return response[len(b"n,a="):end].replace(b"=2C", b",").replace(b"=3D", b"=")
 
 
 class LongAuthLines(SMTP):
@@ -256,6 +328,9 @@ def main():
     parser.add_argument("--auth")
     parser.add_argument("--auth-required", action="store_true")
     parser.add_argument("--bearer-host", default="mx.tsubame.test")
+    parser.add_argument("--issued-tokens")
+    parser.add_argument("--grants", default="{}")
+    parser.add_argument("--expired-token", action="append", default=[])
     args = parser.parse_args()
     if (args.starttls or args.implicit_tls) and not (args.cert and args.key):
         parser.error("TLS needs --cert and --key")
@@ -264,14 +339,18 @@ def main():
 
     mechanisms = {m.upper() for m in args.auth.split(",")} if args.auth else set()
     bearer = None
+    issued = None
     if mechanisms & BEARER_MECHANISMS:
-        bearer = (
-            os.environ["TSUBAME_TEST_SMTP_USERNAME"].encode("utf-8"),
-            os.environ["TSUBAME_TEST_SMTP_TOKEN"].encode("utf-8"),
-            args.bearer_host.encode("utf-8"),
-            str(args.port).encode("ascii"),
-        )
-    handler = Handler(args.outdir, args.reject, args.defer, bearer)
+        if args.issued_tokens:
+            issued = IssuedTokens(args.issued_tokens, json.loads(args.grants),
+                                  args.expired_token)
+            username = token = None
+        else:
+            username = os.environ["TSUBAME_TEST_SMTP_USERNAME"].encode("utf-8")
+            token = os.environ["TSUBAME_TEST_SMTP_TOKEN"].encode("utf-8")
+        bearer = (username, token, args.bearer_host.encode("utf-8"),
+                  str(args.port).encode("ascii"))
+    handler = Handler(args.outdir, args.reject, args.defer, bearer, issued)
     smtp_options = {}
     context = None
     if args.starttls or args.implicit_tls:
@@ -283,7 +362,8 @@ def main():
         unknown = mechanisms - BUILTIN_MECHANISMS - CUSTOM_MECHANISMS
         if unknown:
             parser.error("unknown mechanisms: " + ",".join(sorted(unknown)))
-        username = os.environ["TSUBAME_TEST_SMTP_USERNAME"].encode("utf-8")
+        # Issued-token tests set no username: then no password login is valid.
+        username = os.environ.get("TSUBAME_TEST_SMTP_USERNAME", "").encode("utf-8") or None
         # A bearer-only test sets no password: then no password is valid.
         password = os.environ.get("TSUBAME_TEST_SMTP_PASSWORD")
         if password is not None:

@@ -9,7 +9,8 @@ Exits when its standard input closes, or after --lifetime seconds.
 
 POST /token (application/x-www-form-urlencoded) answers the grants:
   refresh_token       client_id and client_secret must be the expected ones, and
-                      refresh_token --refresh-token or one the code grant issued
+                      refresh_token one of the --refresh-token values (the option
+                      repeats: one per account) or one the code grant issued
   jwt-bearer          the assertion's RS256 signature is checked with --public-key, its
                       header (alg, typ, kid) and claims: iss = --service-account, scope =
                       https://mail.google.com/, aud = this endpoint's URL, exp - iat <=
@@ -32,7 +33,10 @@ file), "invalid_grant", "unauthorized_client", "500" (an HTML 500), "hang" (answ
 nothing for --hang-secs, then close).
 
 Every request appends one JSON line to --log: {"path", "grant_type", "ok", "why",
-"sub", "mode"}.
+"sub", "mode", "refresh_token", "access_token"}: the refresh token a refresh grant
+presented and the access token issued (null otherwise). They are throwaway test values;
+the log is how a test, or the SMTP peer told to read it, learns which account a token
+was issued for.
 
 --cert PEM --key PEM serve https instead of http.
 """
@@ -138,7 +142,7 @@ def make_handler(state):
         def do_GET(self):
             url = urllib.parse.urlsplit(self.path)
             record = {"path": url.path, "grant_type": None, "ok": False, "why": None,
-                      "sub": None, "mode": None}
+                      "sub": None, "mode": None, "refresh_token": None, "access_token": None}
             try:
                 if url.path != "/auth":
                     raise Refused("not_found", "no such page", 404)
@@ -179,7 +183,7 @@ def make_handler(state):
         def do_POST(self):
             mode = state.mode()
             record = {"path": self.path, "grant_type": None, "ok": False, "why": None,
-                      "sub": None, "mode": mode}
+                      "sub": None, "mode": mode, "refresh_token": None, "access_token": None}
             try:
                 if self.path != "/token":
                     raise Refused("not_found", "no such endpoint", 404)
@@ -195,6 +199,8 @@ def make_handler(state):
                     raise Refused("invalid_request", "a repeated field")
                 grant = form.get("grant_type")
                 record["grant_type"] = grant
+                if grant == "refresh_token":
+                    record["refresh_token"] = form.get("refresh_token")
                 if mode == "hang":
                     state.log(dict(record, why="hanging"))
                     time.sleep(args.hang_secs)
@@ -218,8 +224,8 @@ def make_handler(state):
                     self.check_client(form)
                     with state.lock:
                         known = form.get("refresh_token") in state.refresh_tokens
-                    if not known and (not args.refresh_token
-                                      or form.get("refresh_token") != args.refresh_token):
+                    expected = [token for token in args.refresh_token if token]
+                    if not known and form.get("refresh_token") not in expected:
                         raise Refused("invalid_grant", "Token has been expired or revoked.")
                     if set(form) != {"grant_type", "refresh_token", "client_id", "client_secret"}:
                         raise Refused("invalid_request", "fields %r" % sorted(form))
@@ -246,6 +252,7 @@ def make_handler(state):
                     raise Refused("unsupported_grant_type", "grant %r" % grant)
                 document["access_token"] = "at-%d" % state.next_number()
                 record["ok"] = True
+                record["access_token"] = document["access_token"]
                 state.log(record)
                 self.send_json(200, document)
             except Refused as refused:
@@ -310,7 +317,8 @@ def main():
     parser.add_argument("--mode-file")
     parser.add_argument("--client-id", default="test-client.apps.googleusercontent.com")
     parser.add_argument("--client-secret", default="")
-    parser.add_argument("--refresh-token", default="")
+    # Repeatable (one per account); an empty value is ignored.
+    parser.add_argument("--refresh-token", action="append", default=[])
     parser.add_argument("--public-key")
     parser.add_argument("--key-id", default="")
     parser.add_argument("--service-account", default="")
