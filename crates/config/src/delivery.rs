@@ -151,6 +151,17 @@ pub enum AuthMethod {
     Oauthbearer,
 }
 
+impl std::fmt::Display for AuthMethod {
+    /// The SASL mechanism's registered name (RFC 4422 §3.1), as upstreams advertise it.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            AuthMethod::Password => "PLAIN or LOGIN",
+            AuthMethod::Xoauth2 => "XOAUTH2",
+            AuthMethod::Oauthbearer => "OAUTHBEARER",
+        })
+    }
+}
+
 /// Which account an upstream session logs in as, for one logged-in device or envelope
 /// sender. `[[upstream.account_map]]` entries are tried in order; the first whose given
 /// conditions all match names the account; else the upstream's `account`.

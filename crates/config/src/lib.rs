@@ -703,7 +703,7 @@ impl Config {
                         accounts.push(format!("{account} otherwise"));
                     }
                     format!(
-                        ", AUTH {:?} with tokens from oauth {:?} as {}",
+                        ", AUTH {} with tokens from oauth {:?} as {}",
                         upstream.auth_method().unwrap_or(AuthMethod::Xoauth2),
                         upstream.oauth.as_deref().unwrap_or_default(),
                         accounts.join("; ")
@@ -1259,7 +1259,7 @@ upstream = "mx"
             Path::new("/d/_.._evil_x.token")
         );
         let summary = config.summary();
-        assert!(summary.contains("upstream gmail (default): smtp.gmail.com:587, TLS Required, AUTH Xoauth2 with tokens from oauth \"google\" as scans@example.com for user scanner-3f; billing@example.com for sender @billing.example.com; relay@example.com otherwise, at most 2000 messages per account per 24 h, fallback mx"), "{summary}");
+        assert!(summary.contains("upstream gmail (default): smtp.gmail.com:587, TLS Required, AUTH XOAUTH2 with tokens from oauth \"google\" as scans@example.com for user scanner-3f; billing@example.com for sender @billing.example.com; relay@example.com otherwise, at most 2000 messages per account per 24 h, fallback mx"), "{summary}");
     }
 
     #[test]
