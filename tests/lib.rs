@@ -2216,7 +2216,39 @@ pub mod upstream {
                 .arg("--outdir")
                 .arg(outdir.path())
                 .args(options)
-                .envs(environment.iter().copied())
+                .envs(environment.iter().copied());
+            Self::spawn(command, address, outdir)
+        }
+
+        /// The delivery crate's aiosmtpd peer, `crates/delivery/tests/peers/aiosmtpd_sink.py`,
+        /// on 127.0.0.1 and a free port with its options (`--starttls`, `--auth XOAUTH2`,
+        /// `--issued-tokens LOG`, ...): it speaks XOAUTH2 and OAUTHBEARER as Gmail does.
+        /// It stores messages as `upstream.py` does (so [`Aiosmtpd::received`] reads
+        /// them) and logs each bearer login in `auth.log` and each MAIL in `mail.log`
+        /// ([`Aiosmtpd::log_lines`]).
+        #[track_caller]
+        pub fn start_delivery_sink(options: &[&str]) -> Aiosmtpd {
+            let address = SocketAddr::from(([127, 0, 0, 1], free_port()));
+            let outdir = tempfile::Builder::new()
+                .prefix("tsubame-sink-")
+                .tempdir()
+                .unwrap_or_else(|error| panic!("temporary directory: {error}"));
+            let mut command = Command::new(python3());
+            command
+                .arg(
+                    crate::workspace_directory()
+                        .join("crates/delivery/tests/peers/aiosmtpd_sink.py"),
+                )
+                .arg(address.port().to_string())
+                .arg(outdir.path())
+                .args(options);
+            Self::spawn(command, address, outdir)
+        }
+
+        /// Runs `command` (an aiosmtpd peer) and waits for its `ready` file.
+        #[track_caller]
+        fn spawn(mut command: Command, address: SocketAddr, outdir: TempDir) -> Aiosmtpd {
+            command
                 .env("PYTHONUNBUFFERED", "1")
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
@@ -2275,16 +2307,23 @@ pub mod upstream {
             let received = self.received();
             assert!(
                 arrived,
-                "the upstream received {} message(s) within {timeout:?}, expected {count}; events: {}",
+                "the upstream received {} message(s) within {timeout:?}, expected {count}; \
+                 events: {}; bearer logins: {}",
                 received.len(),
-                self.events().join("; ")
+                self.events().join("; "),
+                self.log_lines("auth.log").join("; ")
             );
             received
         }
 
         /// Refusals so far (`reject ADDR`, `defer RCPTS`, `hang ADDR`).
         pub fn events(&self) -> Vec<String> {
-            std::fs::read_to_string(self.outdir.path().join("events.log"))
+            self.log_lines("events.log")
+        }
+
+        /// The lines of the peer's log file `name` in its output directory so far.
+        pub fn log_lines(&self, name: &str) -> Vec<String> {
+            std::fs::read_to_string(self.outdir.path().join(name))
                 .map(|text| text.lines().map(str::to_string).collect())
                 .unwrap_or_default()
         }
@@ -2584,6 +2623,249 @@ pub mod pki {
 
         pub fn key(&self) -> PathBuf {
             self.directory.path().join("server.key")
+        }
+    }
+}
+
+/// OAuth 2.0 for upstreams that log in with access tokens: the token endpoint peer
+/// (`crates/oauth/tests/peers/token_endpoint.py`, Python's http.server and the
+/// cryptography package, the same peer tsubame-oauth's own tests use) and throwaway
+/// secrets and service-account keys.
+pub mod oauth {
+    use std::io::{BufRead, BufReader};
+    use std::path::{Path, PathBuf};
+    use std::process::{Command, Stdio};
+    use std::sync::mpsc;
+    use std::time::Duration;
+
+    use serde_json::Value;
+    use tempfile::TempDir;
+
+    use crate::peers::python3;
+    use crate::process::ChildGuard;
+
+    /// How long the peer may take to print its port (Python and cryptography start up).
+    const TOKEN_ENDPOINT_STARTUP_TIMEOUT: Duration = Duration::from_secs(30);
+    /// It exits by itself after this long, should its guard never run.
+    const TOKEN_ENDPOINT_LIFETIME_SECS: u32 = 600;
+
+    /// A secret made up for one test run (never a real one): `prefix`, then the process
+    /// id and a clock reading, different each run and each call.
+    pub fn throwaway_secret(prefix: &str) -> String {
+        use std::hash::{BuildHasher, RandomState};
+        let value = RandomState::new().hash_one(std::time::SystemTime::now());
+        format!("{prefix}-{}-{value:016x}", std::process::id())
+    }
+
+    /// What the token endpoint checks and answers.
+    #[derive(Debug, Default, Clone)]
+    pub struct TokenEndpointOptions {
+        pub client_id: String,
+        pub client_secret: String,
+        /// The refresh tokens it honours (one per account).
+        pub refresh_tokens: Vec<String>,
+        /// A service account's public key file, key id and address, to check
+        /// jwt-bearer assertions with.
+        pub service_account: Option<(PathBuf, String, String)>,
+    }
+
+    /// A running token endpoint on 127.0.0.1, killed when dropped. It issues the access
+    /// tokens `at-1`, `at-2`, ... in order and logs every request.
+    #[derive(Debug)]
+    pub struct TokenEndpoint {
+        _child: ChildGuard,
+        port: u16,
+        /// Holds the request log and the mode file.
+        directory: TempDir,
+    }
+
+    impl TokenEndpoint {
+        #[track_caller]
+        pub fn start(options: &TokenEndpointOptions) -> TokenEndpoint {
+            let directory = tempfile::Builder::new()
+                .prefix("tsubame-token-endpoint-")
+                .tempdir()
+                .unwrap_or_else(|error| panic!("temporary directory: {error}"));
+            let mut command = Command::new(python3());
+            command
+                .arg(
+                    crate::workspace_directory().join("crates/oauth/tests/peers/token_endpoint.py"),
+                )
+                .arg("--log")
+                .arg(directory.path().join("requests.jsonl"))
+                .arg("--mode-file")
+                .arg(directory.path().join("mode"))
+                .arg("--client-id")
+                .arg(&options.client_id)
+                .arg("--client-secret")
+                .arg(&options.client_secret)
+                .arg("--lifetime")
+                .arg(TOKEN_ENDPOINT_LIFETIME_SECS.to_string())
+                .env("PYTHONUNBUFFERED", "1")
+                // Kept open by the guard's child handle: the peer exits when it closes.
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::inherit());
+            for refresh_token in &options.refresh_tokens {
+                command.arg("--refresh-token").arg(refresh_token);
+            }
+            if let Some((public_key, key_id, address)) = &options.service_account {
+                command
+                    .arg("--public-key")
+                    .arg(public_key)
+                    .arg("--key-id")
+                    .arg(key_id)
+                    .arg("--service-account")
+                    .arg(address);
+            }
+            let mut child = ChildGuard::spawn(&mut command, "token endpoint peer");
+            let stdout = child
+                .take_stdout()
+                .unwrap_or_else(|| panic!("token_endpoint.py: no stdout"));
+            let (sender, receiver) = mpsc::channel();
+            std::thread::spawn(move || {
+                let mut line = String::new();
+                let _ = BufReader::new(stdout).read_line(&mut line);
+                let _ = sender.send(line);
+            });
+            let line = receiver
+                .recv_timeout(TOKEN_ENDPOINT_STARTUP_TIMEOUT)
+                .unwrap_or_default();
+            let port: u16 = line.trim().parse().unwrap_or_else(|_| {
+                panic!(
+                    "the token endpoint peer did not start (printed {line:?}); is the Python \
+                     package cryptography installed? (scripts/test does: pip install cryptography)"
+                )
+            });
+            TokenEndpoint {
+                _child: child,
+                port,
+                directory,
+            }
+        }
+
+        /// `token_endpoint` for an `[[oauth]]` source.
+        pub fn url(&self) -> String {
+            format!("http://127.0.0.1:{}/token", self.port)
+        }
+
+        /// The request log (JSON lines), which the SMTP peer reads with
+        /// `--issued-tokens` to know which tokens were issued for whom.
+        pub fn log_path(&self) -> PathBuf {
+            self.directory.path().join("requests.jsonl")
+        }
+
+        /// `ok`, `invalid_grant`, `unauthorized_client`, `500` or `hang`: how the next
+        /// requests are answered.
+        #[track_caller]
+        pub fn set_mode(&self, mode: &str) {
+            let path = self.directory.path().join("mode");
+            std::fs::write(&path, mode)
+                .unwrap_or_else(|error| panic!("{}: {error}", path.display()));
+        }
+
+        /// The POSTs to /token so far, oldest first: `grant_type`, `ok`, `why`, `sub`,
+        /// `mode`, `refresh_token` (the one a refresh grant presented), `access_token`
+        /// (the one issued).
+        #[track_caller]
+        pub fn token_requests(&self) -> Vec<Value> {
+            let text = std::fs::read_to_string(self.log_path()).unwrap_or_default();
+            text.lines()
+                .map(|line| {
+                    serde_json::from_str(line)
+                        .unwrap_or_else(|error| panic!("token endpoint log {line:?}: {error}"))
+                })
+                .filter(|request: &Value| request["path"] == "/token")
+                .collect()
+        }
+    }
+
+    /// A throwaway 2048-bit RSA key made with `openssl genpkey`, and its public half,
+    /// as a Google service account's.
+    #[derive(Debug)]
+    pub struct ServiceAccountKey {
+        directory: TempDir,
+        pub key_id: String,
+    }
+
+    fn openssl(directory: &Path, arguments: &[&str]) {
+        let output = Command::new("openssl")
+            .current_dir(directory)
+            .args(arguments)
+            .output()
+            .unwrap_or_else(|error| {
+                panic!("openssl is missing ({error}): apt-get install openssl")
+            });
+        assert!(
+            output.status.success(),
+            "openssl {arguments:?} failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+
+    impl ServiceAccountKey {
+        #[track_caller]
+        pub fn generate(key_id: &str) -> ServiceAccountKey {
+            let directory = tempfile::Builder::new()
+                .prefix("tsubame-service-account-")
+                .tempdir()
+                .unwrap_or_else(|error| panic!("temporary directory: {error}"));
+            openssl(
+                directory.path(),
+                &[
+                    "genpkey",
+                    "-algorithm",
+                    "RSA",
+                    "-pkeyopt",
+                    "rsa_keygen_bits:2048",
+                    "-out",
+                    "key.pem",
+                ],
+            );
+            openssl(
+                directory.path(),
+                &["pkey", "-in", "key.pem", "-pubout", "-out", "public.pem"],
+            );
+            ServiceAccountKey {
+                directory,
+                key_id: key_id.to_string(),
+            }
+        }
+
+        pub fn public_key_path(&self) -> PathBuf {
+            self.directory.path().join("public.pem")
+        }
+
+        /// Writes the JSON key file Google would issue for this key (mode 0600) and
+        /// returns its path.
+        #[track_caller]
+        pub fn write_key_file(&self, client_email: &str, token_uri: &str) -> PathBuf {
+            use std::io::Write;
+            use std::os::unix::fs::OpenOptionsExt;
+            let private_key = std::fs::read_to_string(self.directory.path().join("key.pem"))
+                .unwrap_or_else(|error| panic!("key.pem: {error}"));
+            let json = serde_json::json!({
+                "type": "service_account",
+                "project_id": "tsubame-test",
+                "private_key_id": self.key_id,
+                "private_key": private_key,
+                "client_email": client_email,
+                "client_id": "100000000000000000000",
+                "auth_uri": "https://accounts.google.com/o/oauth2/auth",
+                "token_uri": token_uri,
+                "auth_provider_x509_cert_url": "https://www.googleapis.com/oauth2/v1/certs",
+                "universe_domain": "googleapis.com",
+            });
+            let path = self.directory.path().join("service-account.json");
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&path)
+                .and_then(|mut file| file.write_all(json.to_string().as_bytes()))
+                .unwrap_or_else(|error| panic!("{}: {error}", path.display()));
+            path
         }
     }
 }

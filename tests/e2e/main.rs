@@ -15,6 +15,7 @@ mod crash;
 mod delivery;
 mod delivery_restart;
 mod disk_full;
+mod gmail;
 mod limits;
 mod login;
 mod login_limits;
