@@ -2228,7 +2228,14 @@ pub mod upstream {
         /// ([`Aiosmtpd::log_lines`]).
         #[track_caller]
         pub fn start_delivery_sink(options: &[&str]) -> Aiosmtpd {
-            let address = SocketAddr::from(([127, 0, 0, 1], free_port()));
+            Self::start_delivery_sink_on(free_port(), options)
+        }
+
+        /// [`Aiosmtpd::start_delivery_sink`] on a given port of 127.0.0.1 (a restarted
+        /// upstream).
+        #[track_caller]
+        pub fn start_delivery_sink_on(port: u16, options: &[&str]) -> Aiosmtpd {
+            let address = SocketAddr::from(([127, 0, 0, 1], port));
             let outdir = tempfile::Builder::new()
                 .prefix("tsubame-sink-")
                 .tempdir()

@@ -218,6 +218,11 @@ impl World {
     /// 127.0.0.1, AUTH `mechanism` required after it, valid tokens being the ones the
     /// endpoint issued for the account named; `extra` options after those.
     fn start_upstream(&self, mechanism: Mechanism, extra: &[&str]) -> Aiosmtpd {
+        self.start_upstream_on(free_port(), mechanism, extra)
+    }
+
+    /// [`World::start_upstream`] on `port`.
+    fn start_upstream_on(&self, port: u16, mechanism: Mechanism, extra: &[&str]) -> Aiosmtpd {
         let certificate = self.pki.certificate().display().to_string();
         let key = self.pki.key().display().to_string();
         let log = self.endpoint.log_path().display().to_string();
@@ -241,7 +246,7 @@ impl World {
             &grants,
         ];
         options.extend_from_slice(extra);
-        Aiosmtpd::start_delivery_sink(&options)
+        Aiosmtpd::start_delivery_sink_on(port, &options)
     }
 
     /// The whole configuration: a STARTTLS listener where devices must log in, delivery
@@ -378,8 +383,8 @@ fn with_subject<'a>(received: &'a [Received], subject: &str) -> &'a Received {
 }
 
 /// Asserts what the upstream got: the content byte-exact under tsubame's Received
-/// header, the envelope, and a session over TLS logged in with `mechanism` as `account`
-/// with `token`.
+/// header (which says the device logged in over TLS), the envelope, and a session over
+/// TLS logged in with `mechanism` as `account` with `token`.
 #[track_caller]
 fn assert_delivered(
     received: &Received,
@@ -388,10 +393,21 @@ fn assert_delivered(
     account: &str,
     token: &str,
 ) {
-    tsubame_tests::assert_bytes_eq(
-        tsubame_tests::without_received(&received.content),
-        content,
-        "delivered content",
+    let original = tsubame_tests::without_received(&received.content);
+    tsubame_tests::assert_bytes_eq(original, content, "delivered content");
+    // The device's submission: over TLS and logged in (RFC 3848).
+    let header = received
+        .content
+        .get(..received.content.len() - original.len())
+        .unwrap_or_default();
+    let header = String::from_utf8_lossy(header);
+    assert!(
+        header
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .windows(2)
+            .any(|words| words == ["with", "ESMTPSA"]),
+        "{header}"
     );
     assert_eq!(received.mail_from(), SENDER);
     assert_eq!(received.recipients(), vec![RECIPIENT.to_string()]);
@@ -858,4 +874,57 @@ fn check_config_accepts_the_gmail_config_and_names_xoauth2_and_the_accounts() {
         );
     }
     world.assert_no_secret_in(&format!("{stdout}{}", run.stderr_text()));
+}
+
+#[test]
+fn a_token_refused_after_a_reused_connection_was_closed_is_still_replaced_at_once() {
+    let _limit = hard_limit(Duration::from_secs(120));
+    let world = World::refresh_tokens(&[SCANS_ACCOUNT], &[SCANNER]);
+    let port = free_port();
+    let first = world.start_upstream_on(port, Mechanism::Xoauth2, &[]);
+    // One connection, so that the second message finds the first one's session open;
+    // a long retry delay, so that only the immediate try with a fresh token delivers.
+    let upstream = world
+        .gmail_upstream(port, &[(SCANNER, SCANS_ACCOUNT)])
+        .replace(
+            "timeout_secs = 10\n",
+            "timeout_secs = 10\nmax_connections = 1\n",
+        );
+    let server = world.start_server(&world.config(&upstream, 600));
+    let before = message("before-restart");
+    world.send_as(&server, SCANNER, &before);
+    let received = first.wait_for(1, DELIVERY_TIMEOUT);
+    assert_delivered(
+        &received[0],
+        &before,
+        Mechanism::Xoauth2,
+        SCANS_ACCOUNT,
+        "at-1",
+    );
+    // The upstream restarts, closing the session tsubame keeps open for the next
+    // message, and at-1 has been revoked meanwhile.
+    drop(first);
+    let second = world.start_upstream_on(port, Mechanism::Xoauth2, &["--expired-token", "at-1"]);
+    let after = message("after-restart");
+    let id = world.send_as(&server, SCANNER, &after);
+    let received = second.wait_for(1, DELIVERY_TIMEOUT);
+    assert_delivered(
+        &received[0],
+        &after,
+        Mechanism::Xoauth2,
+        SCANS_ACCOUNT,
+        "at-2",
+    );
+    assert_eq!(
+        second.log_lines("auth.log"),
+        vec![
+            "XOAUTH2 wrong token; challenge answered b''".to_string(),
+            xoauth2_accepted(SCANS_ACCOUNT, "at-2"),
+        ]
+    );
+    assert_eq!(refresh_grants(&world.endpoint).len(), 2);
+    let log = server.log();
+    assert!(!log.contains(&format!("deferred id={id}")), "{log}");
+    world.assert_no_secret_in(&log);
+    server.stop();
 }
