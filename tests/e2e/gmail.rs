@@ -876,21 +876,26 @@ fn check_config_accepts_the_gmail_config_and_names_xoauth2_and_the_accounts() {
     world.assert_no_secret_in(&format!("{stdout}{}", run.stderr_text()));
 }
 
-#[test]
-fn a_token_refused_after_a_reused_connection_was_closed_is_still_replaced_at_once() {
-    let _limit = hard_limit(Duration::from_secs(120));
-    let world = World::refresh_tokens(&[SCANS_ACCOUNT], &[SCANNER]);
-    let port = free_port();
-    let first = world.start_upstream_on(port, Mechanism::Xoauth2, &[]);
-    // One connection, so that the second message finds the first one's session open;
-    // a long retry delay, so that only the immediate try with a fresh token delivers.
+/// A server delivering to the gmail upstream on `port` over one connection, so that
+/// a message finds the session of the one before it open; with a long retry delay, so
+/// that only an immediate try with a fresh token can deliver after a refusal.
+fn start_one_connection_server(world: &World, port: u16) -> Server {
     let upstream = world
         .gmail_upstream(port, &[(SCANNER, SCANS_ACCOUNT)])
         .replace(
             "timeout_secs = 10\n",
             "timeout_secs = 10\nmax_connections = 1\n",
         );
-    let server = world.start_server(&world.config(&upstream, 600));
+    world.start_server(&world.config(&upstream, 600))
+}
+
+#[test]
+fn a_token_refused_after_a_reused_connection_was_closed_is_still_replaced_at_once() {
+    let _limit = hard_limit(Duration::from_secs(120));
+    let world = World::refresh_tokens(&[SCANS_ACCOUNT], &[SCANNER]);
+    let port = free_port();
+    let first = world.start_upstream_on(port, Mechanism::Xoauth2, &[]);
+    let server = start_one_connection_server(&world, port);
     let before = message("before-restart");
     world.send_as(&server, SCANNER, &before);
     let received = first.wait_for(1, DELIVERY_TIMEOUT);
@@ -925,6 +930,61 @@ fn a_token_refused_after_a_reused_connection_was_closed_is_still_replaced_at_onc
     assert_eq!(refresh_grants(&world.endpoint).len(), 2);
     let log = server.log();
     assert!(!log.contains(&format!("deferred id={id}")), "{log}");
+    world.assert_no_secret_in(&log);
+    server.stop();
+}
+
+/// Regression: the token cache counted refusals "in a row" across logins the upstream
+/// had accepted, so a token that worked and was refused later counted as the second
+/// refusal of a row; it backed off instead of fetching a fresh token at once, and the
+/// mail waited for its next retry, logged as a scope or delegation problem.
+#[test]
+fn a_token_that_worked_and_is_refused_later_is_replaced_at_once() {
+    let _limit = hard_limit(Duration::from_secs(120));
+    let world = World::refresh_tokens(&[SCANS_ACCOUNT], &[SCANNER]);
+    let port = free_port();
+    // at-1 is refused at once, at-2 works: one refusal so far.
+    let first = world.start_upstream_on(port, Mechanism::Xoauth2, &["--expired-token", "at-1"]);
+    let server = start_one_connection_server(&world, port);
+    let before = message("token-worked");
+    world.send_as(&server, SCANNER, &before);
+    let received = first.wait_for(1, DELIVERY_TIMEOUT);
+    assert_delivered(
+        &received[0],
+        &before,
+        Mechanism::Xoauth2,
+        SCANS_ACCOUNT,
+        "at-2",
+    );
+    // Later at-2, which worked, is refused too; the upstream restarts meanwhile, so
+    // the next message needs a new session.
+    drop(first);
+    let second = world.start_upstream_on(
+        port,
+        Mechanism::Xoauth2,
+        &["--expired-token", "at-1", "--expired-token", "at-2"],
+    );
+    let after = message("token-refused-later");
+    let id = world.send_as(&server, SCANNER, &after);
+    let received = second.wait_for(1, DELIVERY_TIMEOUT);
+    assert_delivered(
+        &received[0],
+        &after,
+        Mechanism::Xoauth2,
+        SCANS_ACCOUNT,
+        "at-3",
+    );
+    assert_eq!(
+        second.log_lines("auth.log"),
+        vec![
+            "XOAUTH2 wrong token; challenge answered b''".to_string(),
+            xoauth2_accepted(SCANS_ACCOUNT, "at-3"),
+        ]
+    );
+    assert_eq!(refresh_grants(&world.endpoint).len(), 3);
+    let log = server.log();
+    assert!(!log.contains(&format!("deferred id={id}")), "{log}");
+    assert!(!log.contains("keeps refusing"), "{log}");
     world.assert_no_secret_in(&log);
     server.stop();
 }

@@ -19,7 +19,9 @@
 //! * **Rejection.** [`TokenCache::invalidate`] drops a token the upstream refused
 //!   (SMTP 535), if it is still the cached one, so the next `get` refreshes. An
 //!   upstream that keeps refusing fresh tokens (a scope or delegation problem no
-//!   refresh cures) is backed off like a failure from the second refusal in a row.
+//!   refresh cures) is backed off like a failure from the second refusal in a row;
+//!   a login the upstream accepted ([`TokenCache::accepted`]) ends the row, so a token
+//!   that worked and is refused later is replaced at once.
 //!
 //! Times come from a [`Clock`] ([`SystemClock`], or [`ManualClock`] in tests). They are
 //! wall-clock times, like the tokens' own expiry: a clock stepped back can make a
@@ -208,7 +210,8 @@ struct EntryState {
     last_refresh_at: Option<SystemTime>,
     consecutive_failures: u32,
     /// Refusals of fresh tokens by the upstream in a row ([`TokenCache::invalidate`]);
-    /// back to 0 when a token lives to its refresh time.
+    /// back to 0 when a token lives to its refresh time or the upstream accepts one
+    /// ([`TokenCache::accepted`]).
     consecutive_rejections: u32,
     last_error: Option<TokenError>,
     retry_at: Option<SystemTime>,
@@ -478,6 +481,16 @@ impl TokenCache {
         }
     }
 
+    /// The upstream accepted a token for `key` (SMTP 235): the account's grant, scope
+    /// and delegation work, so the next refusal is the first of a new row (refreshed at
+    /// once), not the second of one that no refresh cures.
+    pub fn accepted(&self, key: &TokenKey) {
+        let Some(entry) = lock(&self.entries).get(key).cloned() else {
+            return;
+        };
+        lock(&entry.state).consecutive_rejections = 0;
+    }
+
     /// Forgets everything about `key`: its token, its errors and its backoff. For
     /// after the grant was fixed (the authorize flow was run again).
     pub fn reset(&self, key: &TokenKey) {
@@ -710,6 +723,27 @@ mod tests {
         assert_eq!(source.calls(), 2);
         clock.advance(Duration::from_secs(10));
         assert_eq!(cache.get(&key).unwrap().secret(), "a@example.com-3");
+    }
+
+    #[test]
+    fn a_token_refused_after_an_accepted_login_is_replaced_at_once() {
+        let source = Scripted::new(HOUR);
+        let (cache, _clock, key) = setup(source.clone());
+        let first = cache.get(&key).unwrap();
+        cache.invalidate(&key, &first);
+        let second = cache.get(&key).unwrap();
+        // The second token worked for a while, then is refused: not "two in a row".
+        cache.accepted(&key);
+        cache.invalidate(&key, &second);
+        assert_eq!(cache.get(&key).unwrap().secret(), "a@example.com-3");
+        assert_eq!(source.calls(), 3);
+        // Without an accepted login between, the next refusal backs off.
+        let third = cache.get(&key).unwrap();
+        cache.invalidate(&key, &third);
+        assert!(cache.get(&key).is_err());
+        assert_eq!(source.calls(), 3);
+        // An unknown key is no error.
+        cache.accepted(&TokenKey::new("google", "nobody@example.com"));
     }
 
     #[test]

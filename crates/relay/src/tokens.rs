@@ -26,6 +26,9 @@ pub trait TokenSource: Send + Sync + std::fmt::Debug {
     /// The upstream refused `token` for `account`: forget it, so the next call gets a
     /// fresh one.
     fn rejected(&self, account: &str, token: &Secret);
+    /// The upstream accepted a token for `account` (AUTH succeeded): refusals before it
+    /// say nothing about the next one, which gets a fresh token at once again.
+    fn accepted(&self, account: &str);
 }
 
 /// Token sources by `[[oauth]]` name.

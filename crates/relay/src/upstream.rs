@@ -119,6 +119,15 @@ impl Upstream {
         }
     }
 
+    /// The upstream accepted the token in `credentials`.
+    pub fn token_accepted(&self, credentials: &Credentials) {
+        if let (Login::Bearer { source, .. }, Credentials::Bearer { username, .. }) =
+            (&self.login, credentials)
+        {
+            source.accepted(username);
+        }
+    }
+
     /// The upstream refused the token in `credentials`.
     pub fn token_rejected(&self, credentials: &Credentials) {
         if let (

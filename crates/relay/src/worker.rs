@@ -643,6 +643,9 @@ fn send_to_first_reachable(
                     };
                     match crate::connect::open(upstream, &target.name, address, current.as_ref()) {
                         Ok(connection) => {
+                            if let Some(accepted) = &current {
+                                upstream.token_accepted(accepted);
+                            }
                             *cached = Some(Cached {
                                 connection,
                                 messages_sent: 0,

@@ -112,6 +112,11 @@ impl tsubame_relay::tokens::TokenSource for CachedTokens {
             })
     }
 
+    fn accepted(&self, account: &str) {
+        self.cache
+            .accepted(&TokenKey::new(self.source.clone(), account));
+    }
+
     fn rejected(&self, account: &str, token: &tsubame_delivery::Secret) {
         let key = TokenKey::new(self.source.clone(), account);
         // The cache drops a token only if it is still the one it holds.
