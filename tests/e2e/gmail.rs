@@ -620,8 +620,11 @@ fn a_revoked_grant_defers_with_a_hint_to_authorise_and_delivers_once_authorised_
         .find(|line| line.contains("tsubame oauth google authorize"))
         .unwrap_or_else(|| panic!("no line says to authorise again:\n{log}"));
     assert!(
-        hint.contains("ERROR") && hint.contains(SCANS_ACCOUNT),
-        "the hint should be an error naming the account: {hint}"
+        hint.contains("ERROR")
+            && hint.contains(&format!(
+                "tsubame oauth google authorize --account {SCANS_ACCOUNT}"
+            )),
+        "the hint should be an error with the command for the account: {hint}"
     );
     assert!(upstream.received().is_empty());
     assert!(
@@ -986,5 +989,134 @@ fn a_token_that_worked_and_is_refused_later_is_replaced_at_once() {
     assert!(!log.contains(&format!("deferred id={id}")), "{log}");
     assert!(!log.contains("keeps refusing"), "{log}");
     world.assert_no_secret_in(&log);
+    server.stop();
+}
+
+/// `tsubame oauth test` logs in as an account without sending mail, and says why when it
+/// cannot; `tsubame oauth status` lists the configuration's accounts with the running
+/// server's token state.
+#[test]
+fn oauth_test_and_status_report_each_account() {
+    let _limit = hard_limit(Duration::from_secs(120));
+    let world = World::refresh_tokens(&[SCANS_ACCOUNT, DEFAULT_ACCOUNT], &[SCANNER]);
+    let upstream = world.start_upstream(Mechanism::Xoauth2, &[]);
+    let config_text = world.config(
+        &world.gmail_upstream(upstream.port(), &[(SCANNER, SCANS_ACCOUNT)]),
+        1,
+    );
+    let config_file = world.directory.path().join("tsubame.toml");
+    std::fs::write(&config_file, &config_text).unwrap();
+    let config_arg = config_file.display().to_string();
+
+    let run = tsubame(&["oauth", "test", SCANS_ACCOUNT, "--config", &config_arg]);
+    run.assert_code(0);
+    let said = run.stdout_text();
+    assert!(
+        said.contains(&format!("as {SCANS_ACCOUNT}: accepted")) && said.contains("TLS"),
+        "{}",
+        run.describe()
+    );
+    assert_eq!(
+        upstream.log_lines("auth.log"),
+        vec![xoauth2_accepted(SCANS_ACCOUNT, "at-1")],
+        "the test logged in once, with the account's first token"
+    );
+    assert!(upstream.received().is_empty(), "oauth test sent mail");
+    world.assert_no_secret_in(&format!("{}{}", said, run.stderr_text()));
+
+    // An account nobody authorised: no refresh token file, a clear failure.
+    let run = tsubame(&[
+        "oauth",
+        "test",
+        "nobody@example.com",
+        "--config",
+        &config_arg,
+    ]);
+    run.assert_code(1);
+    let reason = run.stderr_text();
+    assert!(
+        reason.contains("login as nobody@example.com failed")
+            && reason.contains("nobody@example.com.token"),
+        "{}",
+        run.describe()
+    );
+
+    // The running server writes its token state; status joins it to the configuration.
+    let server = world.start_server(&config_text);
+    world.send_as(&server, SCANNER, &message("oauth-status"));
+    upstream.wait_for(1, DELIVERY_TIMEOUT);
+    let spool = server.spool().display().to_string();
+    let status = || {
+        let run = tsubame(&[
+            "oauth",
+            "status",
+            "--config",
+            &config_arg,
+            "--spool",
+            &spool,
+            "--json",
+        ]);
+        run.assert_code(0);
+        serde_json::from_str::<Value>(&run.stdout_text()).unwrap()
+    };
+    let scans_state = |status: &Value| {
+        status["accounts"]
+            .as_array()
+            .and_then(|accounts| {
+                accounts
+                    .iter()
+                    .find(|account| account["account"] == SCANS_ACCOUNT)
+                    .cloned()
+            })
+            .unwrap_or(Value::Null)
+    };
+    assert!(
+        wait_until(
+            Duration::from_secs(15),
+            || scans_state(&status())["live"]["has_token"] == true
+        ),
+        "{}",
+        status()
+    );
+    let listed = status();
+    let scans = scans_state(&listed);
+    assert_eq!(scans["refresh_token_file_present"], true, "{listed}");
+    assert_eq!(scans["live"]["refresh_count"], 1, "{listed}");
+    assert_eq!(scans["live"]["needs_reauthorization"], false, "{listed}");
+    let default = listed["accounts"]
+        .as_array()
+        .and_then(|accounts| {
+            accounts
+                .iter()
+                .find(|account| account["account"] == DEFAULT_ACCOUNT)
+        })
+        .cloned()
+        .unwrap_or(Value::Null);
+    assert_eq!(default["refresh_token_file_present"], true, "{listed}");
+    assert_eq!(
+        default["live"],
+        Value::Null,
+        "unused since the start: {listed}"
+    );
+    let table = tsubame(&[
+        "oauth",
+        "status",
+        "--config",
+        &config_arg,
+        "--spool",
+        &spool,
+    ]);
+    table.assert_code(0);
+    let table = table.stdout_text();
+    assert!(
+        table.contains(&format!(
+            "gmail {SCANS_ACCOUNT} (oauth google), refresh token file present, token valid for"
+        )),
+        "{table}"
+    );
+    world.assert_no_secret_in(&table);
+    world.assert_no_secret_in(
+        &std::fs::read_to_string(server.spool().join("oauth-status.json")).unwrap(),
+    );
     server.stop();
 }

@@ -28,6 +28,9 @@ pub(crate) enum Login {
     },
 }
 
+/// How often an account's invalid OAuth grant is logged at error level at most.
+pub(crate) const GRANT_WARNING_INTERVAL: Duration = Duration::from_secs(60);
+
 /// Jobs handed out per connection of an upstream: one being sent, one waiting.
 const JOBS_PER_CONNECTION: usize = 2;
 
@@ -40,6 +43,8 @@ pub(crate) struct Upstream {
     pub helo_name: String,
     pub timeouts: Timeouts,
     pub login: Login,
+    /// When each account's invalid grant was last logged at error level.
+    grant_warnings: std::sync::Mutex<std::collections::HashMap<String, std::time::Instant>>,
     /// The TLS mode and client configuration, built once and shared by connections.
     pub tls: TlsSettings,
     /// `mx` upstreams: the DNS resolver (one thread per upstream, shared by its workers).
@@ -125,6 +130,23 @@ impl Upstream {
             (&self.login, credentials)
         {
             source.accepted(username);
+        }
+    }
+
+    /// Whether an invalid grant for `account` should be logged at error level now: at
+    /// most once per [`GRANT_WARNING_INTERVAL`] per account.
+    pub fn should_warn_about_grant(&self, account: &str) -> bool {
+        let mut warned = self
+            .grant_warnings
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let now = std::time::Instant::now();
+        match warned.get(account) {
+            Some(last) if now.duration_since(*last) < GRANT_WARNING_INTERVAL => false,
+            _ => {
+                warned.insert(account.to_string(), now);
+                true
+            }
         }
     }
 
@@ -268,6 +290,7 @@ pub(crate) fn build_table(
                 helo_name,
                 timeouts,
                 login,
+                grant_warnings: std::sync::Mutex::default(),
                 tls,
                 resolver,
                 used,

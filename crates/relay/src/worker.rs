@@ -715,12 +715,23 @@ fn token_failure(
     failure: TokenFailure,
 ) -> GroupFailure {
     if failure.needs_authorization {
-        tracing::error!(
-            upstream = upstream.name(),
-            account,
-            reason = failure.detail,
-            "the OAuth grant is invalid or revoked: mail for this account waits until it is authorised again (tsubame oauth google authorize --account ACCOUNT ...)"
-        );
+        // Every queued message of the account hits this at each attempt: said loudly
+        // once per GRANT_WARNING_INTERVAL, the rest at debug level.
+        if upstream.should_warn_about_grant(account.unwrap_or("")) {
+            tracing::error!(
+                upstream = upstream.name(),
+                account,
+                reason = failure.detail,
+                "the OAuth grant is invalid or revoked: mail for this account waits until it is authorised again: run tsubame oauth google authorize --account {} (then tsubame queue flush)",
+                account.unwrap_or("ACCOUNT")
+            );
+        } else {
+            tracing::debug!(
+                upstream = upstream.name(),
+                account,
+                "no access token: the grant still needs authorising"
+            );
+        }
     } else {
         tracing::warn!(
             upstream = upstream.name(),
