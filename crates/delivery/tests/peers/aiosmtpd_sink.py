@@ -4,6 +4,7 @@ Usage: aiosmtpd_sink.py PORT OUTDIR [--reject ADDRESS] [--defer ADDRESS]
            [--cert PEM --key PEM [--starttls [--require-starttls] | --implicit-tls]
             [--tls-max 1.2|1.3]]
            [--auth MECHANISM[,MECHANISM...] [--auth-required]] [--bearer-host NAME]
+           [--issued-tokens LOG] [--bearer-user NAME]...
 
 Each accepted message is written to OUTDIR as N.json (envelope, parameters, the TLS
 version the message came over or null, the AUTH mechanism and login or null) and
@@ -30,6 +31,13 @@ OAUTHBEARER: AQ==), and then gets 535 5.7.8, as from Gmail. Any other initial
 response gets 535 5.7.8 without a challenge. Each bearer AUTH appends one line to
 OUTDIR/auth.log saying what happened, never the token. With a bearer mechanism the
 server takes AUTH lines up to RFC 4954's 12,288 octets (aiosmtpd's default is 512).
+
+For benchmarks, which refresh tokens while they run: --issued-tokens LOG accepts, instead
+of TSUBAME_TEST_SMTP_TOKEN, any token the OAuth token endpoint peer
+(crates/oauth/tests/peers/token_endpoint.py --log LOG) issued and that has not expired
+(see IssuedTokens; a refused one is logged as "wrong token (never issued)" or "(expired)"),
+and --bearer-user NAME (repeatable) accepts these logins instead of
+TSUBAME_TEST_SMTP_USERNAME, any token for any of them.
 """
 
 import argparse
@@ -38,8 +46,10 @@ import binascii
 import collections
 import json
 import os
+import re
 import ssl
 import threading
+import time
 
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import MISSING, SMTP, AuthResult, LoginPassword
@@ -68,13 +78,68 @@ TOKEN_REJECTED = (
 )
 
 
+class IssuedTokens:
+    """The access tokens token_endpoint.py issued, read from its request log.
+
+    That peer names its tokens "at-1", "at-2", ... in the order it issues them and logs
+    each successful /token request (with at_unix and expires_in) before it answers, so
+    once a client holds "at-N" the log has at least N successful /token lines. Which line
+    is token N's is certain only without concurrent requests; the N-th line's expiry is
+    used, off by the time between two concurrent refreshes at most. Good for the
+    refresh-token and jwt-bearer grants only: the code grant numbers its refresh tokens
+    from the same counter.
+    """
+
+    TOKEN = re.compile(rb"at-([1-9][0-9]{0,9})")
+
+    def __init__(self, path):
+        self.path = path
+        # Bytes of the log read so far, and an incomplete last line kept for later.
+        self.offset = 0
+        self.partial = b""
+        # expiries[N - 1]: when token "at-N" expires, seconds since the epoch.
+        self.expiries = []
+
+    def read_new_lines(self):
+        try:
+            with open(self.path, "rb") as log:
+                log.seek(self.offset)
+                data = log.read()
+        except FileNotFoundError:
+            return
+        self.offset += len(data)
+        lines = (self.partial + data).split(b"\n")
+        self.partial = lines.pop()
+        for line in lines:
+            record = json.loads(line)
+            if record.get("path") == "/token" and record.get("ok"):
+                self.expiries.append(record["at_unix"] + record["expires_in"])
+
+    def refusal(self, token):
+        """None for a token the endpoint issued that is still valid, else why not."""
+        match = self.TOKEN.fullmatch(token)
+        if match is None:
+            return "never issued"
+        number = int(match.group(1))
+        if number > len(self.expiries):
+            self.read_new_lines()
+        if number > len(self.expiries):
+            return "never issued"
+        if time.time() >= self.expiries[number - 1]:
+            return "expired"
+        return None
+
+
 class Handler:
-    def __init__(self, outdir, reject, defer, bearer=None):
+    def __init__(self, outdir, reject, defer, bearer=None, issued=None):
         self.outdir = outdir
         self.reject = reject
         self.defer = defer
-        # (username, token, host, port) as bytes, or None without bearer mechanisms.
+        # (usernames, token, host, port), each as bytes (usernames a list, token None
+        # with `issued`), or None without bearer mechanisms.
         self.bearer = bearer
+        # IssuedTokens when any token the endpoint peer issued is good, else None.
+        self.issued = issued
         self.count = 0
         self.lock = threading.Lock()
 
@@ -137,9 +202,9 @@ class Handler:
     async def auth_OAUTHBEARER(self, server, args):
         return await self.bearer_auth(server, args, "OAUTHBEARER")
 
-    def bearer_prefix(self, mechanism):
+    def bearer_prefix(self, mechanism, username):
         """The initial response up to the token."""
-        username, _, host, port = self.bearer
+        _, _, host, port = self.bearer
         if mechanism == "XOAUTH2":
             return b"user=" + username + b"\x01auth=Bearer "
         authzid = username.replace(b"=", b"=3D").replace(b",", b"=2C")
@@ -157,17 +222,25 @@ class Handler:
         except binascii.Error:
             self.log("auth.log", mechanism + " initial response not base64")
             return AuthResult(success=False, handled=False)
-        username, token, _, _ = self.bearer
-        prefix = self.bearer_prefix(mechanism)
-        well_formed = (
-            response.startswith(prefix)
-            and response.endswith(b"\x01\x01")
-            and b"\x01" not in response[len(prefix):-2]
-        )
-        if not well_formed:
+        usernames, token, _, _ = self.bearer
+        for username in usernames:
+            prefix = self.bearer_prefix(mechanism, username)
+            well_formed = (
+                response.startswith(prefix)
+                and response.endswith(b"\x01\x01")
+                and b"\x01" not in response[len(prefix):-2]
+            )
+            if well_formed:
+                break
+        else:
             self.log("auth.log", mechanism + " malformed initial response")
             return AuthResult(success=False, handled=False)
-        if response[len(prefix):-2] == token:
+        presented = response[len(prefix):-2]
+        if self.issued is not None:
+            refusal = self.issued.refusal(presented)
+        else:
+            refusal = None if presented == token else ""
+        if refusal is None:
             self.log(
                 "auth.log",
                 "%s accepted, initial response %d base64 bytes" % (mechanism, len(args[1])),
@@ -180,7 +253,8 @@ class Handler:
             # challenge_auth has replied already (501 to "*" or to bad base64).
             self.log("auth.log", mechanism + " wrong token; challenge answer not base64")
             return AuthResult(success=False, handled=True)
-        self.log("auth.log", "%s wrong token; challenge answered %r" % (mechanism, answer))
+        why = " (%s)" % refusal if refusal else ""
+        self.log("auth.log", "%s wrong token%s; challenge answered %r" % (mechanism, why, answer))
         if answer != ERROR_ANSWERS[mechanism]:
             return AuthResult(success=False, handled=False, message="501 5.5.2 bad answer")
         return AuthResult(success=False, handled=False, message=TOKEN_REJECTED)
@@ -256,6 +330,8 @@ def main():
     parser.add_argument("--auth")
     parser.add_argument("--auth-required", action="store_true")
     parser.add_argument("--bearer-host", default="mx.tsubame.test")
+    parser.add_argument("--issued-tokens", metavar="LOG")
+    parser.add_argument("--bearer-user", action="append", default=[])
     args = parser.parse_args()
     if (args.starttls or args.implicit_tls) and not (args.cert and args.key):
         parser.error("TLS needs --cert and --key")
@@ -264,14 +340,21 @@ def main():
 
     mechanisms = {m.upper() for m in args.auth.split(",")} if args.auth else set()
     bearer = None
+    issued = None
     if mechanisms & BEARER_MECHANISMS:
+        usernames = args.bearer_user or [os.environ["TSUBAME_TEST_SMTP_USERNAME"]]
+        if args.issued_tokens:
+            issued = IssuedTokens(args.issued_tokens)
+            token = None
+        else:
+            token = os.environ["TSUBAME_TEST_SMTP_TOKEN"].encode("utf-8")
         bearer = (
-            os.environ["TSUBAME_TEST_SMTP_USERNAME"].encode("utf-8"),
-            os.environ["TSUBAME_TEST_SMTP_TOKEN"].encode("utf-8"),
+            [username.encode("utf-8") for username in usernames],
+            token,
             args.bearer_host.encode("utf-8"),
             str(args.port).encode("ascii"),
         )
-    handler = Handler(args.outdir, args.reject, args.defer, bearer)
+    handler = Handler(args.outdir, args.reject, args.defer, bearer, issued)
     smtp_options = {}
     context = None
     if args.starttls or args.implicit_tls:
@@ -283,10 +366,12 @@ def main():
         unknown = mechanisms - BUILTIN_MECHANISMS - CUSTOM_MECHANISMS
         if unknown:
             parser.error("unknown mechanisms: " + ",".join(sorted(unknown)))
-        username = os.environ["TSUBAME_TEST_SMTP_USERNAME"].encode("utf-8")
-        # A bearer-only test sets no password: then no password is valid.
+        # A bearer-only test sets no password: then no password is valid (and with
+        # --bearer-user no username need be set either).
         password = os.environ.get("TSUBAME_TEST_SMTP_PASSWORD")
+        username = None
         if password is not None:
+            username = os.environ["TSUBAME_TEST_SMTP_USERNAME"].encode("utf-8")
             password = password.encode("utf-8")
         smtp_options["authenticator"] = authenticator(username, password)
         # aiosmtpd counts only STARTTLS as TLS (its check is on the STARTTLS

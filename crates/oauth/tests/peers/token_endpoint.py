@@ -32,7 +32,10 @@ file), "invalid_grant", "unauthorized_client", "500" (an HTML 500), "hang" (answ
 nothing for --hang-secs, then close).
 
 Every request appends one JSON line to --log: {"path", "grant_type", "ok", "why",
-"sub", "mode"}.
+"sub", "mode", "at_unix"} (at_unix: when it was logged, in seconds since the epoch), and
+a token it issued also "expires_in". The line is written before the answer is sent, so a
+client holding "at-N" can count on N successful /token lines being in the log (the SMTP
+peer's --issued-tokens reads them).
 
 --cert PEM --key PEM serve https instead of http.
 """
@@ -88,6 +91,7 @@ class State:
             return "ok"
 
     def log(self, record):
+        record = dict(record, at_unix=round(time.time(), 3))
         with self.lock:
             with open(self.args.log, "a") as f:
                 f.write(json.dumps(record) + "\n")
@@ -246,6 +250,7 @@ def make_handler(state):
                     raise Refused("unsupported_grant_type", "grant %r" % grant)
                 document["access_token"] = "at-%d" % state.next_number()
                 record["ok"] = True
+                record["expires_in"] = args.expires_in
                 state.log(record)
                 self.send_json(200, document)
             except Refused as refused:
