@@ -360,14 +360,20 @@ struct SilentServer {
 
 impl SilentServer {
     fn start() -> Self {
-        let udp = UdpSocket::bind("127.0.0.1:0").expect("bind UDP");
-        let address = udp.local_addr().expect("UDP address");
-        let tcp = TcpListener::bind(address).expect("bind TCP on the same port");
-        Self {
-            _udp: udp,
-            _tcp: tcp,
-            address,
+        // The UDP port the kernel picks may be taken for TCP by another process (CI
+        // runs other servers meanwhile): pick again.
+        for _ in 0..50 {
+            let udp = UdpSocket::bind("127.0.0.1:0").expect("bind UDP");
+            let address = udp.local_addr().expect("UDP address");
+            if let Ok(tcp) = TcpListener::bind(address) {
+                return Self {
+                    _udp: udp,
+                    _tcp: tcp,
+                    address,
+                };
+            }
         }
+        panic!("no port free for both UDP and TCP after 50 tries");
     }
 }
 
