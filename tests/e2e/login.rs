@@ -20,6 +20,7 @@ use tsubame_tests::peers::{Outcome, Smtplib, openssl_s_client, swaks};
 use tsubame_tests::pki::TestPki;
 use tsubame_tests::process::{Signal, hard_limit, send_signal};
 use tsubame_tests::server::{Server, ServerOptions};
+use tsubame_tests::smtp::Next;
 use tsubame_tests::smtp::{RawClient, Reply};
 use tsubame_tests::tls_client::{TlsClient, TlsClientOptions};
 use tsubame_tests::upstream::{Aiosmtpd, wait_until};
@@ -678,6 +679,33 @@ fn commands_pipelined_behind_starttls_are_discarded_mail_transaction() {
     client.command_expect("DATA", 503, "5.5.1");
     client.command_expect("QUIT", 221, "2.0.0");
     assert!(inspect(server.spool()).messages().is_empty());
+    server.stop();
+}
+
+/// Replies to a pipeline under TLS that exceed the TLS session's send buffer (64 KiB)
+/// several times over all arrive: the server keeps encrypting and writing until the
+/// socket would block, instead of waiting for a writable edge that never comes.
+#[test]
+fn replies_larger_than_the_tls_send_buffer_all_arrive() {
+    let _limit = hard_limit(Duration::from_secs(120));
+    let fixture = Fixture::new();
+    let server = start(
+        &fixture.tls_keys(),
+        &user_entry(USER, &test_password("tls-big-output"), ""),
+    );
+    let (mut client, ehlo) = connect_starttls(&server, &fixture);
+    assert_eq!(ehlo.code, 250, "EHLO under TLS: {ehlo}");
+    // About 200 bytes of reply per 8 bytes of command: some 400 KiB of replies to
+    // 16 KiB of commands, all in one write.
+    const PIPELINED: usize = 2_000;
+    client.send("EHLO big.example\r\n".repeat(PIPELINED).as_bytes());
+    for index in 0..PIPELINED {
+        match client.next(Duration::from_secs(10)) {
+            Next::Reply(reply) => assert_eq!(reply.code, 250, "reply {index}: {reply}"),
+            other => panic!("reply {index} of {PIPELINED}: {other:?}"),
+        }
+    }
+    client.command_expect("QUIT", 221, "2.0.0");
     server.stop();
 }
 

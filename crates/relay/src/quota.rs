@@ -1154,6 +1154,36 @@ pub(crate) struct QuotaBook {
     last_save: std::sync::Mutex<std::time::Instant>,
 }
 
+/// A job counted as in flight in a [`QuotaBook`]. [`finish`](Self::finish) records what
+/// the upstream accepted; dropped unfinished (the delivery panicked, and the worker
+/// defers the job), it is finished with nothing accepted, so that `begin` and `finish`
+/// always pair: a lost reservation would hold the account's quota until the process
+/// ends. The deferred recipients are counted when a later attempt sends them.
+#[must_use = "a job counts as in flight until it is finished"]
+#[derive(Debug)]
+pub(crate) struct InFlight<'book> {
+    book: &'book QuotaBook,
+    /// `Some` until finished.
+    reservation: Option<Reservation>,
+}
+
+impl InFlight<'_> {
+    pub fn finish(mut self, accepted_recipients: u32, now_unix_ms: u64) {
+        if let Some(reservation) = self.reservation.take() {
+            self.book
+                .finish(reservation, accepted_recipients, now_unix_ms);
+        }
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        if let Some(reservation) = self.reservation.take() {
+            self.book.finish(reservation, 0, crate::now_unix_ms());
+        }
+    }
+}
+
 /// How often the quota file is rewritten at most while mail flows.
 pub(crate) const SAVE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
 
@@ -1172,16 +1202,22 @@ impl QuotaBook {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
+    /// Counts a job as in flight (see [`Quotas::begin`]) until the returned guard is
+    /// finished or dropped.
     pub fn begin(
         &self,
         key: &QuotaKey,
         recipients: u32,
         now_unix_ms: u64,
-    ) -> Result<Reservation, QuotaExhausted> {
-        self.lock().begin(key, recipients, now_unix_ms)
+    ) -> Result<InFlight<'_>, QuotaExhausted> {
+        let reservation = self.lock().begin(key, recipients, now_unix_ms)?;
+        Ok(InFlight {
+            book: self,
+            reservation: Some(reservation),
+        })
     }
 
-    pub fn finish(&self, reservation: Reservation, accepted_recipients: u32, now_unix_ms: u64) {
+    fn finish(&self, reservation: Reservation, accepted_recipients: u32, now_unix_ms: u64) {
         self.lock()
             .finish(reservation, accepted_recipients, now_unix_ms);
     }

@@ -204,11 +204,7 @@ fn deliver(
         .iter()
         .filter(|recipient| recipient.outcome == Outcome::Delivered)
         .count();
-    context.quotas.finish(
-        reservation,
-        u32::try_from(accepted).unwrap_or(u32::MAX),
-        now_unix_ms(),
-    );
+    reservation.finish(u32::try_from(accepted).unwrap_or(u32::MAX), now_unix_ms());
     spill(upstream, context, &item, &mut report);
     context.quotas.save_if_due();
     report

@@ -681,33 +681,49 @@ impl EventLoop {
         let mut failed = false;
         let mut tls_pending = false;
         if let Some(tls) = connection.tls.as_deref_mut() {
-            // Plaintext into the TLS session (it holds it while handshaking), records out.
-            while connection.output_written < connection.output.len() {
-                let unwritten = connection
-                    .output
-                    .get(connection.output_written..)
-                    .unwrap_or_default();
-                match tls.writer().write(unwritten) {
-                    // Its buffer is full: wait until the socket takes records.
-                    Ok(0) => break,
-                    Ok(written) => connection.output_written += written,
-                    Err(_) => {
-                        failed = true;
-                        break;
+            // Plaintext into the TLS session (it holds it while handshaking), records out,
+            // until the output is all in or the socket would block. The session takes at
+            // most its buffer limit (64 KiB) at a time: stopping while the socket still
+            // takes more would wait for a writable edge that never comes (epoll raises
+            // one only after a write returned WouldBlock).
+            loop {
+                while connection.output_written < connection.output.len() {
+                    let unwritten = connection
+                        .output
+                        .get(connection.output_written..)
+                        .unwrap_or_default();
+                    match tls.writer().write(unwritten) {
+                        // Its buffer is full: the socket must take records first.
+                        Ok(0) => break,
+                        Ok(written) => connection.output_written += written,
+                        Err(_) => {
+                            failed = true;
+                            break;
+                        }
                     }
                 }
+                if connection.closing
+                    && connection.output_written == connection.output.len()
+                    && !connection.close_notify_sent
+                {
+                    tls.send_close_notify();
+                    connection.close_notify_sent = true;
+                }
+                let buffered_before = tls.wants_write();
+                if flush_tls(tls, &mut connection.stream).is_err() {
+                    failed = true;
+                }
+                tls_pending = tls.wants_write();
+                // Done, failed, blocked (an edge will come), or the session takes no
+                // more (still handshaking: it holds plaintext until the keys exist).
+                if failed
+                    || tls_pending
+                    || !buffered_before
+                    || connection.output_written == connection.output.len()
+                {
+                    break;
+                }
             }
-            if connection.closing
-                && connection.output_written == connection.output.len()
-                && !connection.close_notify_sent
-            {
-                tls.send_close_notify();
-                connection.close_notify_sent = true;
-            }
-            if flush_tls(tls, &mut connection.stream).is_err() {
-                failed = true;
-            }
-            tls_pending = tls.wants_write();
         } else {
             while connection.output_written < connection.output.len() {
                 let unwritten = connection

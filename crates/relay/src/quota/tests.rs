@@ -957,3 +957,26 @@ proptest! {
         }
     }
 }
+
+// ---- the shared book ----
+
+#[test]
+fn a_reservation_dropped_by_a_panicking_delivery_is_given_back() {
+    // A worker's delivery that panics between `begin` and `finish` (the worker catches
+    // it and defers the job) must not leave the job in flight until the process ends:
+    // with a quota of one message, the account would send nothing more.
+    let book = QuotaBook::new(
+        quotas(Some(1), None),
+        std::env::temp_dir().join("tsubame-quota-book-never-saved.json"),
+    );
+    let k = key("a");
+    let delivery = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let _in_flight = book.begin(&k, 1, BASE_MS).unwrap();
+        panic!("a bug in the delivery");
+    }));
+    assert!(delivery.is_err());
+    assert!(
+        book.begin(&k, 1, BASE_MS).is_ok(),
+        "the panicked job is no longer in flight"
+    );
+}
