@@ -255,8 +255,22 @@ fn spill(
     };
     // Its own connection, closed after: the worker's open connection is this upstream's.
     let mut connection = None;
-    let through = deliver_here(fallback, context, &mut connection, &through_item);
-    close(&mut connection);
+    // A panic here must not reach the worker's catch-all, which would defer the whole
+    // job, the recipients the primary already delivered too (they would go out twice):
+    // only the spilled ones stay deferred.
+    let through = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        deliver_here(fallback, context, &mut connection, &through_item)
+    }));
+    let through = match through {
+        Ok(through) => {
+            close(&mut connection);
+            through
+        }
+        Err(_) => {
+            tracing::error!(id = %item.meta.message.id, fallback = fallback.name(), "delivery through the fallback panicked; its recipients stay deferred");
+            return false;
+        }
+    };
     for outcome in through.recipients {
         if let Some(slot) = report
             .recipients
