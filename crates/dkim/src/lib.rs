@@ -22,5 +22,5 @@ pub use key::{Algorithm, RSA_BITS_MIN, SigningKey};
 pub use keygen::{RSA_BITS_ALLOWED, generate_ed25519_pem, generate_rsa_pem, write_key_file};
 pub use signer::{
     DEFAULT_SIGNED_HEADERS, OVER_SIGNED_HEADERS, SIGNED_HEADERS_MAX, SignedHeaders, Signer,
-    SignerKey,
+    SignerKey, check_domain_and_selector,
 };

@@ -236,6 +236,19 @@ impl Signer {
     }
 }
 
+/// Checks a signing domain and selector the way `Signer::new` does, before anything
+/// expensive (key generation) is done with them.
+pub fn check_domain_and_selector(domain: &str, selector: &str) -> Result<(), Error> {
+    check_dns_name(domain.trim_end_matches('.')).map_err(|reason| Error::InvalidDomain {
+        domain: domain.to_string(),
+        reason,
+    })?;
+    check_dns_name(selector).map_err(|reason| Error::InvalidSelector {
+        selector: selector.to_string(),
+        reason,
+    })
+}
+
 /// A domain or selector: dot-separated labels of letters, digits, hyphens and (for
 /// selectors and service labels) underscores, RFC 6376 section 3.1.
 fn check_dns_name(name: &str) -> Result<(), &'static str> {
