@@ -3,6 +3,7 @@
 #![forbid(unsafe_code)]
 
 mod bench;
+mod dkim;
 mod inspect;
 mod oauth;
 mod queue;
@@ -40,6 +41,7 @@ use clap::{Parser, Subcommand};
         tsubame sink --listen 127.0.0.1:2526 --tempfail-rate 0.05\n  \
         tsubame bench --target 127.0.0.1:2525 -n 20000 -s 1024 -c 50\n  \
         tsubame bench --target 127.0.0.1:2525 --starttls --handshakes -n 5000\n  \
+        tsubame dkim keygen --domain example.com --selector s2026 --algorithm ed25519\n  \
         tsubame user add printer --users-file /etc/tsubame/users.toml\n  \
         tsubame oauth google authorize --client-id ID --client-secret-file FILE \\\n      \
         --account printer@example.com --token-file /etc/tsubame/oauth/printer.token\n\n\
@@ -83,6 +85,9 @@ enum Command {
     /// OAuth 2.0 for upstreams that want XOAUTH2 (smtp.gmail.com): `oauth google
     /// authorize` obtains and stores a refresh token on a server without a browser.
     Oauth(oauth::OauthArgs),
+    /// DKIM signing keys: `dkim keygen` writes a new key file (mode 0600) and prints the
+    /// DNS TXT record that publishes its public key.
+    Dkim(dkim::DkimArgs),
     /// Look at a spool offline.
     Spool {
         #[command(subcommand)]
@@ -111,6 +116,7 @@ fn main() -> ExitCode {
         Command::Trace(args) => trace::run(args),
         Command::User(args) => user::run(args),
         Command::Oauth(args) => oauth::run(args),
+        Command::Dkim(args) => dkim::run(args),
         Command::Spool {
             command: SpoolCommand::Inspect(args),
         } => inspect::run(args),

@@ -1,0 +1,26 @@
+//! DKIM for tsubame: signing keys (load from PEM, generate, publish as a DNS TXT record)
+//! and signing of raw RFC 5322 messages with mail-auth, relaxed/relaxed (RFC 6376).
+//!
+//! The crate does no sockets, threads or clocks of its own (mail-auth reads the system
+//! clock for the `t=` tag); key generation for RSA runs `openssl genpkey`, because the
+//! workspace's one crypto provider, ring, cannot generate RSA keys.
+//!
+//! Nothing here prints or returns key material in an error: errors name the file and
+//! what is wrong with it, never its content.
+
+#![forbid(unsafe_code)]
+
+mod error;
+mod from_domain;
+mod key;
+mod keygen;
+mod signer;
+
+pub use error::Error;
+pub use from_domain::from_domain;
+pub use key::{Algorithm, RSA_BITS_MIN, SigningKey};
+pub use keygen::{RSA_BITS_ALLOWED, generate_ed25519_pem, generate_rsa_pem, write_key_file};
+pub use signer::{
+    DEFAULT_SIGNED_HEADERS, OVER_SIGNED_HEADERS, SIGNED_HEADERS_MAX, SignedHeaders, Signer,
+    SignerKey, check_domain_and_selector,
+};
