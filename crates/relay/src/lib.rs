@@ -270,6 +270,10 @@ fn load_quotas(config: &Config, upstreams: &[Arc<upstream::Upstream>]) -> quota:
                 .map(|limits| (upstream.name().to_string(), limits))
         })
         .collect();
+    if limits.is_empty() {
+        // Nothing to count: the file is neither read nor written.
+        return quota::QuotaBook::new(quota::Quotas::new(|_| None), path);
+    }
     let (quotas, outcome) = quota::Quotas::load(
         &path,
         move |key| limits.get(key.upstream()).copied(),
