@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use serde_json::Value;
-use tsubame_tests::cli::tsubame;
+use tsubame_tests::cli::{queue_list, tsubame};
 use tsubame_tests::peers::Smtplib;
 use tsubame_tests::process::hard_limit;
 use tsubame_tests::server::{Server, ServerOptions};
@@ -44,17 +44,8 @@ fn send(server: &Server, from: &str, recipients: &[&str], content: &[u8]) -> Str
     data.queued_id()
 }
 
-/// `tsubame queue list --json` against the running server.
-fn queue_list(server: &Server) -> Value {
-    let spool = server.spool().display().to_string();
-    let run = tsubame(&["queue", "list", "--json", "--spool", &spool]);
-    run.assert_code(0);
-    serde_json::from_str(&run.stdout_text())
-        .unwrap_or_else(|error| panic!("queue list --json: {error}\n{}", run.describe()))
-}
-
 fn queued_messages(server: &Server) -> usize {
-    queue_list(server)["messages"]
+    queue_list(server.spool())["messages"]
         .as_array()
         .map_or(0, Vec::len)
 }
@@ -311,9 +302,9 @@ fn upstream_down_then_up_is_delivered_and_queue_commands_see_it() {
         &content,
     );
     assert!(wait_until(DELIVERY_TIMEOUT, || {
-        queue_list(&server)["messages"][0]["recipients"][0]["state"] == "deferred"
+        queue_list(server.spool())["messages"][0]["recipients"][0]["state"] == "deferred"
     }));
-    let list = queue_list(&server);
+    let list = queue_list(server.spool());
     assert_eq!(list["messages"][0]["id"], id.as_str());
     let last = list["messages"][0]["recipients"][0]["last_reply"]
         .as_str()
