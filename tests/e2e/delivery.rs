@@ -23,6 +23,15 @@ pub fn upstream_config(port: u16, extra_upstream_keys: &str) -> String {
     )
 }
 
+/// A delivering server whose only upstream is `127.0.0.1:port` (`upstream_config`).
+fn start_delivering_to(port: u16) -> Server {
+    Server::start(
+        &ServerOptions::new()
+            .deliver()
+            .config(&upstream_config(port, "")),
+    )
+}
+
 fn message(subject: &str, body: &str) -> Vec<u8> {
     tsubame_tests::crlf(&format!(
         "From: sender@example.com\nTo: rcpt@example.net\nSubject: {subject}\n\
@@ -54,11 +63,7 @@ fn queued_messages(server: &Server) -> usize {
 fn message_arrives_byte_exact_at_aiosmtpd() {
     let _limit = hard_limit(Duration::from_secs(90));
     let upstream = Aiosmtpd::start(&[]);
-    let server = Server::start(
-        &ServerOptions::new()
-            .deliver()
-            .config(&upstream_config(upstream.port(), "")),
-    );
+    let server = start_delivering_to(upstream.port());
     // Dot lines, 8-bit text, a long line: what the body must survive unchanged.
     let content = message(
         "byte-exact",
@@ -148,11 +153,7 @@ fn smtp_sink_receives_with_the_envelope_given_by_swaks() {
 fn temporary_failure_then_acceptance_delivers_exactly_once() {
     let _limit = hard_limit(Duration::from_secs(90));
     let upstream = Aiosmtpd::start(&["--defer-first", "1"]);
-    let server = Server::start(
-        &ServerOptions::new()
-            .deliver()
-            .config(&upstream_config(upstream.port(), "")),
-    );
+    let server = start_delivering_to(upstream.port());
     let content = message("deferred-once", "first attempt gets 451\n");
     let id = send(
         &server,
@@ -182,11 +183,7 @@ fn temporary_failure_then_acceptance_delivers_exactly_once() {
 fn permanent_failure_bounces_a_dsn_to_the_sender() {
     let _limit = hard_limit(Duration::from_secs(90));
     let upstream = Aiosmtpd::start(&["--reject", "nobody@example.net"]);
-    let server = Server::start(
-        &ServerOptions::new()
-            .deliver()
-            .config(&upstream_config(upstream.port(), "")),
-    );
+    let server = start_delivering_to(upstream.port());
     let content = message("bounce-me", "one good, one bad recipient\n");
     let id = send(
         &server,
@@ -233,11 +230,7 @@ fn permanent_failure_bounces_a_dsn_to_the_sender() {
 fn a_null_sender_message_is_never_bounced() {
     let _limit = hard_limit(Duration::from_secs(90));
     let upstream = Aiosmtpd::start(&["--reject", "nobody@example.net"]);
-    let server = Server::start(
-        &ServerOptions::new()
-            .deliver()
-            .config(&upstream_config(upstream.port(), "")),
-    );
+    let server = start_delivering_to(upstream.port());
     let content = message("null-sender", "a bounce that bounces\n");
     let id = send(&server, "", &["nobody@example.net"], &content);
     assert!(
@@ -859,11 +852,7 @@ fn delivered_segments_are_reclaimed_so_the_spool_does_not_grow() {
 fn a_quoted_local_part_with_a_space_is_delivered_with_its_neighbours() {
     let _limit = hard_limit(Duration::from_secs(90));
     let upstream = Aiosmtpd::start(&[]);
-    let server = Server::start(
-        &ServerOptions::new()
-            .deliver()
-            .config(&upstream_config(upstream.port(), "")),
-    );
+    let server = start_delivering_to(upstream.port());
     let content = message(
         "quoted-local-part",
         "RFC 5321 allows a space between quotes\n",
