@@ -1683,6 +1683,17 @@ pub mod cli {
         Inspection { run, json }
     }
 
+    /// `tsubame queue list --json --spool DIR`. Fails the test unless it exits 0 with
+    /// valid JSON.
+    #[track_caller]
+    pub fn queue_list(spool: &Path) -> Value {
+        let spool_text = spool.display().to_string();
+        let run = tsubame(&["queue", "list", "--json", "--spool", &spool_text]);
+        run.assert_code(0);
+        serde_json::from_str(&run.stdout_text())
+            .unwrap_or_else(|error| panic!("queue list --json: {error}\n{}", run.describe()))
+    }
+
     /// What `spool inspect --show ID` printed.
     #[derive(Debug)]
     pub struct Shown {

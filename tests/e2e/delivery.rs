@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use serde_json::Value;
-use tsubame_tests::cli::tsubame;
+use tsubame_tests::cli::{queue_list, tsubame};
 use tsubame_tests::peers::Smtplib;
 use tsubame_tests::process::hard_limit;
 use tsubame_tests::server::{Server, ServerOptions};
@@ -20,6 +20,15 @@ pub fn upstream_config(port: u16, extra_upstream_keys: &str) -> String {
          [delivery]\ndefault_upstream = \"sink\"\nretry_schedule_secs = [1]\n\
          [[upstream]]\nname = \"sink\"\nkind = \"smtp\"\nhost = \"127.0.0.1\"\nport = {port}\n\
          tls = \"none\"\ntimeout_secs = 5\n{extra_upstream_keys}\n"
+    )
+}
+
+/// A delivering server whose only upstream is `127.0.0.1:port` (`upstream_config`).
+fn start_delivering_to(port: u16) -> Server {
+    Server::start(
+        &ServerOptions::new()
+            .deliver()
+            .config(&upstream_config(port, "")),
     )
 }
 
@@ -44,17 +53,8 @@ fn send(server: &Server, from: &str, recipients: &[&str], content: &[u8]) -> Str
     data.queued_id()
 }
 
-/// `tsubame queue list --json` against the running server.
-fn queue_list(server: &Server) -> Value {
-    let spool = server.spool().display().to_string();
-    let run = tsubame(&["queue", "list", "--json", "--spool", &spool]);
-    run.assert_code(0);
-    serde_json::from_str(&run.stdout_text())
-        .unwrap_or_else(|error| panic!("queue list --json: {error}\n{}", run.describe()))
-}
-
 fn queued_messages(server: &Server) -> usize {
-    queue_list(server)["messages"]
+    queue_list(server.spool())["messages"]
         .as_array()
         .map_or(0, Vec::len)
 }
@@ -63,11 +63,7 @@ fn queued_messages(server: &Server) -> usize {
 fn message_arrives_byte_exact_at_aiosmtpd() {
     let _limit = hard_limit(Duration::from_secs(90));
     let upstream = Aiosmtpd::start(&[]);
-    let server = Server::start(
-        &ServerOptions::new()
-            .deliver()
-            .config(&upstream_config(upstream.port(), "")),
-    );
+    let server = start_delivering_to(upstream.port());
     // Dot lines, 8-bit text, a long line: what the body must survive unchanged.
     let content = message(
         "byte-exact",
@@ -157,11 +153,7 @@ fn smtp_sink_receives_with_the_envelope_given_by_swaks() {
 fn temporary_failure_then_acceptance_delivers_exactly_once() {
     let _limit = hard_limit(Duration::from_secs(90));
     let upstream = Aiosmtpd::start(&["--defer-first", "1"]);
-    let server = Server::start(
-        &ServerOptions::new()
-            .deliver()
-            .config(&upstream_config(upstream.port(), "")),
-    );
+    let server = start_delivering_to(upstream.port());
     let content = message("deferred-once", "first attempt gets 451\n");
     let id = send(
         &server,
@@ -191,11 +183,7 @@ fn temporary_failure_then_acceptance_delivers_exactly_once() {
 fn permanent_failure_bounces_a_dsn_to_the_sender() {
     let _limit = hard_limit(Duration::from_secs(90));
     let upstream = Aiosmtpd::start(&["--reject", "nobody@example.net"]);
-    let server = Server::start(
-        &ServerOptions::new()
-            .deliver()
-            .config(&upstream_config(upstream.port(), "")),
-    );
+    let server = start_delivering_to(upstream.port());
     let content = message("bounce-me", "one good, one bad recipient\n");
     let id = send(
         &server,
@@ -242,11 +230,7 @@ fn permanent_failure_bounces_a_dsn_to_the_sender() {
 fn a_null_sender_message_is_never_bounced() {
     let _limit = hard_limit(Duration::from_secs(90));
     let upstream = Aiosmtpd::start(&["--reject", "nobody@example.net"]);
-    let server = Server::start(
-        &ServerOptions::new()
-            .deliver()
-            .config(&upstream_config(upstream.port(), "")),
-    );
+    let server = start_delivering_to(upstream.port());
     let content = message("null-sender", "a bounce that bounces\n");
     let id = send(&server, "", &["nobody@example.net"], &content);
     assert!(
@@ -311,9 +295,9 @@ fn upstream_down_then_up_is_delivered_and_queue_commands_see_it() {
         &content,
     );
     assert!(wait_until(DELIVERY_TIMEOUT, || {
-        queue_list(&server)["messages"][0]["recipients"][0]["state"] == "deferred"
+        queue_list(server.spool())["messages"][0]["recipients"][0]["state"] == "deferred"
     }));
-    let list = queue_list(&server);
+    let list = queue_list(server.spool());
     assert_eq!(list["messages"][0]["id"], id.as_str());
     let last = list["messages"][0]["recipients"][0]["last_reply"]
         .as_str()
@@ -868,11 +852,7 @@ fn delivered_segments_are_reclaimed_so_the_spool_does_not_grow() {
 fn a_quoted_local_part_with_a_space_is_delivered_with_its_neighbours() {
     let _limit = hard_limit(Duration::from_secs(90));
     let upstream = Aiosmtpd::start(&[]);
-    let server = Server::start(
-        &ServerOptions::new()
-            .deliver()
-            .config(&upstream_config(upstream.port(), "")),
-    );
+    let server = start_delivering_to(upstream.port());
     let content = message(
         "quoted-local-part",
         "RFC 5321 allows a space between quotes\n",

@@ -23,7 +23,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 use tempfile::TempDir;
-use tsubame_tests::cli::{tsubame, user_add};
+use tsubame_tests::cli::{queue_list, tsubame, user_add};
 use tsubame_tests::oauth::{
     ServiceAccountKey, TokenEndpoint, TokenEndpointOptions, throwaway_secret,
 };
@@ -421,24 +421,14 @@ fn assert_delivered(
     assert_eq!(envelope["auth_token"], token, "{envelope}");
 }
 
-/// `tsubame queue list --json` against the running server.
-#[track_caller]
-fn queue_list(server: &Server) -> Value {
-    let spool = server.spool().display().to_string();
-    let run = tsubame(&["queue", "list", "--json", "--spool", &spool]);
-    run.assert_code(0);
-    serde_json::from_str(&run.stdout_text())
-        .unwrap_or_else(|error| panic!("queue list --json: {error}\n{}", run.describe()))
-}
-
 #[track_caller]
 fn wait_until_queue_is_empty(server: &Server) {
     assert!(
-        wait_until(DELIVERY_TIMEOUT, || queue_list(server)["messages"]
+        wait_until(DELIVERY_TIMEOUT, || queue_list(server.spool())["messages"]
             .as_array()
             .is_some_and(Vec::is_empty)),
         "the queue did not empty: {}\n{}",
-        queue_list(server),
+        queue_list(server.spool()),
         server.log()
     );
 }
@@ -593,13 +583,13 @@ fn a_revoked_grant_defers_with_a_hint_to_authorise_and_delivers_once_authorised_
     // Deferred, not bounced.
     assert!(
         wait_until(DELIVERY_TIMEOUT, || {
-            queue_list(&server)["messages"][0]["recipients"][0]["state"] == "deferred"
+            queue_list(server.spool())["messages"][0]["recipients"][0]["state"] == "deferred"
         }),
         "not deferred: {}\n{}",
-        queue_list(&server),
+        queue_list(server.spool()),
         server.log()
     );
-    let list = queue_list(&server);
+    let list = queue_list(server.spool());
     let messages = list["messages"].as_array().unwrap();
     assert_eq!(messages.len(), 1, "a bounce was queued: {list}");
     assert_eq!(messages[0]["id"], id.as_str());

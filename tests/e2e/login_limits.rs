@@ -218,12 +218,11 @@ fn assert_invalid(reply: &Reply, what: &str) {
     );
 }
 
-#[test]
-fn failed_logins_from_one_address_are_delayed_then_locked_out_until_the_lockout_ends() {
-    let _limit = hard_limit(Duration::from_secs(120));
-    let fixture = Fixture::new();
-    let password = test_password("guard-address");
-    let other_password = test_password("guard-address-other");
+/// A server with the login guard (`LOGIN_GUARD`) and two users, `USER` and
+/// `OTHER_USER`, with passwords made from `tag`; returns it and the two passwords.
+fn start_guarded(fixture: &Fixture, tag: &str) -> (Server, String, String) {
+    let password = test_password(tag);
+    let other_password = test_password(&format!("{tag}-other"));
     let server = start(
         &fixture.tls_keys(),
         &format!(
@@ -232,6 +231,14 @@ fn failed_logins_from_one_address_are_delayed_then_locked_out_until_the_lockout_
             user_entry(OTHER_USER, &other_password, "")
         ),
     );
+    (server, password, other_password)
+}
+
+#[test]
+fn failed_logins_from_one_address_are_delayed_then_locked_out_until_the_lockout_ends() {
+    let _limit = hard_limit(Duration::from_secs(120));
+    let fixture = Fixture::new();
+    let (server, password, other_password) = start_guarded(&fixture, "guard-address");
     let wrong = "not the password";
     let (reply, _) = attempt(&server, &fixture, None, USER, wrong);
     assert_invalid(&reply, "failure 1");
@@ -276,16 +283,7 @@ fn failed_logins_from_one_address_are_delayed_then_locked_out_until_the_lockout_
 fn failed_logins_for_one_user_from_many_addresses_lock_that_user_out() {
     let _limit = hard_limit(Duration::from_secs(120));
     let fixture = Fixture::new();
-    let password = test_password("guard-user");
-    let other_password = test_password("guard-user-other");
-    let server = start(
-        &fixture.tls_keys(),
-        &format!(
-            "{}{}{LOGIN_GUARD}",
-            user_entry(USER, &password, ""),
-            user_entry(OTHER_USER, &other_password, "")
-        ),
-    );
+    let (server, password, other_password) = start_guarded(&fixture, "guard-user");
     let address = |last: u8| Some(IpAddr::from([127, 0, 0, last]));
     // One failure from each address: only the user name's count reaches the limits.
     for (number, last) in (2..=5).enumerate() {

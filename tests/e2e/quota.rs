@@ -4,8 +4,7 @@
 
 use std::time::Duration;
 
-use serde_json::Value;
-use tsubame_tests::cli::tsubame;
+use tsubame_tests::cli::queue_list;
 use tsubame_tests::process::hard_limit;
 use tsubame_tests::server::{Server, ServerOptions};
 use tsubame_tests::upstream::{Aiosmtpd, wait_until};
@@ -38,17 +37,9 @@ fn send(server: &Server, subject: &str) -> String {
     crate::send_with_smtplib(server.address(), &message(subject))
 }
 
-fn queue_list(server: &Server) -> Value {
-    let spool = server.spool().display().to_string();
-    let run = tsubame(&["queue", "list", "--json", "--spool", &spool]);
-    run.assert_code(0);
-    serde_json::from_str(&run.stdout_text())
-        .unwrap_or_else(|error| panic!("queue list --json: {error}\n{}", run.describe()))
-}
-
 /// The messages in the queue, as (id, the first recipient's state).
 fn queued(server: &Server) -> Vec<(String, String)> {
-    queue_list(server)["messages"]
+    queue_list(server.spool())["messages"]
         .as_array()
         .map(|messages| {
             messages
@@ -93,7 +84,7 @@ fn a_quota_reply_sends_the_mail_through_the_fallback_and_never_bounces() {
     assert!(
         wait_until(DELIVERY_TIMEOUT, || queued(&server).is_empty()),
         "{:?}",
-        queue_list(&server)
+        queue_list(server.spool())
     );
     let log = server.log();
     assert!(log.contains("daily quota is spent"), "{log}");
@@ -125,7 +116,7 @@ fn without_a_fallback_a_quota_reply_defers() {
         wait_until(DELIVERY_TIMEOUT, || queued(&server)
             == vec![(id.clone(), "deferred".to_string())]),
         "{:?}",
-        queue_list(&server)
+        queue_list(server.spool())
     );
     let log = server.log();
     assert!(!log.contains("bounced"), "{log}");
