@@ -164,7 +164,7 @@ fn deliver(
 ) -> Report {
     let message = &item.meta.message;
     let account = upstream.account_for(message.authenticated_user.as_deref(), &message.mail_from);
-    let cached = connections.slot(account.as_deref());
+    let cached = connections.slot(account);
     let key = upstream.quota_limits().map(|_| {
         QuotaKey::new(
             upstream.name(),
@@ -315,7 +315,7 @@ fn quota_text(upstream: &Upstream, key: &QuotaKey, exhausted: &QuotaExhausted) -
 fn with_signal(
     upstream: &Upstream,
     context: &WorkerContext,
-    account: &str,
+    account: &dyn Fn() -> String,
     mut report: RecipientReport,
     outcome: &RecipientOutcome,
 ) -> RecipientReport {
@@ -342,19 +342,25 @@ fn with_signal(
 
 /// Acts on what an upstream's reply says about its limits: blocks the account or the
 /// upstream for the reply's hint, so that the next jobs wait (or spill) without asking.
-fn heed(upstream: &Upstream, context: &WorkerContext, account: &str, signal: UpstreamSignal) {
+fn heed(
+    upstream: &Upstream,
+    context: &WorkerContext,
+    account: &dyn Fn() -> String,
+    signal: UpstreamSignal,
+) {
     let now = now_unix_ms();
     match signal {
         UpstreamSignal::QuotaExceeded {
             scope: QuotaScope::Account,
             retry_after_hint,
         } => {
-            let key = QuotaKey::new(upstream.name(), account);
+            let account = account();
+            let key = QuotaKey::new(upstream.name(), &account);
             let until = now.saturating_add(retry_after_hint.as_millis() as u64);
             context.quotas.block_until(&key, until, now);
             tracing::warn!(
                 upstream = upstream.name(),
-                account,
+                account = account.as_str(),
                 "the upstream says the account's daily quota is spent"
             );
         }
@@ -422,12 +428,12 @@ fn deliver_here(
     }
     // The account the session logs in as (OAuth upstreams; one per message).
     let account = upstream.account_for(message.authenticated_user.as_deref(), &message.mail_from);
-    let account = account.as_deref();
-    // Whose quota a reply speaks of.
-    let quota_account = upstream
-        .config
-        .quota_account(message.authenticated_user.as_deref(), &message.mail_from);
-    let account_text = quota_account.as_str();
+    // Whose quota a reply speaks of: worked out only when a reply speaks of one.
+    let account_text = || {
+        upstream
+            .config
+            .quota_account(message.authenticated_user.as_deref(), &message.mail_from)
+    };
     let report_outcomes = |results: &mut Vec<RecipientReport>,
                            recipients: &[tsubame_queue::RecipientIndex],
                            outcomes: Vec<RecipientOutcome>,
@@ -437,7 +443,7 @@ fn deliver_here(
             results.push(with_signal(
                 upstream,
                 context,
-                account_text,
+                &account_text,
                 report,
                 &outcome,
             ));
@@ -511,7 +517,7 @@ fn deliver_here(
                 report_outcomes(&mut results, &recipients, result, &remote);
             }
             Err(failure) => {
-                heed(upstream, context, account_text, failure.signal);
+                heed(upstream, context, &account_text, failure.signal);
                 for recipient in &recipients {
                     results.push(RecipientReport {
                         recipient: *recipient,
