@@ -219,6 +219,14 @@ fn spill(
     item: &WorkItem,
     report: &mut Report,
 ) -> bool {
+    // Most upstreams have no fallback, and most reports nothing to spill: neither
+    // costs a scan of the recipients then.
+    let Some(fallback_name) = upstream.config.fallback.as_deref() else {
+        return false;
+    };
+    if !report.recipients.iter().any(|reported| reported.spill) {
+        return false;
+    }
     let waiting: Vec<(tsubame_queue::RecipientIndex, u32)> = item
         .recipients
         .iter()
@@ -233,11 +241,10 @@ fn spill(
     if waiting.is_empty() {
         return false;
     }
-    let Some(fallback) = upstream
-        .config
-        .fallback
-        .as_deref()
-        .and_then(|name| context.upstreams.iter().find(|other| other.name() == name))
+    let Some(fallback) = context
+        .upstreams
+        .iter()
+        .find(|other| other.name() == fallback_name)
     else {
         return false;
     };
