@@ -57,42 +57,60 @@ struct Cached {
 /// accounts on one connection each took a login per 2 messages).
 const ACCOUNTS_PER_WORKER: usize = 4;
 
-/// A worker's open connections, one per account at most, least recently used first.
+/// A slot: the account (`None` for upstreams without per-account logins) and its
+/// open connection, if any.
+type Slot = (Option<String>, Option<Cached>);
+
+/// A worker's open connections, one per account at most.
 #[derive(Debug, Default)]
 struct Connections {
-    slots: Vec<(Option<String>, Option<Cached>)>,
+    /// The most recently used slot: for an upstream with one login (every smarthost
+    /// without OAuth) the only one, found without moving anything.
+    current: Option<Slot>,
+    /// The others, least recently used first.
+    older: Vec<Slot>,
 }
 
 impl Connections {
     /// The slot for `account`, made (closing the least recently used one when full)
     /// when there is none; it becomes the most recently used.
     fn slot(&mut self, account: Option<&str>) -> &mut Option<Cached> {
-        let position = match self
-            .slots
-            .iter()
-            .position(|(slot_account, _)| slot_account.as_deref() == account)
-        {
-            Some(position) => position,
-            None => {
-                if self.slots.len() >= ACCOUNTS_PER_WORKER {
-                    let (_, mut oldest) = self.slots.remove(0);
-                    close(&mut oldest);
+        let entry = match self.current.take() {
+            Some(entry) if entry.0.as_deref() == account => entry,
+            previous => {
+                let found = self
+                    .older
+                    .iter()
+                    .position(|(slot_account, _)| slot_account.as_deref() == account)
+                    .map(|position| self.older.remove(position));
+                let entry = found.unwrap_or_else(|| {
+                    let open = self.older.len() + usize::from(previous.is_some());
+                    if open >= ACCOUNTS_PER_WORKER && !self.older.is_empty() {
+                        let (_, mut oldest) = self.older.remove(0);
+                        close(&mut oldest);
+                    }
+                    (account.map(str::to_string), None)
+                });
+                if let Some(previous) = previous {
+                    self.older.push(previous);
                 }
-                self.slots.push((account.map(str::to_string), None));
-                self.slots.len() - 1
+                entry
             }
         };
-        let entry = self.slots.remove(position);
-        self.slots.push(entry);
-        let last = self.slots.len() - 1;
-        &mut self.slots[last].1
+        &mut self.current.insert(entry).1
     }
 
     fn close_all(&mut self) {
-        for (_, cached) in &mut self.slots {
+        for (_, cached) in self.current.iter_mut().chain(self.older.iter_mut()) {
             close(cached);
         }
-        self.slots.clear();
+        self.forget_all();
+    }
+
+    /// Drops every connection without QUIT (their state is unknown).
+    fn forget_all(&mut self) {
+        self.current = None;
+        self.older.clear();
     }
 }
 
@@ -116,8 +134,7 @@ pub(crate) fn run(
                 })) {
                     Ok(report) => report,
                     Err(_) => {
-                        // Dropped without QUIT: their state is unknown.
-                        connections.slots.clear();
+                        connections.forget_all();
                         tracing::error!(id = %meta.message.id, upstream = upstream.name(), "delivery panicked; the recipients are deferred");
                         let item = WorkItem {
                             job,
