@@ -126,21 +126,13 @@ pub(crate) fn run(
             Pop::Item(item) => {
                 // A bug in one delivery must not leave its job in flight forever: the
                 // recipients are deferred, the connection dropped, the worker goes on.
-                let job = item.job;
-                let meta = Arc::clone(&item.meta);
-                let recipients = item.recipients.clone();
                 let report = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    deliver(&upstream, &context, &mut connections, item)
+                    deliver(&upstream, &context, &mut connections, &item)
                 })) {
                     Ok(report) => report,
                     Err(_) => {
                         connections.forget_all();
-                        tracing::error!(id = %meta.message.id, upstream = upstream.name(), "delivery panicked; the recipients are deferred");
-                        let item = WorkItem {
-                            job,
-                            meta,
-                            recipients,
-                        };
+                        tracing::error!(id = %item.meta.message.id, upstream = upstream.name(), "delivery panicked; the recipients are deferred");
                         report_all(
                             &upstream,
                             &item,
@@ -177,7 +169,7 @@ fn deliver(
     upstream: &Upstream,
     context: &WorkerContext,
     connections: &mut Connections,
-    item: WorkItem,
+    item: &WorkItem,
 ) -> Report {
     let message = &item.meta.message;
     let account = upstream.account_for(message.authenticated_user.as_deref(), &message.mail_from);
@@ -191,8 +183,8 @@ fn deliver(
         )
     });
     let Some(key) = key else {
-        let mut report = deliver_here(upstream, context, cached, &item);
-        spill(upstream, context, &item, &mut report);
+        let mut report = deliver_here(upstream, context, cached, item);
+        spill(upstream, context, item, &mut report);
         return report;
     };
     let recipients = u32::try_from(item.recipients.len()).unwrap_or(u32::MAX);
@@ -200,11 +192,11 @@ fn deliver(
         Ok(reservation) => reservation,
         Err(exhausted) => {
             let why = quota_text(upstream, &key, &exhausted);
-            let mut report = report_all(upstream, &item, Outcome::Deferred, &why, "4.7.0");
+            let mut report = report_all(upstream, item, Outcome::Deferred, &why, "4.7.0");
             for recipient in &mut report.recipients {
                 recipient.spill = true;
             }
-            if !spill(upstream, context, &item, &mut report) {
+            if !spill(upstream, context, item, &mut report) {
                 tracing::info!(
                     upstream = upstream.name(),
                     account = key.account(),
@@ -215,14 +207,14 @@ fn deliver(
             return report;
         }
     };
-    let mut report = deliver_here(upstream, context, cached, &item);
+    let mut report = deliver_here(upstream, context, cached, item);
     let accepted = report
         .recipients
         .iter()
         .filter(|recipient| recipient.outcome == Outcome::Delivered)
         .count();
     reservation.finish(u32::try_from(accepted).unwrap_or(u32::MAX), now_unix_ms());
-    spill(upstream, context, &item, &mut report);
+    spill(upstream, context, item, &mut report);
     context.quotas.save_if_due();
     report
 }
