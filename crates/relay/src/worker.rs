@@ -951,3 +951,46 @@ fn report_all(
             .collect(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::{ACCOUNTS_PER_WORKER, Connections};
+
+    fn accounts(connections: &Connections) -> Vec<Option<String>> {
+        connections
+            .older
+            .iter()
+            .chain(connections.current.iter())
+            .map(|(account, _)| account.clone())
+            .collect()
+    }
+
+    #[test]
+    fn one_login_keeps_one_slot() {
+        let mut connections = Connections::default();
+        for _ in 0..3 {
+            assert!(connections.slot(None).is_none());
+        }
+        assert_eq!(accounts(&connections), vec![None]);
+    }
+
+    #[test]
+    fn slots_are_least_recently_used_first_and_the_oldest_goes_when_full() {
+        let mut connections = Connections::default();
+        let names = ["a", "b", "c", "d", "e"];
+        assert_eq!(names.len(), ACCOUNTS_PER_WORKER + 1);
+        for name in &names[..ACCOUNTS_PER_WORKER] {
+            connections.slot(Some(name));
+        }
+        // "a" is used again, so "b" is the oldest when "e" comes.
+        connections.slot(Some("a"));
+        connections.slot(Some("e"));
+        let expected: Vec<Option<String>> = ["c", "d", "a", "e"]
+            .iter()
+            .map(|name| Some((*name).to_string()))
+            .collect();
+        assert_eq!(accounts(&connections), expected);
+        connections.close_all();
+        assert!(accounts(&connections).is_empty());
+    }
+}
