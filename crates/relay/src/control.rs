@@ -125,6 +125,21 @@ pub fn request(
     serde_json::from_str(&answer).map_err(|error| format!("control socket: bad answer: {error}"))
 }
 
+/// A non-blocking Unix socket listening at `path`, mode 0600 (only the user tsubame
+/// runs as may connect), in place of a socket file left there. The caller must hold the
+/// spool's lock, so that such a file is from a process that is gone.
+pub fn bind_private(path: &Path) -> std::io::Result<UnixListener> {
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+        Err(error) => return Err(error),
+    }
+    let listener = UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    listener.set_nonblocking(true)?;
+    Ok(listener)
+}
+
 /// The accept loop's thread.
 #[derive(Debug)]
 pub(crate) struct ControlServer {
@@ -136,16 +151,7 @@ pub(crate) struct ControlServer {
 impl ControlServer {
     pub fn start(spool_directory: &Path, commands: Arc<Inbox<Input>>) -> std::io::Result<Self> {
         let path = socket_path(spool_directory);
-        // We hold the spool's lock, so a socket file left here is from a process that
-        // is gone.
-        match std::fs::remove_file(&path) {
-            Ok(()) => {}
-            Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
-            Err(error) => return Err(error),
-        }
-        let listener = UnixListener::bind(&path)?;
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
-        listener.set_nonblocking(true)?;
+        let listener = bind_private(&path)?;
         let stop = Arc::new(AtomicBool::new(false));
         let thread_stop = Arc::clone(&stop);
         let thread = std::thread::Builder::new()

@@ -94,9 +94,9 @@ impl Upstream {
 
     /// The account a message from `sender`, submitted by `user`, logs in as: `None`
     /// for upstreams without per-account logins.
-    pub fn account_for(&self, user: Option<&str>, sender: &str) -> Option<String> {
+    pub fn account_for(&self, user: Option<&str>, sender: &str) -> Option<&str> {
         match self.login {
-            Login::Bearer { .. } => self.config.account_for(user, sender).map(str::to_string),
+            Login::Bearer { .. } => self.config.account_for(user, sender),
             Login::None | Login::Password(_) => None,
         }
     }

@@ -57,42 +57,60 @@ struct Cached {
 /// accounts on one connection each took a login per 2 messages).
 const ACCOUNTS_PER_WORKER: usize = 4;
 
-/// A worker's open connections, one per account at most, least recently used first.
+/// A slot: the account (`None` for upstreams without per-account logins) and its
+/// open connection, if any.
+type Slot = (Option<String>, Option<Cached>);
+
+/// A worker's open connections, one per account at most.
 #[derive(Debug, Default)]
 struct Connections {
-    slots: Vec<(Option<String>, Option<Cached>)>,
+    /// The most recently used slot: for an upstream with one login (every smarthost
+    /// without OAuth) the only one, found without moving anything.
+    current: Option<Slot>,
+    /// The others, least recently used first.
+    older: Vec<Slot>,
 }
 
 impl Connections {
     /// The slot for `account`, made (closing the least recently used one when full)
     /// when there is none; it becomes the most recently used.
     fn slot(&mut self, account: Option<&str>) -> &mut Option<Cached> {
-        let position = match self
-            .slots
-            .iter()
-            .position(|(slot_account, _)| slot_account.as_deref() == account)
-        {
-            Some(position) => position,
-            None => {
-                if self.slots.len() >= ACCOUNTS_PER_WORKER {
-                    let (_, mut oldest) = self.slots.remove(0);
-                    close(&mut oldest);
+        let entry = match self.current.take() {
+            Some(entry) if entry.0.as_deref() == account => entry,
+            previous => {
+                let found = self
+                    .older
+                    .iter()
+                    .position(|(slot_account, _)| slot_account.as_deref() == account)
+                    .map(|position| self.older.remove(position));
+                let entry = found.unwrap_or_else(|| {
+                    let open = self.older.len() + usize::from(previous.is_some());
+                    if open >= ACCOUNTS_PER_WORKER && !self.older.is_empty() {
+                        let (_, mut oldest) = self.older.remove(0);
+                        close(&mut oldest);
+                    }
+                    (account.map(str::to_string), None)
+                });
+                if let Some(previous) = previous {
+                    self.older.push(previous);
                 }
-                self.slots.push((account.map(str::to_string), None));
-                self.slots.len() - 1
+                entry
             }
         };
-        let entry = self.slots.remove(position);
-        self.slots.push(entry);
-        let last = self.slots.len() - 1;
-        &mut self.slots[last].1
+        &mut self.current.insert(entry).1
     }
 
     fn close_all(&mut self) {
-        for (_, cached) in &mut self.slots {
+        for (_, cached) in self.current.iter_mut().chain(self.older.iter_mut()) {
             close(cached);
         }
-        self.slots.clear();
+        self.forget_all();
+    }
+
+    /// Drops every connection without QUIT (their state is unknown).
+    fn forget_all(&mut self) {
+        self.current = None;
+        self.older.clear();
     }
 }
 
@@ -108,22 +126,13 @@ pub(crate) fn run(
             Pop::Item(item) => {
                 // A bug in one delivery must not leave its job in flight forever: the
                 // recipients are deferred, the connection dropped, the worker goes on.
-                let job = item.job;
-                let meta = Arc::clone(&item.meta);
-                let recipients = item.recipients.clone();
                 let report = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    deliver(&upstream, &context, &mut connections, item)
+                    deliver(&upstream, &context, &mut connections, &item)
                 })) {
                     Ok(report) => report,
                     Err(_) => {
-                        // Dropped without QUIT: their state is unknown.
-                        connections.slots.clear();
-                        tracing::error!(id = %meta.message.id, upstream = upstream.name(), "delivery panicked; the recipients are deferred");
-                        let item = WorkItem {
-                            job,
-                            meta,
-                            recipients,
-                        };
+                        connections.forget_all();
+                        tracing::error!(id = %item.meta.message.id, upstream = upstream.name(), "delivery panicked; the recipients are deferred");
                         report_all(
                             &upstream,
                             &item,
@@ -160,11 +169,11 @@ fn deliver(
     upstream: &Upstream,
     context: &WorkerContext,
     connections: &mut Connections,
-    item: WorkItem,
+    item: &WorkItem,
 ) -> Report {
     let message = &item.meta.message;
     let account = upstream.account_for(message.authenticated_user.as_deref(), &message.mail_from);
-    let cached = connections.slot(account.as_deref());
+    let cached = connections.slot(account);
     let key = upstream.quota_limits().map(|_| {
         QuotaKey::new(
             upstream.name(),
@@ -174,8 +183,8 @@ fn deliver(
         )
     });
     let Some(key) = key else {
-        let mut report = deliver_here(upstream, context, cached, &item);
-        spill(upstream, context, &item, &mut report);
+        let mut report = deliver_here(upstream, context, cached, item);
+        spill(upstream, context, item, &mut report);
         return report;
     };
     let recipients = u32::try_from(item.recipients.len()).unwrap_or(u32::MAX);
@@ -183,11 +192,11 @@ fn deliver(
         Ok(reservation) => reservation,
         Err(exhausted) => {
             let why = quota_text(upstream, &key, &exhausted);
-            let mut report = report_all(upstream, &item, Outcome::Deferred, &why, "4.7.0");
+            let mut report = report_all(upstream, item, Outcome::Deferred, &why, "4.7.0");
             for recipient in &mut report.recipients {
                 recipient.spill = true;
             }
-            if !spill(upstream, context, &item, &mut report) {
+            if !spill(upstream, context, item, &mut report) {
                 tracing::info!(
                     upstream = upstream.name(),
                     account = key.account(),
@@ -198,14 +207,14 @@ fn deliver(
             return report;
         }
     };
-    let mut report = deliver_here(upstream, context, cached, &item);
+    let mut report = deliver_here(upstream, context, cached, item);
     let accepted = report
         .recipients
         .iter()
         .filter(|recipient| recipient.outcome == Outcome::Delivered)
         .count();
     reservation.finish(u32::try_from(accepted).unwrap_or(u32::MAX), now_unix_ms());
-    spill(upstream, context, &item, &mut report);
+    spill(upstream, context, item, &mut report);
     context.quotas.save_if_due();
     report
 }
@@ -219,6 +228,14 @@ fn spill(
     item: &WorkItem,
     report: &mut Report,
 ) -> bool {
+    // Most upstreams have no fallback, and most reports nothing to spill: neither
+    // costs a scan of the recipients then.
+    let Some(fallback_name) = upstream.config.fallback.as_deref() else {
+        return false;
+    };
+    if !report.recipients.iter().any(|reported| reported.spill) {
+        return false;
+    }
     let waiting: Vec<(tsubame_queue::RecipientIndex, u32)> = item
         .recipients
         .iter()
@@ -233,11 +250,10 @@ fn spill(
     if waiting.is_empty() {
         return false;
     }
-    let Some(fallback) = upstream
-        .config
-        .fallback
-        .as_deref()
-        .and_then(|name| context.upstreams.iter().find(|other| other.name() == name))
+    let Some(fallback) = context
+        .upstreams
+        .iter()
+        .find(|other| other.name() == fallback_name)
     else {
         return false;
     };
@@ -315,7 +331,7 @@ fn quota_text(upstream: &Upstream, key: &QuotaKey, exhausted: &QuotaExhausted) -
 fn with_signal(
     upstream: &Upstream,
     context: &WorkerContext,
-    account: &str,
+    account: &dyn Fn() -> String,
     mut report: RecipientReport,
     outcome: &RecipientOutcome,
 ) -> RecipientReport {
@@ -342,19 +358,25 @@ fn with_signal(
 
 /// Acts on what an upstream's reply says about its limits: blocks the account or the
 /// upstream for the reply's hint, so that the next jobs wait (or spill) without asking.
-fn heed(upstream: &Upstream, context: &WorkerContext, account: &str, signal: UpstreamSignal) {
+fn heed(
+    upstream: &Upstream,
+    context: &WorkerContext,
+    account: &dyn Fn() -> String,
+    signal: UpstreamSignal,
+) {
     let now = now_unix_ms();
     match signal {
         UpstreamSignal::QuotaExceeded {
             scope: QuotaScope::Account,
             retry_after_hint,
         } => {
-            let key = QuotaKey::new(upstream.name(), account);
+            let account = account();
+            let key = QuotaKey::new(upstream.name(), &account);
             let until = now.saturating_add(retry_after_hint.as_millis() as u64);
             context.quotas.block_until(&key, until, now);
             tracing::warn!(
                 upstream = upstream.name(),
-                account,
+                account = account.as_str(),
                 "the upstream says the account's daily quota is spent"
             );
         }
@@ -422,12 +444,12 @@ fn deliver_here(
     }
     // The account the session logs in as (OAuth upstreams; one per message).
     let account = upstream.account_for(message.authenticated_user.as_deref(), &message.mail_from);
-    let account = account.as_deref();
-    // Whose quota a reply speaks of.
-    let quota_account = upstream
-        .config
-        .quota_account(message.authenticated_user.as_deref(), &message.mail_from);
-    let account_text = quota_account.as_str();
+    // Whose quota a reply speaks of: worked out only when a reply speaks of one.
+    let account_text = || {
+        upstream
+            .config
+            .quota_account(message.authenticated_user.as_deref(), &message.mail_from)
+    };
     let report_outcomes = |results: &mut Vec<RecipientReport>,
                            recipients: &[tsubame_queue::RecipientIndex],
                            outcomes: Vec<RecipientOutcome>,
@@ -437,7 +459,7 @@ fn deliver_here(
             results.push(with_signal(
                 upstream,
                 context,
-                account_text,
+                &account_text,
                 report,
                 &outcome,
             ));
@@ -511,7 +533,7 @@ fn deliver_here(
                 report_outcomes(&mut results, &recipients, result, &remote);
             }
             Err(failure) => {
-                heed(upstream, context, account_text, failure.signal);
+                heed(upstream, context, &account_text, failure.signal);
                 for recipient in &recipients {
                     results.push(RecipientReport {
                         recipient: *recipient,
@@ -927,5 +949,48 @@ fn report_all(
                 spill: false,
             })
             .collect(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{ACCOUNTS_PER_WORKER, Connections};
+
+    fn accounts(connections: &Connections) -> Vec<Option<String>> {
+        connections
+            .older
+            .iter()
+            .chain(connections.current.iter())
+            .map(|(account, _)| account.clone())
+            .collect()
+    }
+
+    #[test]
+    fn one_login_keeps_one_slot() {
+        let mut connections = Connections::default();
+        for _ in 0..3 {
+            assert!(connections.slot(None).is_none());
+        }
+        assert_eq!(accounts(&connections), vec![None]);
+    }
+
+    #[test]
+    fn slots_are_least_recently_used_first_and_the_oldest_goes_when_full() {
+        let mut connections = Connections::default();
+        let names = ["a", "b", "c", "d", "e"];
+        assert_eq!(names.len(), ACCOUNTS_PER_WORKER + 1);
+        for name in &names[..ACCOUNTS_PER_WORKER] {
+            connections.slot(Some(name));
+        }
+        // "a" is used again, so "b" is the oldest when "e" comes.
+        connections.slot(Some("a"));
+        connections.slot(Some("e"));
+        let expected: Vec<Option<String>> = ["c", "d", "a", "e"]
+            .iter()
+            .map(|name| Some((*name).to_string()))
+            .collect();
+        assert_eq!(accounts(&connections), expected);
+        connections.close_all();
+        assert!(accounts(&connections).is_empty());
     }
 }

@@ -13,7 +13,6 @@
 use std::fmt::Write as _;
 use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
 use std::net::{IpAddr, Shutdown, SocketAddr};
-use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -101,16 +100,8 @@ impl TraceServer {
         limits: Limits,
     ) -> std::io::Result<Self> {
         let path = super::socket_path(spool_directory);
-        // The caller holds the spool's lock, so a socket file left here is from a
-        // process that is gone.
-        match std::fs::remove_file(&path) {
-            Ok(()) => {}
-            Err(error) if error.kind() == ErrorKind::NotFound => {}
-            Err(error) => return Err(error),
-        }
-        let listener = UnixListener::bind(&path)?;
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
-        listener.set_nonblocking(true)?;
+        // The caller holds the spool's lock.
+        let listener = tsubame_relay::control::bind_private(&path)?;
         let hub = TraceHub {
             shared: Arc::new(Shared {
                 watcher_count: AtomicUsize::new(0),
