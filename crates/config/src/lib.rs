@@ -349,7 +349,7 @@ impl Config {
             listener.validate()?;
         }
         self.rate_limits.validate()?;
-        self.login_guard.validate()?;
+        listener::validate_login_guard(&self.login_guard)?;
         if self.spool.segment_size_bytes < SEGMENT_SIZE_BYTES_MIN {
             return Err((
                 "segment_size_bytes",
@@ -775,7 +775,7 @@ impl Config {
             out.push('\n');
         }
         if !self.users.is_empty() {
-            out.push_str(&self.login_guard.summary());
+            out.push_str(&listener::login_guard_summary(&self.login_guard));
             out.push('\n');
         }
         let limits = &self.limits;
