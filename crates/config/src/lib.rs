@@ -968,7 +968,14 @@ mod tests {
     use super::*;
 
     fn error_of(text: &str) -> (usize, usize, String) {
-        match Config::parse(text, "test.toml") {
+        invalid(Config::parse(text, "test.toml"))
+    }
+
+    /// The line, column and message of a result that must be `ConfigError::Invalid`.
+    pub(crate) fn invalid(
+        result: Result<impl std::fmt::Debug, ConfigError>,
+    ) -> (usize, usize, String) {
+        match result {
             Err(ConfigError::Invalid {
                 line,
                 column,

@@ -521,17 +521,7 @@ mod tests {
             .collect()
     }
 
-    fn error_of(result: Result<impl std::fmt::Debug, ConfigError>) -> (usize, usize, String) {
-        match result {
-            Err(ConfigError::Invalid {
-                line,
-                column,
-                message,
-                ..
-            }) => (line, column, message),
-            other => panic!("expected an error, got {other:?}"),
-        }
-    }
+    use crate::tests::invalid as error_of;
 
     #[test]
     fn dummy_hash_is_valid_with_default_parameters() {
