@@ -349,7 +349,7 @@ impl Config {
             listener.validate()?;
         }
         self.rate_limits.validate()?;
-        self.login_guard.validate()?;
+        listener::validate_login_guard(&self.login_guard)?;
         if self.spool.segment_size_bytes < SEGMENT_SIZE_BYTES_MIN {
             return Err((
                 "segment_size_bytes",
@@ -775,7 +775,7 @@ impl Config {
             out.push('\n');
         }
         if !self.users.is_empty() {
-            out.push_str(&self.login_guard.summary());
+            out.push_str(&listener::login_guard_summary(&self.login_guard));
             out.push('\n');
         }
         let limits = &self.limits;
@@ -968,7 +968,14 @@ mod tests {
     use super::*;
 
     fn error_of(text: &str) -> (usize, usize, String) {
-        match Config::parse(text, "test.toml") {
+        invalid(Config::parse(text, "test.toml"))
+    }
+
+    /// The line, column and message of a result that must be `ConfigError::Invalid`.
+    pub(crate) fn invalid(
+        result: Result<impl std::fmt::Debug, ConfigError>,
+    ) -> (usize, usize, String) {
+        match result {
             Err(ConfigError::Invalid {
                 line,
                 column,

@@ -237,49 +237,8 @@ fn default_tracked_keys() -> usize {
     tsubame_policy::DEFAULT_LIMITER_MAX_KEYS
 }
 
-/// Messages and recipients per minute, hour and day.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RateLimitTable {
-    pub messages_per_minute: Option<u32>,
-    pub messages_per_hour: Option<u32>,
-    pub messages_per_day: Option<u32>,
-    pub recipients_per_minute: Option<u32>,
-    pub recipients_per_hour: Option<u32>,
-    pub recipients_per_day: Option<u32>,
-}
-
-impl RateLimitTable {
-    pub fn rate_limits(&self) -> RateLimits {
-        RateLimits {
-            messages_per_minute: self.messages_per_minute,
-            messages_per_hour: self.messages_per_hour,
-            messages_per_day: self.messages_per_day,
-            recipients_per_minute: self.recipients_per_minute,
-            recipients_per_hour: self.recipients_per_hour,
-            recipients_per_day: self.recipients_per_day,
-        }
-    }
-
-    pub fn is_empty(&self) -> bool {
-        *self == Self::default()
-    }
-
-    fn describe(&self) -> String {
-        let parts: Vec<String> = [
-            (self.messages_per_minute, "messages/minute"),
-            (self.messages_per_hour, "messages/hour"),
-            (self.messages_per_day, "messages/day"),
-            (self.recipients_per_minute, "recipients/minute"),
-            (self.recipients_per_hour, "recipients/hour"),
-            (self.recipients_per_day, "recipients/day"),
-        ]
-        .into_iter()
-        .filter_map(|(limit, unit)| limit.map(|limit| format!("{limit} {unit}")))
-        .collect();
-        parts.join(", ")
-    }
-}
+/// Messages and recipients per minute, hour and day: the policy's own type.
+pub type RateLimitTable = RateLimits;
 
 impl RateLimitConfig {
     pub(crate) fn validate(&self) -> Result<(), (&'static str, String)> {
@@ -287,7 +246,7 @@ impl RateLimitConfig {
             ("per_user", &self.per_user),
             ("per_client", &self.per_client),
         ] {
-            tsubame_policy::Limiter::new(table.rate_limits(), self.max_tracked_keys)
+            tsubame_policy::Limiter::new(*table, self.max_tracked_keys)
                 .map_err(|error| (key, format!("rate_limits.{key}: {error}")))?;
         }
         Ok(())
@@ -309,59 +268,17 @@ impl RateLimitConfig {
 /// logins from one address or for one user, every attempt waits a growing delay; after
 /// `lockout_after_failures` the address or user is refused with `454 4.7.0` for
 /// `lockout_secs`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct LoginGuardConfig {
-    pub delay_after_failures: u32,
-    pub lockout_after_failures: u32,
-    pub initial_delay_ms: u64,
-    pub max_delay_ms: u64,
-    pub lockout_secs: u32,
-    pub failure_window_secs: u32,
-    pub max_tracked_addresses: usize,
-    pub max_tracked_users: usize,
+pub type LoginGuardConfig = LoginPolicy;
+
+pub(crate) fn validate_login_guard(policy: &LoginPolicy) -> Result<(), (&'static str, String)> {
+    tsubame_policy::LoginGuard::new(*policy)
+        .map(|_| ())
+        .map_err(|error| ("login_guard", format!("login_guard: {error}")))
 }
 
-impl Default for LoginGuardConfig {
-    fn default() -> Self {
-        let policy = LoginPolicy::default();
-        Self {
-            delay_after_failures: policy.delay_after_failures,
-            lockout_after_failures: policy.lockout_after_failures,
-            initial_delay_ms: policy.initial_delay_ms,
-            max_delay_ms: policy.max_delay_ms,
-            lockout_secs: policy.lockout_secs,
-            failure_window_secs: policy.failure_window_secs,
-            max_tracked_addresses: policy.max_tracked_addresses,
-            max_tracked_users: policy.max_tracked_users,
-        }
-    }
-}
-
-impl LoginGuardConfig {
-    pub fn policy(&self) -> LoginPolicy {
-        LoginPolicy {
-            delay_after_failures: self.delay_after_failures,
-            lockout_after_failures: self.lockout_after_failures,
-            initial_delay_ms: self.initial_delay_ms,
-            max_delay_ms: self.max_delay_ms,
-            lockout_secs: self.lockout_secs,
-            failure_window_secs: self.failure_window_secs,
-            max_tracked_addresses: self.max_tracked_addresses,
-            max_tracked_users: self.max_tracked_users,
-        }
-    }
-
-    pub(crate) fn validate(&self) -> Result<(), (&'static str, String)> {
-        tsubame_policy::LoginGuard::new(self.policy())
-            .map(|_| ())
-            .map_err(|error| ("login_guard", format!("login_guard: {error}")))
-    }
-
-    pub fn summary(&self) -> String {
-        format!(
-            "login guard: delays after {} failed logins, {} s lockout after {}",
-            self.delay_after_failures, self.lockout_secs, self.lockout_after_failures
-        )
-    }
+pub fn login_guard_summary(policy: &LoginPolicy) -> String {
+    format!(
+        "login guard: delays after {} failed logins, {} s lockout after {}",
+        policy.delay_after_failures, policy.lockout_secs, policy.lockout_after_failures
+    )
 }

@@ -23,6 +23,8 @@
 use argon2::password_hash::phc::PasswordHash;
 use argon2::password_hash::{PasswordHasher, PasswordVerifier};
 use argon2::{Algorithm, Argon2, Params};
+use std::collections::HashMap;
+
 use serde::{Deserialize, Deserializer};
 
 use crate::delivery::domain_matches;
@@ -355,15 +357,28 @@ fn check_password(phc: &str, password: &[u8]) -> Result<(), VerifyError> {
 /// Every device account. Invariant: names are unique and there are at most
 /// [`USERS_MAX`] (checked when the configuration is loaded).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
-#[serde(transparent)]
+#[serde(from = "Vec<User>")]
 pub struct Users {
     users: Vec<User>,
+    /// Position in `users` by name (the first entry of a name), so a logged-in user's
+    /// account is found in constant time at every MAIL and RCPT.
+    by_name: HashMap<String, usize>,
+}
+
+impl From<Vec<User>> for Users {
+    fn from(users: Vec<User>) -> Self {
+        let mut by_name = HashMap::with_capacity(users.len());
+        for (index, user) in users.iter().enumerate() {
+            by_name.entry(user.name.clone()).or_insert(index);
+        }
+        Self { users, by_name }
+    }
 }
 
 impl Users {
     /// Builds the collection, refusing duplicate names and more than [`USERS_MAX`].
     pub fn new(users: Vec<User>) -> Result<Self, String> {
-        let users = Self { users };
+        let users = Self::from(users);
         users.check().map_err(|(_, message)| message)?;
         Ok(users)
     }
@@ -383,7 +398,9 @@ impl Users {
     }
 
     pub fn find(&self, name: &str) -> Option<&User> {
-        self.users.iter().find(|user| user.name == name)
+        self.by_name
+            .get(name)
+            .and_then(|&index| self.users.get(index))
     }
 
     pub fn iter(&self) -> std::slice::Iter<'_, User> {
@@ -399,7 +416,12 @@ impl Users {
     }
 
     pub(crate) fn push_all(&mut self, more: Users) {
-        self.users.extend(more.users);
+        for user in more.users {
+            self.by_name
+                .entry(user.name.clone())
+                .or_insert(self.users.len());
+            self.users.push(user);
+        }
     }
 
     /// Checks a login. An unknown name is verified against a dummy hash, so it costs
@@ -499,17 +521,7 @@ mod tests {
             .collect()
     }
 
-    fn error_of(result: Result<impl std::fmt::Debug, ConfigError>) -> (usize, usize, String) {
-        match result {
-            Err(ConfigError::Invalid {
-                line,
-                column,
-                message,
-                ..
-            }) => (line, column, message),
-            other => panic!("expected an error, got {other:?}"),
-        }
-    }
+    use crate::tests::invalid as error_of;
 
     #[test]
     fn dummy_hash_is_valid_with_default_parameters() {

@@ -74,8 +74,10 @@ pub enum Counter {
 }
 
 /// Rate limits per key; `None` leaves that limit off. A configured limit is at least 1
-/// (to refuse a sender altogether, use an access rule, not a rate of zero).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+/// (to refuse a sender altogether, use an access rule, not a rate of zero). Also the
+/// `[rate_limits.per_user]` and `[rate_limits.per_client]` tables of the configuration.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct RateLimits {
     pub messages_per_minute: Option<u32>,
     pub messages_per_hour: Option<u32>,
@@ -86,6 +88,27 @@ pub struct RateLimits {
 }
 
 impl RateLimits {
+    /// No limit is set.
+    pub fn is_empty(&self) -> bool {
+        *self == Self::default()
+    }
+
+    /// The limits set, e.g. `60 messages/minute, 500 recipients/day`.
+    pub fn describe(&self) -> String {
+        let parts: Vec<String> = [
+            (self.messages_per_minute, "messages/minute"),
+            (self.messages_per_hour, "messages/hour"),
+            (self.messages_per_day, "messages/day"),
+            (self.recipients_per_minute, "recipients/minute"),
+            (self.recipients_per_hour, "recipients/hour"),
+            (self.recipients_per_day, "recipients/day"),
+        ]
+        .into_iter()
+        .filter_map(|(limit, unit)| limit.map(|limit| format!("{limit} {unit}")))
+        .collect();
+        parts.join(", ")
+    }
+
     fn rules(&self) -> Vec<Rule> {
         [
             (Window::Minute, Counter::Messages, self.messages_per_minute),

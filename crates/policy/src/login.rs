@@ -81,8 +81,9 @@ pub const MAX_LOCKOUT_SECS: u32 = 24 * 60 * 60;
 /// Upper bound on the configured quiet window: 1 day.
 pub const MAX_FAILURE_WINDOW_SECS: u32 = 24 * 60 * 60;
 
-/// Brute-force defence settings.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Brute-force defence settings; also the configuration's `[login_guard]` table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct LoginPolicy {
     /// N: failures after which every attempt is delayed. At least 1.
     pub delay_after_failures: u32,

@@ -303,7 +303,7 @@ pub fn start(
     }
     let logins = login::LoginPool::start(Arc::clone(&config), default_thread_count())
         .map_err(|source| ServerError::EventLoop { source })?;
-    let login_guard = Mutex::new(LoginGuard::new(config.login_guard.policy())?);
+    let login_guard = Mutex::new(LoginGuard::new(config.login_guard)?);
     let rates = RatePolicy::new(&config.rate_limits)?;
     let shared = Arc::new(Shared {
         config,

@@ -32,7 +32,7 @@ impl RatePolicy {
     pub fn new(config: &RateLimitConfig) -> Result<Self, tsubame_policy::Error> {
         let limiter = |table: &tsubame_config::RateLimitTable| {
             (!table.is_empty())
-                .then(|| Limiter::new(table.rate_limits(), config.max_tracked_keys).map(Mutex::new))
+                .then(|| Limiter::new(*table, config.max_tracked_keys).map(Mutex::new))
                 .transpose()
         };
         Ok(Self {

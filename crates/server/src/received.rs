@@ -11,6 +11,7 @@
 //! The user's name appears only when the listener says so (`received_header_user`):
 //! the header travels with the message to every recipient.
 
+use std::borrow::Cow;
 use std::net::IpAddr;
 
 use tsubame_smtp_proto::date::rfc5322_date;
@@ -37,63 +38,73 @@ pub struct Trace<'a> {
 }
 
 /// The header, folded, ending in CRLF.
+#[cfg(test)]
 pub fn header(trace: &Trace<'_>) -> String {
-    let client = match trace.client {
-        IpAddr::V4(address) => format!("[{address}]"),
-        IpAddr::V6(address) => format!("[IPv6:{address}]"),
+    let mut out = Vec::new();
+    write_header(trace, &mut out);
+    String::from_utf8(out).unwrap_or_default()
+}
+
+/// Appends the header, folded, ending in CRLF, to `out` (once per message: no
+/// intermediate strings unless a name needs its control characters replaced).
+pub fn write_header(trace: &Trace<'_>, out: &mut Vec<u8>) {
+    use std::io::Write as _;
+    // Writing into a Vec cannot fail.
+    let helo = trace.helo.map_or(Cow::Borrowed("unknown"), printable);
+    let _ = write!(out, "Received: from {helo} (");
+    let _ = match trace.client {
+        IpAddr::V4(address) => write!(out, "[{address}]"),
+        IpAddr::V6(address) => write!(out, "[IPv6:{address}]"),
     };
-    let helo = trace
-        .helo
-        .map(printable)
-        .unwrap_or_else(|| "unknown".to_string());
-    let mut text = format!(
-        "Received: from {helo} ({client})\r\n\tby {} (tsubame) with {}",
+    let _ = write!(
+        out,
+        ")\r\n\tby {} (tsubame) with {}",
         printable(trace.hostname),
         protocol(trace)
     );
     if let Some(tls) = trace.tls {
-        text.push_str(&format!(
-            "\r\n\t({} {})",
-            tls.version,
-            printable(&tls.cipher)
-        ));
+        let _ = write!(out, "\r\n\t({} {})", tls.version, printable(&tls.cipher));
     }
     if let (true, Some(user)) = (trace.show_user, trace.user) {
-        text.push_str(&format!(
+        let _ = write!(
+            out,
             " (authenticated user {})",
             printable(user).replace(['(', ')', '\\'], "_")
-        ));
+        );
     }
-    text.push_str(";\r\n\t");
-    text.push_str(&rfc5322_date(trace.now_unix_ms));
-    text.push_str("\r\n");
-    text
+    out.extend_from_slice(b";\r\n\t");
+    out.extend_from_slice(rfc5322_date(trace.now_unix_ms).as_bytes());
+    out.extend_from_slice(b"\r\n");
 }
 
 /// RFC 3848 (ESMTP, ESMTPA, ESMTPS, ESMTPSA) and RFC 6531 §3.7.4 (UTF8SMTP...).
-fn protocol(trace: &Trace<'_>) -> String {
-    let mut name = String::from(match (trace.extended, trace.smtputf8) {
-        (false, _) => "SMTP",
-        (true, false) => "ESMTP",
-        (true, true) => "UTF8SMTP",
-    });
-    if trace.extended {
-        if trace.tls.is_some() {
-            name.push('S');
-        }
-        if trace.user.is_some() {
-            name.push('A');
-        }
+fn protocol(trace: &Trace<'_>) -> &'static str {
+    if !trace.extended {
+        return "SMTP";
     }
-    name
+    match (trace.smtputf8, trace.tls.is_some(), trace.user.is_some()) {
+        (false, false, false) => "ESMTP",
+        (false, true, false) => "ESMTPS",
+        (false, false, true) => "ESMTPA",
+        (false, true, true) => "ESMTPSA",
+        (true, false, false) => "UTF8SMTP",
+        (true, true, false) => "UTF8SMTPS",
+        (true, false, true) => "UTF8SMTPA",
+        (true, true, true) => "UTF8SMTPSA",
+    }
 }
 
 /// Header text must not break the header: control characters become `?`. The parser
 /// refuses them in commands already; this keeps the function total.
-fn printable(text: &str) -> String {
-    text.chars()
-        .map(|c| if c.is_control() { '?' } else { c })
-        .collect()
+fn printable(text: &str) -> Cow<'_, str> {
+    if !text.chars().any(char::is_control) {
+        return Cow::Borrowed(text);
+    }
+    Cow::Owned(
+        text.chars()
+            .map(|c| if c.is_control() { '?' } else { c })
+            .collect(),
+    )
 }
 
 #[cfg(test)]

@@ -757,21 +757,23 @@ impl Session {
         if !context.stamp_received {
             return;
         }
-        let header = crate::received::header(&crate::received::Trace {
-            helo: self.helo.as_ref().map(|helo| helo.name.as_str()),
-            extended: self.helo.as_ref().is_some_and(|helo| helo.extended),
-            client: self.client.ip(),
-            hostname: context.hostname,
-            tls: self.tls.as_ref(),
-            user: self.login.as_deref(),
-            show_user: context.listener.received_header_user,
-            smtputf8: self
-                .transaction
-                .as_ref()
-                .is_some_and(|transaction| transaction.smtputf8),
-            now_unix_ms: context.now_unix_ms,
-        });
-        self.body.extend_from_slice(header.as_bytes());
+        crate::received::write_header(
+            &crate::received::Trace {
+                helo: self.helo.as_ref().map(|helo| helo.name.as_str()),
+                extended: self.helo.as_ref().is_some_and(|helo| helo.extended),
+                client: self.client.ip(),
+                hostname: context.hostname,
+                tls: self.tls.as_ref(),
+                user: self.login.as_deref(),
+                show_user: context.listener.received_header_user,
+                smtputf8: self
+                    .transaction
+                    .as_ref()
+                    .is_some_and(|transaction| transaction.smtputf8),
+                now_unix_ms: context.now_unix_ms,
+            },
+            &mut self.body,
+        );
     }
 
     fn ehlo_reply(&self, client_name: &str, context: &SessionContext<'_>) -> Reply {
