@@ -219,7 +219,7 @@ impl Signer {
     /// stores it), each CRLF-terminated, to be put before the message's first header.
     /// A dual signer returns two fields, RSA first.
     pub fn sign(&self, message: &[u8]) -> Result<Vec<u8>, Error> {
-        let mut fields = Vec::with_capacity(self.keys.len() * 512);
+        let mut fields = Vec::new();
         for (selector, _, signer) in &self.keys {
             let signature = match signer {
                 KeySigner::Rsa(signer) => signer.sign(message),
