@@ -40,6 +40,14 @@ const CREDENTIALS_INVALID_CODE: u16 = 535;
 /// one is dropped, so what a server sends cannot flood a log line.
 pub const MAX_BEARER_ERROR_VALUE_BYTES: usize = 256;
 
+/// Room for the fixed parts of a bearer initial response (key names, `%x01`
+/// separators, the port), so the buffer that holds the token is allocated once and
+/// no copy of the token is left behind by a reallocation.
+const BEARER_FRAMING_BYTES: usize = 40;
+
+/// Bytes one username byte may take in an OAUTHBEARER GS2 header (`,` → `=2C`).
+const ESCAPED_BYTE_MAX: usize = 3;
+
 /// A password or other credential. `Debug` prints `***`.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Secret(String);
@@ -322,7 +330,8 @@ impl AuthExchange {
         let problem = |problem| AuthError::NotEncodable { mechanism, problem };
         check_username(username).map_err(problem)?;
         check_token(token).map_err(problem)?;
-        let mut message = Vec::with_capacity(username.len() + token.expose().len() + 22);
+        let mut message =
+            Vec::with_capacity(username.len() + token.expose().len() + BEARER_FRAMING_BYTES);
         message.extend_from_slice(b"user=");
         message.extend_from_slice(username.as_bytes());
         message.extend_from_slice(b"\x01auth=Bearer ");
@@ -349,8 +358,12 @@ impl AuthExchange {
         if host.is_empty() || host.chars().any(char::is_control) {
             return Err(problem(EncodingProblem::InvalidHost));
         }
-        let mut message =
-            Vec::with_capacity(username.len() * 3 + host.len() + token.expose().len() + 40);
+        let mut message = Vec::with_capacity(
+            username.len() * ESCAPED_BYTE_MAX
+                + host.len()
+                + token.expose().len()
+                + BEARER_FRAMING_BYTES,
+        );
         message.extend_from_slice(b"n,a=");
         for byte in username.bytes() {
             match byte {

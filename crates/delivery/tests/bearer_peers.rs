@@ -17,14 +17,13 @@ mod common;
 use std::net::SocketAddr;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use common::{Aiosmtpd, SERVER_NAME, TEST_TIMEOUT, TestPki, start_aiosmtpd};
+use common::{Aiosmtpd, HELO_NAME, SERVER_NAME, TEST_TIMEOUT, TestPki, send, start_aiosmtpd};
 use tsubame_config::TlsMode;
 use tsubame_delivery::{
-    AuthError, BearerErrorDetail, BearerMechanism, BodyType, ConnectOptions, Credentials,
-    DeliveryError, Message, RecipientOutcome, Secret, Timeouts, TlsSettings, UpstreamConnection,
+    AuthError, BearerErrorDetail, BearerMechanism, ConnectOptions, Credentials, DeliveryError,
+    Secret, Timeouts, TlsSettings, UpstreamConnection,
 };
 
-const HELO_NAME: &str = "client.tsubame.test";
 const USERNAME: &str = "relay-user@tsubame.test";
 /// An authorization identity with both characters RFC 7628 §3.1 escapes.
 const AWKWARD_USERNAME: &str = "relay,user=1@tsubame.test";
@@ -89,36 +88,7 @@ fn open(
 ) -> Result<UpstreamConnection, DeliveryError> {
     let settings = TlsSettings::new(mode, Some(&pki.ca))
         .unwrap_or_else(|error| panic!("TLS settings: {error}"));
-    UpstreamConnection::open(
-        address,
-        &ConnectOptions {
-            helo_name: HELO_NAME,
-            tls: settings.mode(),
-            server_name: SERVER_NAME,
-            tls_config: settings.config(),
-            credentials: Some(credentials),
-            timeouts: Timeouts::uniform(TEST_TIMEOUT),
-        },
-    )
-}
-
-fn send(connection: &mut UpstreamConnection, body: &[u8]) {
-    let recipients = vec!["rcpt@aiosmtpd.test".to_owned()];
-    let result = connection
-        .send(Message {
-            mail_from: "sender@tsubame.test",
-            recipients: &recipients,
-            body_type: BodyType::EightBitMime,
-            smtputf8: false,
-            body,
-        })
-        .expect("send");
-    for outcome in &result.outcomes {
-        assert!(
-            matches!(outcome, RecipientOutcome::Delivered { .. }),
-            "not delivered: {outcome:?}"
-        );
-    }
+    common::open(address, &settings, SERVER_NAME, Some(credentials))
 }
 
 /// Dot lines, 8-bit bytes, a line that looks like an SMTP reply: all must arrive as

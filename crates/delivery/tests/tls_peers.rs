@@ -9,19 +9,14 @@
 
 mod common;
 
-use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use common::{Aiosmtpd, SERVER_NAME, TEST_TIMEOUT, TestPki, start_aiosmtpd};
+use common::{Aiosmtpd, SERVER_NAME, TestPki, open, send, start_aiosmtpd};
 use tsubame_config::TlsMode;
-use tsubame_delivery::{
-    AuthError, BodyType, ConnectOptions, Credentials, DeliveryError, Message, RecipientOutcome,
-    Secret, Timeouts, TlsSettings, UpstreamConnection,
-};
+use tsubame_delivery::{AuthError, Credentials, DeliveryError, Secret, TlsSettings};
 
-const HELO_NAME: &str = "client.tsubame.test";
 const USERNAME: &str = "relay-user@tsubame.test";
 
 /// A password made up for this test run: never a real secret, and different each
@@ -61,44 +56,6 @@ fn arguments(base: Vec<String>, extra: &[&str]) -> Vec<String> {
 
 fn settings(mode: TlsMode, ca_file: Option<&Path>) -> TlsSettings {
     TlsSettings::new(mode, ca_file).unwrap_or_else(|error| panic!("TLS settings: {error}"))
-}
-
-fn open(
-    address: SocketAddr,
-    settings: &TlsSettings,
-    server_name: &str,
-    credentials: Option<&Credentials>,
-) -> Result<UpstreamConnection, DeliveryError> {
-    UpstreamConnection::open(
-        address,
-        &ConnectOptions {
-            helo_name: HELO_NAME,
-            tls: settings.mode(),
-            server_name,
-            tls_config: settings.config(),
-            credentials,
-            timeouts: Timeouts::uniform(TEST_TIMEOUT),
-        },
-    )
-}
-
-fn send(connection: &mut UpstreamConnection, body: &[u8]) {
-    let recipients = vec!["rcpt@aiosmtpd.test".to_owned()];
-    let result = connection
-        .send(Message {
-            mail_from: "sender@tsubame.test",
-            recipients: &recipients,
-            body_type: BodyType::EightBitMime,
-            smtputf8: false,
-            body,
-        })
-        .expect("send");
-    for outcome in &result.outcomes {
-        assert!(
-            matches!(outcome, RecipientOutcome::Delivered { .. }),
-            "not delivered: {outcome:?}"
-        );
-    }
 }
 
 /// Dot lines, 8-bit bytes, a line that looks like an SMTP reply: all must arrive as

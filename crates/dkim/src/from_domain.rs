@@ -130,10 +130,10 @@ fn address_domain(value: &[u8]) -> Option<String> {
 /// 253 in all (RFC 1035 section 2.3.4).
 fn is_host_name(domain: &[u8]) -> bool {
     !domain.is_empty()
-        && domain.len() <= 253
+        && domain.len() <= crate::DNS_NAME_BYTES_MAX
         && domain.split(|&byte| byte == b'.').all(|label| {
             !label.is_empty()
-                && label.len() <= 63
+                && label.len() <= crate::DNS_LABEL_BYTES_MAX
                 && label
                     .iter()
                     .all(|&byte| byte.is_ascii_alphanumeric() || byte == b'-')

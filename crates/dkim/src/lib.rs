@@ -10,6 +10,11 @@
 
 #![forbid(unsafe_code)]
 
+/// The longest domain name in text form, RFC 1035 section 2.3.4.
+const DNS_NAME_BYTES_MAX: usize = 253;
+/// The longest label of a domain name, RFC 1035 section 2.3.4.
+const DNS_LABEL_BYTES_MAX: usize = 63;
+
 mod error;
 mod from_domain;
 mod key;

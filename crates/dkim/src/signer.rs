@@ -219,7 +219,7 @@ impl Signer {
     /// stores it), each CRLF-terminated, to be put before the message's first header.
     /// A dual signer returns two fields, RSA first.
     pub fn sign(&self, message: &[u8]) -> Result<Vec<u8>, Error> {
-        let mut fields = Vec::with_capacity(self.keys.len() * 512);
+        let mut fields = Vec::new();
         for (selector, _, signer) in &self.keys {
             let signature = match signer {
                 KeySigner::Rsa(signer) => signer.sign(message),
@@ -252,12 +252,12 @@ pub fn check_domain_and_selector(domain: &str, selector: &str) -> Result<(), Err
 /// A domain or selector: dot-separated labels of letters, digits, hyphens and (for
 /// selectors and service labels) underscores, RFC 6376 section 3.1.
 fn check_dns_name(name: &str) -> Result<(), &'static str> {
-    if name.is_empty() || name.len() > 253 {
+    if name.is_empty() || name.len() > crate::DNS_NAME_BYTES_MAX {
         return Err("must be 1 to 253 characters");
     }
     let valid = name.split('.').all(|label| {
         !label.is_empty()
-            && label.len() <= 63
+            && label.len() <= crate::DNS_LABEL_BYTES_MAX
             && label
                 .bytes()
                 .all(|byte| byte.is_ascii_alphanumeric() || byte == b'-' || byte == b'_')

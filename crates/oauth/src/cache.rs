@@ -428,7 +428,7 @@ impl TokenCache {
 
     /// The wait after the `failures`-th failure in a row (counting from 1).
     fn backoff(&self, failures: u32) -> Duration {
-        let doublings = failures.saturating_sub(1).min(31);
+        let doublings = failures.saturating_sub(1).min(u32::BITS - 1);
         self.settings
             .backoff_initial
             .saturating_mul(1u32 << doublings)

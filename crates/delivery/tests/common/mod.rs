@@ -11,6 +11,11 @@ use std::process::{Child, Command, Stdio};
 use std::thread::sleep;
 use std::time::{Duration, Instant};
 
+use tsubame_delivery::{
+    BodyType, ConnectOptions, Credentials, DeliveryError, Message, RecipientOutcome, Timeouts,
+    TlsSettings, UpstreamConnection,
+};
+
 /// Every read, write and connect in these tests; the peers answer in milliseconds.
 pub const TEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a peer may take to start listening.
@@ -300,5 +305,49 @@ impl TestPki {
             "--key".to_owned(),
             self.self_signed_key.display().to_string(),
         ]
+    }
+}
+
+/// The EHLO name the tests' client sends.
+pub const HELO_NAME: &str = "client.tsubame.test";
+
+/// Connects to the peer at `address` with `settings`, checking its certificate for
+/// `server_name`, and authenticates with `credentials` if any.
+pub fn open(
+    address: SocketAddr,
+    settings: &TlsSettings,
+    server_name: &str,
+    credentials: Option<&Credentials>,
+) -> Result<UpstreamConnection, DeliveryError> {
+    UpstreamConnection::open(
+        address,
+        &ConnectOptions {
+            helo_name: HELO_NAME,
+            tls: settings.mode(),
+            server_name,
+            tls_config: settings.config(),
+            credentials,
+            timeouts: Timeouts::uniform(TEST_TIMEOUT),
+        },
+    )
+}
+
+/// Sends `body` from a fixed sender to one recipient and asserts that it was delivered.
+pub fn send(connection: &mut UpstreamConnection, body: &[u8]) {
+    let recipients = vec!["rcpt@aiosmtpd.test".to_owned()];
+    let result = connection
+        .send(Message {
+            mail_from: "sender@tsubame.test",
+            recipients: &recipients,
+            body_type: BodyType::EightBitMime,
+            smtputf8: false,
+            body,
+        })
+        .expect("send");
+    for outcome in &result.outcomes {
+        assert!(
+            matches!(outcome, RecipientOutcome::Delivered { .. }),
+            "not delivered: {outcome:?}"
+        );
     }
 }
