@@ -70,6 +70,9 @@ pub struct DeliveryConfig {
     /// exits anyway (what they had not finished is tried again at the next start).
     #[serde(default = "default_shutdown_timeout_secs")]
     pub shutdown_timeout_secs: u64,
+    /// Threads that sign messages with DKIM; 0 means one per CPU.
+    #[serde(default)]
+    pub signing_threads: usize,
 }
 
 /// Postfix's `minimal_backoff_time` is 300 s, `maximal_backoff_time` 4000 s; RFC 5321
@@ -112,6 +115,7 @@ impl Default for DeliveryConfig {
             retry_max_secs: default_retry_max_secs(),
             retry_schedule_secs: None,
             shutdown_timeout_secs: default_shutdown_timeout_secs(),
+            signing_threads: 0,
         }
     }
 }
@@ -654,6 +658,25 @@ pub struct RouteConfig {
     pub client_networks: Vec<IpNet>,
     /// The upstream's name.
     pub upstream: String,
+    /// Sign this route's mail with DKIM (when a `[[dkim]]` entry covers it). Default on.
+    #[serde(default = "default_true")]
+    pub dkim: bool,
+    /// Sign with this `[[dkim]]` domain's keys instead of the one the From header's
+    /// domain selects.
+    #[serde(default)]
+    pub dkim_domain: Option<String>,
+    /// A `List-Unsubscribe` value (`<mailto:...>, <https://...>`, RFC 2369) added to
+    /// messages that have none, before signing.
+    #[serde(default)]
+    pub list_unsubscribe: Option<String>,
+    /// Also add `List-Unsubscribe-Post: List-Unsubscribe=One-Click` (RFC 8058): the
+    /// one-click unsubscribe that Gmail and Yahoo ask of bulk senders.
+    #[serde(default)]
+    pub list_unsubscribe_post: bool,
+}
+
+fn default_true() -> bool {
+    true
 }
 
 /// Does `domain` match a route's domain pattern?

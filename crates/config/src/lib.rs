@@ -6,6 +6,7 @@
 #![forbid(unsafe_code)]
 
 pub mod delivery;
+pub mod dkim;
 pub mod listener;
 pub mod oauth;
 pub mod users;
@@ -18,12 +19,17 @@ pub use delivery::{
     AccountMapping, AuthMethod, BUILTIN_MX_UPSTREAM, DeliveryConfig, GMAIL_HOST, GOOGLE_RELAY_HOST,
     RouteConfig, Secret, TlsMode, UpstreamConfig, UpstreamKind, domain_matches, parse_upstream_url,
 };
+pub use dkim::{DKIM_DOMAINS_MAX, DkimConfig, DkimKeyConfig, LIST_UNSUBSCRIBE_BYTES_MAX};
 pub use listener::{
     ListenerConfig, ListenerMode, ListenerProfile, LoginGuardConfig, RateLimitConfig,
     RateLimitTable, default_relay_networks,
 };
 pub use oauth::{OAuthConfig, OAuthKind};
 pub use users::{PasswordHashText, SenderPattern, User, Users, VerifyError};
+
+/// Most DKIM signing threads: signing is CPU work, and more threads than cores only
+/// add switching.
+pub const SIGNING_THREADS_MAX: usize = 256;
 
 /// The configuration the relay starts on when no file is given: listen on
 /// 127.0.0.1:2525, spool in `./spool`, relay for loopback clients only.
@@ -55,6 +61,9 @@ pub struct Config {
     /// Token sources for OAuth2 logins to upstreams.
     #[serde(default, rename = "oauth")]
     pub oauth_sources: Vec<OAuthConfig>,
+    /// DKIM signing domains and their keys.
+    #[serde(default, rename = "dkim")]
+    pub dkim: Vec<DkimConfig>,
     #[serde(default)]
     pub auth: AuthConfig,
     #[serde(default)]
@@ -529,7 +538,41 @@ impl Config {
                 ),
             ));
         }
+        self.validate_dkim()?;
         for (index, route) in self.routes.iter().enumerate() {
+            let in_route = |key: &'static str, message: String| {
+                (
+                    Place::Entry {
+                        table: "route",
+                        index,
+                        key,
+                    },
+                    message,
+                )
+            };
+            if let Some(domain) = &route.dkim_domain
+                && !self
+                    .dkim
+                    .iter()
+                    .any(|dkim| dkim.domain.eq_ignore_ascii_case(domain))
+            {
+                return Err(in_route(
+                    "dkim_domain",
+                    format!(
+                        "a [[route]] signs with dkim_domain {domain:?}, which has no [[dkim]] entry"
+                    ),
+                ));
+            }
+            if let Some(value) = &route.list_unsubscribe {
+                dkim::check_list_unsubscribe(value, route.list_unsubscribe_post)
+                    .map_err(|message| in_route("list_unsubscribe", message))?;
+            } else if route.list_unsubscribe_post {
+                return Err(in_route(
+                    "list_unsubscribe_post",
+                    "list_unsubscribe_post needs list_unsubscribe (RFC 8058 section 3.1)"
+                        .to_string(),
+                ));
+            }
             if !known(&route.upstream) {
                 return Err((
                     Place::Entry {
@@ -551,6 +594,12 @@ impl Config {
             ));
         }
         let delivery = &self.delivery;
+        if delivery.signing_threads > SIGNING_THREADS_MAX {
+            return Err((
+                Place::Key("signing_threads"),
+                format!("signing_threads must be at most {SIGNING_THREADS_MAX} (0: one per CPU)"),
+            ));
+        }
         if delivery.retry_initial_secs == 0 {
             return Err((
                 Place::Key("retry_initial_secs"),
@@ -595,6 +644,47 @@ impl Config {
             }
         }
         Ok(())
+    }
+
+    /// Checks the `[[dkim]]` entries: each valid, no domain twice.
+    fn validate_dkim(&self) -> Result<(), (Place, String)> {
+        if self.dkim.len() > DKIM_DOMAINS_MAX {
+            return Err((
+                Place::Key("dkim"),
+                format!("at most {DKIM_DOMAINS_MAX} [[dkim]] entries"),
+            ));
+        }
+        let mut domains = std::collections::HashSet::new();
+        for (index, dkim) in self.dkim.iter().enumerate() {
+            let in_entry = |(key, message): (&'static str, String)| {
+                (
+                    Place::Entry {
+                        table: "dkim",
+                        index,
+                        key,
+                    },
+                    message,
+                )
+            };
+            dkim.validate().map_err(in_entry)?;
+            let domain = dkim.domain.trim_end_matches('.').to_ascii_lowercase();
+            if !domains.insert(domain) {
+                return Err(in_entry((
+                    "domain",
+                    format!("dkim domain {:?} is configured twice", dkim.domain),
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// The `[[dkim]]` entry that signs mail from `domain`: the most specific one covering
+    /// it (a subdomain's own entry before its parent's).
+    pub fn dkim_for(&self, domain: &str) -> Option<&DkimConfig> {
+        self.dkim
+            .iter()
+            .filter(|dkim| dkim.covers(domain))
+            .max_by_key(|dkim| dkim.domain.len())
     }
 
     /// The upstream called `name`: a configured one, or the built-in `mx`.

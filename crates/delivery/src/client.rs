@@ -45,6 +45,9 @@ pub struct Message<'a> {
     /// The message needs SMTPUTF8 (RFC 6531) for its headers. Non-ASCII addresses
     /// need it too and request it on their own.
     pub smtputf8: bool,
+    /// Header fields sent before `body` (a DKIM signature, List-Unsubscribe), each
+    /// ending in CRLF; usually empty.
+    pub added_fields: &'a [u8],
     /// The content as stored (CRLF line endings), not dot-stuffed.
     pub body: &'a [u8],
 }
@@ -342,7 +345,8 @@ impl Session {
                 .iter()
                 .any(|recipient| !recipient.is_ascii());
         // RFC 1870 §3: the size counts CRLFs but not dot-stuffing or the terminator.
-        let message_bytes = u64::try_from(message.body.len()).unwrap_or(u64::MAX);
+        let message_bytes =
+            u64::try_from(message.added_fields.len() + message.body.len()).unwrap_or(u64::MAX);
         let local_failure =
             if message.body_type == BodyType::EightBitMime && !self.capabilities.eight_bit_mime {
                 Some(LocalFailure::EightBitMimeNotOffered)
@@ -600,7 +604,8 @@ impl<'a> Transaction<'a> {
                 if go_ahead && self.accepted_recipients() > 0 {
                     self.awaiting.push_back(Expected::Content);
                     self.content_sent = true;
-                    return Ok(TransactionStep::WriteContent(DotStuffed::new(
+                    return Ok(TransactionStep::WriteContent(DotStuffed::with_prefix(
+                        self.message.added_fields,
                         self.message.body,
                     )));
                 }

@@ -18,26 +18,45 @@ const TERMINATOR_WITH_CRLF: &[u8] = b"\r\n.\r\n";
 /// reach a lenient upstream and end the data early (SMTP smuggling).
 #[derive(Debug, Clone)]
 pub struct DotStuffed<'a> {
-    /// Body bytes not yet returned.
+    /// Bytes of the current part not yet returned.
     rest: &'a [u8],
+    /// The body, while `rest` is still the prefix; empty after.
+    next_part: &'a [u8],
     /// True when `rest` starts a line and begins with `.` whose stuffing dot was already
     /// returned.
     stuffed: bool,
-    /// The terminator still to return, chosen from the whole body up front.
+    /// False when `rest` continues a line begun in the part before (a prefix that does
+    /// not end in LF): its first byte is then not a line start.
+    at_line_start: bool,
+    /// The terminator still to return, chosen from the whole content up front.
     terminator: Option<&'static [u8]>,
 }
 
 impl<'a> DotStuffed<'a> {
     pub fn new(body: &'a [u8]) -> Self {
-        let terminator = if body.is_empty() || body.ends_with(b"\r\n") {
+        Self::with_prefix(&[], body)
+    }
+
+    /// The wire form of `prefix` followed by `body`, as one content: header fields added
+    /// at sending time (a DKIM signature) before the stored message, neither copied.
+    pub fn with_prefix(prefix: &'a [u8], body: &'a [u8]) -> Self {
+        let last = if body.is_empty() { prefix } else { body };
+        let terminator = if last.is_empty() || last.ends_with(b"\r\n") {
             TERMINATOR_AFTER_CRLF
         } else {
             TERMINATOR_WITH_CRLF
         };
+        let (rest, next_part) = if prefix.is_empty() {
+            (body, &[][..])
+        } else {
+            (prefix, body)
+        };
         Self {
-            rest: body,
+            rest,
+            next_part,
             // The first line starts at offset 0; `next` handles it like any other.
             stuffed: false,
+            at_line_start: true,
             terminator: Some(terminator),
         }
     }
@@ -53,12 +72,17 @@ impl<'a> Iterator for DotStuffed<'a> {
 
     fn next(&mut self) -> Option<&'a [u8]> {
         if self.rest.is_empty() {
-            return self.terminator.take();
+            if self.next_part.is_empty() {
+                return self.terminator.take();
+            }
+            // The part before ended here: the body starts a line if it ended in LF.
+            self.rest = std::mem::take(&mut self.next_part);
+            self.stuffed = false;
         }
-        // Only the start of the body reaches here at a line start with a dot not yet
+        // Only the start of a part reaches here at a line start with a dot not yet
         // stuffed; later line starts are split off below with `stuffed == false` and
         // handled on the next call the same way.
-        if !self.stuffed && self.rest.first() == Some(&b'.') {
+        if !self.stuffed && self.at_line_start && self.rest.first() == Some(&b'.') {
             self.stuffed = true;
             return Some(STUFFED_DOT);
         }
@@ -71,6 +95,8 @@ impl<'a> Iterator for DotStuffed<'a> {
         let (run, rest) = self.rest.split_at(run_end);
         self.rest = rest;
         self.stuffed = false;
+        // A run ends at a LF (a dot line follows) or at the end of its part.
+        self.at_line_start = run.ends_with(b"\n");
         Some(run)
     }
 }
@@ -152,7 +178,30 @@ mod tests {
         )
     }
 
+    #[test]
+    fn a_prefix_is_sent_before_the_body_as_one_content() {
+        let wire = |prefix: &[u8], body: &[u8]| {
+            DotStuffed::with_prefix(prefix, body)
+                .collect::<Vec<_>>()
+                .concat()
+        };
+        assert_eq!(wire(b"A: 1\r\n", b".x\r\n"), b"A: 1\r\n..x\r\n.\r\n");
+        assert_eq!(wire(b"A: 1\r\n", b""), b"A: 1\r\n.\r\n");
+        assert_eq!(wire(b"", b"b\r\n"), b"b\r\n.\r\n");
+        // A prefix without a final LF: the body's first dot is mid-line, not stuffed.
+        assert_eq!(wire(b"A", b".x\r\n"), b"A.x\r\n.\r\n");
+        assert_eq!(wire(b"A: .\r\n.\r\n", b"b"), b"A: .\r\n..\r\nb\r\n.\r\n");
+    }
+
     proptest! {
+        #[test]
+        fn a_split_anywhere_encodes_like_the_whole(body in body_bytes(), cut in 0usize..64) {
+            let cut = cut.min(body.len());
+            let (prefix, rest) = body.split_at(cut);
+            let split: Vec<u8> = DotStuffed::with_prefix(prefix, rest).collect::<Vec<_>>().concat();
+            prop_assert_eq!(split, encode(&body));
+        }
+
         #[test]
         fn unstuffing_returns_the_body(body in body_bytes()) {
             let wire = encode(&body);

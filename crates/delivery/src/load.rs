@@ -524,6 +524,7 @@ fn worker(
                 recipients: &recipients,
                 body_type: BodyType::SevenBit,
                 smtputf8: false,
+                added_fields: &[],
                 body: content,
             };
             options.pace(number, started);

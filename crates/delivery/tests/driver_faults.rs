@@ -56,6 +56,7 @@ fn send_one(address: SocketAddr) -> (UpstreamConnection, tsubame_delivery::Trans
             recipients: &recipients,
             body_type: BodyType::SevenBit,
             smtputf8: false,
+            added_fields: &[],
             body: b"Subject: x\r\n\r\nbody\r\n",
         })
         .unwrap();
@@ -243,6 +244,7 @@ fn pipelined_data_reply_gets_the_data_initiation_timeout() {
             recipients: &recipients,
             body_type: BodyType::SevenBit,
             smtputf8: false,
+            added_fields: &[],
             body: b"Subject: x\r\n\r\nbody\r\n",
         })
         .unwrap();
@@ -316,6 +318,7 @@ fn a_longer_stage_gets_its_whole_timeout_after_a_shorter_one() {
         recipients: &recipients,
         body_type: BodyType::SevenBit,
         smtputf8: false,
+        added_fields: &[],
         body: b"Subject: x\r\n\r\nbody\r\n",
     };
     let first = connection.send(message).unwrap();
@@ -463,6 +466,7 @@ fn opportunistic_starttls_refused_goes_on_in_plain_text() {
             recipients: &recipients,
             body_type: BodyType::SevenBit,
             smtputf8: false,
+            added_fields: &[],
             body: b"Subject: x\r\n\r\nbody\r\n",
         })
         .unwrap();

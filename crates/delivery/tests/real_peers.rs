@@ -95,6 +95,7 @@ fn message<'a>(recipients: &'a [String], body: &'a [u8]) -> Message<'a> {
         recipients,
         body_type: BodyType::SevenBit,
         smtputf8: false,
+        added_fields: &[],
         body,
     }
 }
@@ -356,6 +357,7 @@ fn aiosmtpd_receives_exact_content_and_per_recipient_outcomes() {
             recipients: &envelope,
             body_type: BodyType::EightBitMime,
             smtputf8: false,
+            added_fields: &[],
             body,
         })
         .expect("send");
@@ -408,6 +410,7 @@ fn aiosmtpd_receives_exact_content_and_per_recipient_outcomes() {
             recipients: &envelope,
             body_type: BodyType::EightBitMime,
             smtputf8: true,
+            added_fields: &[],
             body,
         })
         .expect("send");

@@ -29,6 +29,23 @@ pub fn from_domain(message: &[u8]) -> Option<String> {
     address_domain(&from_value?)
 }
 
+/// Does the header section of `message` hold a field called `name` (ignoring case)?
+/// Only the first `HEADER_SECTION_BYTES_MAX` bytes are looked at.
+pub fn has_header(message: &[u8], name: &str) -> bool {
+    let headers = &message[..message.len().min(HEADER_SECTION_BYTES_MAX)];
+    let mut lines = HeaderLines { rest: headers };
+    while let Some(field) = lines.next_field() {
+        if let Some(colon) = field.iter().position(|&byte| byte == b':')
+            && field[..colon]
+                .trim_ascii()
+                .eq_ignore_ascii_case(name.as_bytes())
+        {
+            return true;
+        }
+    }
+    false
+}
+
 /// Splits the header section into fields, each with its continuation lines, and stops
 /// at the empty line that ends it.
 struct HeaderLines<'a> {

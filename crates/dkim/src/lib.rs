@@ -22,7 +22,7 @@ mod keygen;
 mod signer;
 
 pub use error::Error;
-pub use from_domain::from_domain;
+pub use from_domain::{from_domain, has_header};
 pub use key::{Algorithm, RSA_BITS_MIN, SigningKey};
 pub use keygen::{RSA_BITS_ALLOWED, generate_ed25519_pem, generate_rsa_pem, write_key_file};
 pub use signer::{

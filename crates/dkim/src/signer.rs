@@ -219,11 +219,19 @@ impl Signer {
     /// stores it), each CRLF-terminated, to be put before the message's first header.
     /// A dual signer returns two fields, RSA first.
     pub fn sign(&self, message: &[u8]) -> Result<Vec<u8>, Error> {
+        self.sign_parts(&[message])
+    }
+
+    /// Like [`Signer::sign`] for a message given in parts, read one after the other as
+    /// one byte stream (header fields to add, then the stored message), without joining
+    /// them.
+    pub fn sign_parts(&self, parts: &[&[u8]]) -> Result<Vec<u8>, Error> {
         let mut fields = Vec::new();
         for (selector, _, signer) in &self.keys {
+            let chunks = parts.iter().copied();
             let signature = match signer {
-                KeySigner::Rsa(signer) => signer.sign(message),
-                KeySigner::Ed25519(signer) => signer.sign(message),
+                KeySigner::Rsa(signer) => signer.sign_chained(chunks),
+                KeySigner::Ed25519(signer) => signer.sign_chained(chunks),
             }
             .map_err(|error| Error::Sign {
                 domain: self.domain.clone(),

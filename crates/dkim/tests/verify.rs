@@ -5,21 +5,12 @@
 //! would make these tests fail.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // helpers outside #[test] functions, too
 
-use std::borrow::Borrow;
-use std::collections::HashMap;
-use std::hash::Hash;
-use std::path::Path;
-use std::process::Command;
-use std::sync::{Mutex, OnceLock};
+use std::sync::OnceLock;
 
-use mail_auth::common::parse::TxtRecordParser as _;
-use mail_auth::common::verify::DomainKey;
-use mail_auth::{
-    AuthenticatedMessage, DkimResult, MessageAuthenticator, Parameters, ResolverCache, Txt,
-};
 use tsubame_dkim::{
     Algorithm, SignedHeaders, Signer, SignerKey, SigningKey, generate_ed25519_pem, generate_rsa_pem,
 };
+use tsubame_tests::dkim::{dkimpy_verifies, mail_auth_verifies};
 
 const DOMAIN: &str = "example.com";
 const RSA_SELECTOR: &str = "rsa2026";
@@ -78,85 +69,6 @@ fn sign(signer: &Signer, message: &[u8]) -> Vec<u8> {
     assert!(signed.ends_with(b"\r\n"));
     signed.extend_from_slice(message);
     signed
-}
-
-struct TxtCache(Mutex<HashMap<Box<str>, Txt>>);
-
-impl ResolverCache<Box<str>, Txt> for TxtCache {
-    fn get<Q>(&self, name: &Q) -> Option<Txt>
-    where
-        Box<str>: Borrow<Q>,
-        Q: Hash + Eq + ?Sized,
-    {
-        self.0.lock().unwrap().get(name).cloned()
-    }
-
-    fn remove<Q>(&self, name: &Q) -> Option<Txt>
-    where
-        Box<str>: Borrow<Q>,
-        Q: Hash + Eq + ?Sized,
-    {
-        self.0.lock().unwrap().remove(name)
-    }
-
-    fn insert(&self, key: Box<str>, value: Txt, _: std::time::Instant) {
-        self.0.lock().unwrap().insert(key, value);
-    }
-}
-
-/// mail-auth's verdict on every signature: true when all pass (and there is one).
-fn mail_auth_verifies(message: &[u8], records: &[(String, String)]) -> bool {
-    let cache = TxtCache(Mutex::new(HashMap::new()));
-    for (name, value) in records {
-        let key = DomainKey::parse(value.as_bytes()).unwrap();
-        cache.insert(
-            name.as_str().into(),
-            Txt::from(key),
-            std::time::Instant::now(),
-        );
-    }
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    runtime.block_on(async {
-        // The resolver is never asked: every record is in the cache.
-        let authenticator = MessageAuthenticator::new_cloudflare().unwrap();
-        let parsed = AuthenticatedMessage::parse(message).unwrap();
-        let outputs = authenticator
-            .verify_dkim(Parameters::new(&parsed).with_txt_cache(&cache))
-            .await;
-        !outputs.is_empty()
-            && outputs
-                .iter()
-                .all(|output| *output.result() == DkimResult::Pass)
-    })
-}
-
-/// dkimpy's verdict, through tests/dkimpy_verify.py.
-fn dkimpy_verifies(message: &[u8], records: &[(String, String)]) -> bool {
-    let directory = tempfile::tempdir().unwrap();
-    let message_path = directory.path().join("message.eml");
-    std::fs::write(&message_path, message).unwrap();
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/dkimpy_verify.py");
-    let output = Command::new("python3")
-        .arg(&script)
-        .arg(&message_path)
-        .args(
-            records
-                .iter()
-                .map(|(name, value)| format!("{name}={value}")),
-        )
-        .output()
-        .expect("python3 (scripts/test installs it)");
-    match output.status.code() {
-        Some(0) => true,
-        Some(1) => false,
-        _ => panic!(
-            "dkimpy_verify.py could not run (scripts/test installs dkimpy and pynacl): {}",
-            String::from_utf8_lossy(&output.stderr)
-        ),
-    }
 }
 
 fn message_plain() -> Vec<u8> {

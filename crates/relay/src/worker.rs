@@ -513,6 +513,7 @@ fn deliver_here(
             recipients: addresses,
             body_type: item.meta.body_type,
             smtputf8: item.meta.smtputf8,
+            added_fields: &[],
             body: &body,
         };
         // A smarthost's open connection is used without resolving its name again: a

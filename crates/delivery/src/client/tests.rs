@@ -118,6 +118,7 @@ fn message<'a>(recipients: &'a [String], body: &'a [u8]) -> Message<'a> {
         recipients,
         body_type: BodyType::SevenBit,
         smtputf8: false,
+        added_fields: &[],
         body,
     }
 }
@@ -346,6 +347,12 @@ fn missing_extensions_and_size_fail_without_writing() {
     let utf8_address = message(&utf8_recipients, b"Hi\r\n");
     let large_body = vec![b'a'; 1001];
     let large = message(&addresses, &large_body);
+    // Added fields count towards SIZE: 990 + 12 bytes are over 1000.
+    let signed_body = vec![b'a'; 990];
+    let signed = Message {
+        added_fields: b"X-Added: 1\r\n",
+        ..message(&addresses, &signed_body)
+    };
     let cases: Vec<(&str, &[&str], Message<'_>, &str)> = vec![
         (
             "8bitmime",
@@ -370,6 +377,12 @@ fn missing_extensions_and_size_fail_without_writing() {
             &["SIZE 1000"],
             large,
             "failed MessageTooLarge { message_bytes: 1001, max_message_bytes: 1000 }",
+        ),
+        (
+            "size with added fields",
+            &["SIZE 1000"],
+            signed,
+            "failed MessageTooLarge { message_bytes: 1002, max_message_bytes: 1000 }",
         ),
     ];
     for (name, keywords, message, expected) in cases {

@@ -341,6 +341,7 @@ pub fn send(connection: &mut UpstreamConnection, body: &[u8]) {
             recipients: &recipients,
             body_type: BodyType::EightBitMime,
             smtputf8: false,
+            added_fields: &[],
             body,
         })
         .expect("send");

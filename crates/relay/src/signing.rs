@@ -1,0 +1,406 @@
+//! DKIM signing and bulk-sender headers, once per message, off the event loops.
+//!
+//! ```text
+//! event loops ──durable message──► signing pool ──added fields record──► spool
+//!                                       │
+//!                                       └──Accepted (with the record's location)──► dispatcher
+//! ```
+//!
+//! A pool of `[delivery] signing_threads` threads takes each message once the spool has
+//! made it durable, works out the header fields to put before it (List-Unsubscribe and
+//! List-Unsubscribe-Post when its route asks for them and the message has none, then the
+//! DKIM-Signature fields over those and the stored message), appends them to the spool
+//! as an *added fields* record, and only then queues the message. Every attempt sends
+//! the stored fields, so a retry, or a restart, never signs again: recovery finds the
+//! record, and only messages without one pass through the pool again.
+//!
+//! The signature is not waited for to be synced before delivery: should the process die
+//! before its commit, the message is signed again at the next start. That is a new
+//! signature on a message that may already have been delivered with the old one, the
+//! same duplicate any crash before a journal record's sync allows.
+//!
+//! Which settings apply: the `[[route]]` that routes the message's first recipient (a
+//! message is signed once, not per route); mail that no route matches, or that an
+//! account's own upstream takes, is signed by its From domain and gets no List-*
+//! fields. The signing domain is the route's `dkim_domain`, else the most specific
+//! `[[dkim]]` domain covering the From header's domain.
+
+use std::sync::Arc;
+
+use tsubame_config::{Config, DkimConfig};
+use tsubame_dkim::{SignedHeaders, Signer, SignerKey, SigningKey};
+use tsubame_spool::{Spool, SpooledMessage};
+
+use crate::dispatcher::{Command, Input};
+use crate::inbox::{Inbox, Pop};
+use crate::routing::{RouteInput, Router};
+
+/// The header fields RFC 8058 section 3.2 asks to be signed when the one-click fields
+/// are added.
+const LIST_FIELDS: [&str; 2] = ["List-Unsubscribe", "List-Unsubscribe-Post"];
+
+/// The field that asks for one-click unsubscription (RFC 8058 section 3.1).
+const ONE_CLICK_FIELD: &[u8] = b"List-Unsubscribe-Post: List-Unsubscribe=One-Click\r\n";
+
+/// Messages a signing thread takes from its queue at once.
+const BATCH_MAX: usize = 64;
+
+/// The signers of one `[[dkim]]` domain.
+struct DomainSigners {
+    /// Lower-case, without a final dot.
+    domain: String,
+    config: DkimConfig,
+    /// Signs the configured header list.
+    plain: Signer,
+    /// The same keys, with the List-* fields added to the list; built when a route adds
+    /// them.
+    listed: Option<Signer>,
+}
+
+/// What one `[[route]]` (or the default) asks for.
+#[derive(Debug, Clone, Default)]
+struct Profile {
+    sign: bool,
+    /// Index into `Signing::domains`: the route's `dkim_domain`.
+    domain: Option<usize>,
+    /// The complete List-Unsubscribe (and List-Unsubscribe-Post) fields to add.
+    list_fields: Option<Vec<u8>>,
+}
+
+/// Everything the signing threads need; shared by them.
+pub(crate) struct Signing {
+    domains: Vec<DomainSigners>,
+    /// Per `[[route]]`, in order.
+    routes: Vec<Profile>,
+    default: Profile,
+    router: Router,
+}
+
+impl std::fmt::Debug for Signing {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let domains: Vec<&str> = self.domains.iter().map(|d| d.domain.as_str()).collect();
+        formatter
+            .debug_struct("Signing")
+            .field("domains", &domains)
+            .field("routes", &self.routes)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Reads a `[[dkim]]` entry's keys and builds its signer; `listed` adds the List-*
+/// fields to the signed header list.
+fn build_signer(config: &DkimConfig, listed: bool) -> Result<Signer, String> {
+    let mut keys = Vec::new();
+    for key in config.key_list() {
+        let loaded = SigningKey::from_pem_file(&key.key_file).map_err(|error| error.to_string())?;
+        keys.push(SignerKey {
+            selector: key.selector,
+            key: loaded,
+        });
+    }
+    let default = SignedHeaders::default();
+    let mut names: Vec<String> = config
+        .headers
+        .clone()
+        .unwrap_or_else(|| default.names().to_vec());
+    if listed {
+        names.extend(LIST_FIELDS.map(String::from));
+    }
+    let headers = SignedHeaders::new(&names, config.over_sign).map_err(|error| error.to_string())?;
+    Signer::new(&config.domain, keys, &headers).map_err(|error| {
+        format!("dkim domain {:?}: {error}", config.domain)
+    })
+}
+
+impl Signing {
+    /// Loads every `[[dkim]]` key. `None` when there is nothing to add to any message (no
+    /// `[[dkim]]` entry and no route with `list_unsubscribe`). Errors name the domain and
+    /// key file, never key material.
+    pub fn load(config: &Config, router: Router) -> Result<Option<Self>, String> {
+        let any_list = config
+            .routes
+            .iter()
+            .any(|route| route.list_unsubscribe.is_some());
+        if config.dkim.is_empty() && !any_list {
+            return Ok(None);
+        }
+        let mut domains = Vec::with_capacity(config.dkim.len());
+        for dkim in &config.dkim {
+            domains.push(DomainSigners {
+                domain: dkim.domain.trim_end_matches('.').to_ascii_lowercase(),
+                config: dkim.clone(),
+                plain: build_signer(dkim, false)?,
+                listed: if any_list {
+                    Some(build_signer(dkim, true)?)
+                } else {
+                    None
+                },
+            });
+        }
+        let routes = config
+            .routes
+            .iter()
+            .map(|route| Profile {
+                sign: route.dkim,
+                domain: route.dkim_domain.as_ref().and_then(|wanted| {
+                    let wanted = wanted.trim_end_matches('.');
+                    domains
+                        .iter()
+                        .position(|signers| signers.domain.eq_ignore_ascii_case(wanted))
+                }),
+                list_fields: route.list_unsubscribe.as_ref().map(|value| {
+                    let mut fields = format!("List-Unsubscribe: {value}\r\n").into_bytes();
+                    if route.list_unsubscribe_post {
+                        fields.extend_from_slice(ONE_CLICK_FIELD);
+                    }
+                    fields
+                }),
+            })
+            .collect();
+        Ok(Some(Signing {
+            domains,
+            routes,
+            default: Profile {
+                sign: true,
+                ..Profile::default()
+            },
+            router,
+        }))
+    }
+
+    /// Checks the configured keys by loading them, as at start: `tsubame check-config`.
+    /// Returns a line per signing domain.
+    pub fn describe(config: &Config) -> Result<Vec<String>, String> {
+        let mut lines = Vec::new();
+        for dkim in &config.dkim {
+            build_signer(dkim, false)?;
+            let mut keys = Vec::new();
+            for key in dkim.key_list() {
+                let loaded =
+                    SigningKey::from_pem_file(&key.key_file).map_err(|error| error.to_string())?;
+                keys.push(format!(
+                    "{}._domainkey.{} ({}, {} bits, {})",
+                    key.selector,
+                    dkim.domain,
+                    loaded.algorithm(),
+                    loaded.bits(),
+                    key.key_file.display()
+                ));
+            }
+            lines.push(format!(
+                "dkim {} (and its subdomains): signs with {}",
+                dkim.domain,
+                keys.join(" and ")
+            ));
+        }
+        Ok(lines)
+    }
+
+    fn profile(&self, message: &SpooledMessage) -> &Profile {
+        let Some(first) = message.recipients.first() else {
+            return &self.default;
+        };
+        let (_, rule) = self
+            .router
+            .route_and_rule(&RouteInput::of(message, first));
+        rule.and_then(|index| self.routes.get(index))
+            .unwrap_or(&self.default)
+    }
+
+    /// The signers for a message from `from_domain`, by the profile's rules.
+    fn signers_for(&self, profile: &Profile, body: &[u8]) -> Option<&DomainSigners> {
+        if !profile.sign {
+            return None;
+        }
+        if let Some(index) = profile.domain {
+            return self.domains.get(index);
+        }
+        let from = tsubame_dkim::from_domain(body)?;
+        self.domains
+            .iter()
+            .filter(|signers| signers.config.covers(&from))
+            .max_by_key(|signers| signers.domain.len())
+    }
+
+    /// The header fields to put before `body` (the stored message) for `message`: empty
+    /// when there is nothing to add.
+    pub fn fields_for(
+        &self,
+        message: &SpooledMessage,
+        body: &[u8],
+    ) -> Result<Vec<u8>, tsubame_dkim::Error> {
+        let profile = self.profile(message);
+        let list_fields: &[u8] = match &profile.list_fields {
+            Some(fields) if !tsubame_dkim::has_header(body, LIST_FIELDS[0]) => fields,
+            _ => &[],
+        };
+        let Some(signers) = self.signers_for(profile, body) else {
+            return Ok(list_fields.to_vec());
+        };
+        let signer = match (&signers.listed, list_fields.is_empty()) {
+            (Some(listed), false) => listed,
+            _ => &signers.plain,
+        };
+        let mut fields = signer.sign_parts(&[list_fields, body])?;
+        fields.extend_from_slice(list_fields);
+        Ok(fields)
+    }
+}
+
+/// What deserves a warning at start: a route that sends for a sender domain no
+/// `[[dkim]]` entry covers, whose mail goes out unsigned. (The From domains of mail that
+/// no route names are known only when it arrives.)
+pub(crate) fn coverage_warnings(config: &Config) -> Vec<String> {
+    if config.dkim.is_empty() {
+        return Vec::new();
+    }
+    let mut warnings = Vec::new();
+    for (index, route) in config.routes.iter().enumerate() {
+        if !route.dkim || route.dkim_domain.is_some() {
+            continue;
+        }
+        for pattern in &route.sender_domains {
+            let domain = pattern.trim_start_matches('.');
+            if config.dkim_for(domain).is_none() {
+                warnings.push(format!(
+                    "route {} (to upstream {:?}) sends mail from {pattern:?}, which no [[dkim]] domain covers: that mail is sent unsigned (receivers such as Gmail expect DKIM from bulk senders)",
+                    index + 1,
+                    route.upstream
+                ));
+            }
+        }
+    }
+    warnings
+}
+
+/// A message for the pool: fresh from the server, or found by recovery.
+#[derive(Debug)]
+pub(crate) struct Task {
+    pub message: SpooledMessage,
+    pub recovered: bool,
+}
+
+/// The signing threads and their queue.
+#[derive(Debug)]
+pub(crate) struct SigningPool {
+    queue: Arc<Inbox<Task>>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl SigningPool {
+    pub fn start(
+        signing: Signing,
+        threads: usize,
+        spool: Spool,
+        dispatcher: Arc<Inbox<Input>>,
+    ) -> std::io::Result<Self> {
+        let signing = Arc::new(signing);
+        let queue: Arc<Inbox<Task>> = Arc::new(Inbox::default());
+        let count = if threads == 0 {
+            std::thread::available_parallelism().map_or(1, usize::from)
+        } else {
+            threads
+        };
+        let mut handles = Vec::with_capacity(count);
+        for number in 0..count {
+            let signing = Arc::clone(&signing);
+            let queue = Arc::clone(&queue);
+            let spool = spool.clone();
+            let dispatcher = Arc::clone(&dispatcher);
+            handles.push(
+                std::thread::Builder::new()
+                    .name(format!("sign-{number}"))
+                    .spawn(move || run(&signing, &queue, &spool, &dispatcher))?,
+            );
+        }
+        tracing::info!(threads = count, domains = ?signing.domains.iter().map(|d| &d.domain).collect::<Vec<_>>(), "DKIM signing pool started");
+        Ok(Self {
+            queue,
+            threads: handles,
+        })
+    }
+
+    pub fn queue(&self) -> Arc<Inbox<Task>> {
+        Arc::clone(&self.queue)
+    }
+
+    /// No more messages: those waiting are left in the spool (the next start signs and
+    /// queues them); the threads finish the batch they are on.
+    pub fn stop(mut self) {
+        let mut unsigned = Vec::new();
+        self.queue.drain_into(&mut unsigned, usize::MAX);
+        if !unsigned.is_empty() {
+            tracing::info!(
+                messages = unsigned.len(),
+                "messages not yet signed stay in the spool for the next start"
+            );
+        }
+        self.queue.close();
+        for thread in self.threads.drain(..) {
+            let _ = thread.join();
+        }
+    }
+}
+
+fn run(signing: &Signing, queue: &Inbox<Task>, spool: &Spool, dispatcher: &Inbox<Input>) {
+    let mut batch = Vec::with_capacity(BATCH_MAX);
+    loop {
+        match queue.pop_timeout(std::time::Duration::from_secs(3600)) {
+            Pop::Item(task) => batch.push(task),
+            Pop::Timeout => continue,
+            Pop::Closed => return,
+        }
+        queue.drain_into(&mut batch, BATCH_MAX - 1);
+        for task in batch.drain(..) {
+            let Task {
+                mut message,
+                recovered,
+            } = task;
+            let in_memory = prepare(signing, spool, &mut message);
+            let command = if recovered {
+                Command::Recovered(message, in_memory)
+            } else {
+                Command::Accepted(message, in_memory)
+            };
+            // Fails only once the dispatcher has stopped: the message stays in the spool
+            // and is queued (and, its fields not stored, signed again) at the next start.
+            let _ = dispatcher.push(Input::Command(command));
+        }
+    }
+}
+
+/// Works out and stores a message's added fields, setting `message.added_fields`.
+/// Returns the fields when they could not be stored (they then travel with the message
+/// in memory, so that this run still sends them). A message that cannot be signed is
+/// sent as it is, and the log says why.
+fn prepare(signing: &Signing, spool: &Spool, message: &mut SpooledMessage) -> Option<Arc<[u8]>> {
+    let body = match spool.body(message.id, message.location) {
+        Ok(body) => body,
+        Err(error) => {
+            // The worker will read the body again and defer the message if this persists.
+            tracing::error!(id = %message.id, %error, "cannot read the message to sign it");
+            return None;
+        }
+    };
+    let fields = match signing.fields_for(message, &body) {
+        Ok(fields) => fields,
+        Err(error) => {
+            tracing::warn!(id = %message.id, %error, "message not signed; it is sent unsigned");
+            return None;
+        }
+    };
+    drop(body);
+    if fields.is_empty() {
+        return None;
+    }
+    match spool.append_added_fields(message.id, crate::now_unix_ms(), &fields) {
+        Ok((location, _sequence)) => {
+            message.added_fields = Some(location);
+            None
+        }
+        Err(error) => {
+            tracing::warn!(id = %message.id, %error, "cannot store the DKIM signature in the spool; this run sends it from memory, a restart signs again");
+            Some(Arc::from(fields))
+        }
+    }
+}
