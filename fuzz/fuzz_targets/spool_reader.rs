@@ -11,8 +11,8 @@
 
 use libfuzzer_sys::fuzz_target;
 use tsubame_spool::format::{
-    RECORD_ALIGNMENT_BYTES, RECORD_HEADER_SIZE_BYTES, RECORD_MAGIC, SEGMENT_HEADER_SIZE_BYTES,
-    SEGMENT_MAGIC, Salt, ScannedRecord, SegmentHeader,
+    MAX_ADDED_FIELDS_BYTES, RECORD_ALIGNMENT_BYTES, RECORD_HEADER_SIZE_BYTES, RECORD_MAGIC,
+    SEGMENT_HEADER_SIZE_BYTES, SEGMENT_MAGIC, Salt, ScannedRecord, SegmentHeader,
 };
 use tsubame_spool::scan_segment_bytes;
 
@@ -38,6 +38,11 @@ fn check(bytes: &[u8]) {
             }
             ScannedRecord::RecipientOutcome(outcome) => outcome.location.offset_bytes,
             ScannedRecord::MessageDone(done) => done.location.offset_bytes,
+            ScannedRecord::AddedFields(added) => {
+                assert!(added.fields.len() <= MAX_ADDED_FIELDS_BYTES);
+                assert!(added.fields.is_empty() || added.fields.ends_with("\r\n"));
+                added.location.offset_bytes
+            }
             ScannedRecord::Unknown { location, .. } => location.offset_bytes,
         };
         assert!(offset >= previous_end, "records out of order or overlapping");

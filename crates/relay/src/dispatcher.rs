@@ -783,6 +783,7 @@ impl Dispatcher {
                     body_size_bytes: bounce.content.len() as u64,
                     state: tsubame_spool::MessageState::Queued,
                     recipient_states: vec![tsubame_spool::RecipientState::default()],
+                    added_fields: None,
                 });
                 // The failure records the caller writes next must never be durable
                 // without the bounce: the disk may write pages in any order

@@ -1231,6 +1231,7 @@ fn after_process(
                     body_size_bytes: parts.body.len() as u64,
                     state: MessageState::Queued,
                     recipient_states: vec![RecipientState::default(); parts.recipients.len()],
+                    added_fields: None,
                 },
             });
             connection.session.spooled();

@@ -17,7 +17,8 @@ pub const SEGMENT_MAGIC: [u8; 8] = *b"\x89TSPOOL\n";
 pub const FORMAT_MAJOR: u16 = 1;
 
 /// Minor format version this crate writes. A reader of major 1 reads every minor.
-pub const FORMAT_MINOR: u16 = 0;
+/// 1.1 added the added-header-fields record ([`RecordType::AddedFields`]).
+pub const FORMAT_MINOR: u16 = 1;
 
 /// Size of the version-1.0 segment header. Records start at the header size stored in the
 /// header (never less than this), so a later minor version may grow the header.
@@ -45,6 +46,14 @@ pub const MAX_RECORD_PAYLOAD_BYTES: usize = 256 * 1024 * 1024;
 /// Largest reply text a recipient outcome record carries: eight reply lines of the 512
 /// octets RFC 5321 section 4.5.3.1.5 allows each. Writers truncate, readers refuse more.
 pub const MAX_REPLY_TEXT_BYTES: usize = 8 * 512;
+
+/// Largest `fields` text an added-header-fields record carries. A folded
+/// DKIM-Signature field with a 4096-bit RSA signature is about 1.2 KB (684 base64
+/// characters of `b=`, a 44-character `bh=`, an `h=` list of a few dozen names), so
+/// several signatures (RSA and Ed25519 side by side) and a List-Unsubscribe pair fit with
+/// room to spare; the bound keeps what a reader holds and what every send prepends small.
+/// Writers refuse more (a cut signature is useless), readers refuse more.
+pub const MAX_ADDED_FIELDS_BYTES: usize = 16 * 1024;
 
 /// Largest segment file the format allows: a segment holding one record of the maximum
 /// size, rounded up generously. Readers refuse bigger files before reading them.
@@ -232,6 +241,9 @@ pub enum RecordType {
     RecipientOutcome = 2,
     /// Every recipient of a message has a final outcome (or the message was deleted).
     MessageDone = 3,
+    /// Header fields to put before a message's stored content when it is sent (DKIM
+    /// signatures made after spooling); the latest one per message counts. Since 1.1.
+    AddedFields = 4,
 }
 
 impl RecordType {
@@ -240,7 +252,18 @@ impl RecordType {
             1 => Some(Self::Message),
             2 => Some(Self::RecipientOutcome),
             3 => Some(Self::MessageDone),
+            4 => Some(Self::AddedFields),
             _ => None,
+        }
+    }
+
+    /// Why a record is refused where one of this type was expected.
+    pub(crate) fn mismatch_reason(self) -> &'static str {
+        match self {
+            Self::Message => "record is not a message record",
+            Self::RecipientOutcome => "record is not a recipient outcome record",
+            Self::MessageDone => "record is not a message done record",
+            Self::AddedFields => "record is not an added header fields record",
         }
     }
 }
@@ -459,6 +482,7 @@ pub fn decode_message(
             body_size_bytes,
             state: MessageState::Queued,
             recipient_states,
+            added_fields: None,
         },
         cursor.position,
     ))
@@ -650,12 +674,111 @@ fn decode_message_done(
     })
 }
 
+/// A decoded added-header-fields record (type 4).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AddedFieldsRecord {
+    pub location: RecordLocation,
+    pub message_id: MessageId,
+    pub at_unix_ms: u64,
+    /// Complete header fields, each ending in CRLF. Invariant: empty or ending in CRLF, at
+    /// most [`MAX_ADDED_FIELDS_BYTES`].
+    pub fields: String,
+}
+
+/// Why added header fields cannot be stored; see [`check_added_fields`].
+pub(crate) const ADDED_FIELDS_TOO_LONG: &str =
+    "added header fields are longer than the format allows (MAX_ADDED_FIELDS_BYTES)";
+/// See [`check_added_fields`].
+pub(crate) const ADDED_FIELDS_WITHOUT_CRLF: &str = "added header fields do not end in CRLF";
+
+/// The rule writers and readers both apply to the `fields` of an added-header-fields
+/// record: at most [`MAX_ADDED_FIELDS_BYTES`], and empty or ending in CRLF (every field
+/// ends in CRLF, so anything else is a cut field). The field syntax itself is the
+/// producer's business; the spool does not parse header fields.
+pub fn check_added_fields(fields: &str) -> Result<(), &'static str> {
+    if fields.len() > MAX_ADDED_FIELDS_BYTES {
+        return Err(ADDED_FIELDS_TOO_LONG);
+    }
+    if !fields.is_empty() && !fields.ends_with("\r\n") {
+        return Err(ADDED_FIELDS_WITHOUT_CRLF);
+    }
+    Ok(())
+}
+
+/// Encodes an added-header-fields payload. Refuses (never cuts) fields that break
+/// [`check_added_fields`]: a cut signature is useless, and a reader would refuse the
+/// record.
+pub fn encode_added_fields(
+    message_id: MessageId,
+    at_unix_ms: u64,
+    fields: &str,
+) -> Result<Vec<u8>, &'static str> {
+    check_added_fields(fields)?;
+    let mut out = Vec::with_capacity(20 + fields.len());
+    out.extend_from_slice(&message_id.0.to_le_bytes());
+    out.extend_from_slice(&at_unix_ms.to_le_bytes());
+    // At most MAX_ADDED_FIELDS_BYTES, so the length fits in the u32.
+    put_text(&mut out, fields);
+    Ok(out)
+}
+
+/// An added-header-fields payload, borrowed: what [`decode_added_fields`] and the
+/// zero-copy lookup behind `Spool::added_fields` both read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AddedFieldsPayload<'a> {
+    pub message_id: MessageId,
+    pub at_unix_ms: u64,
+    pub fields: &'a str,
+    /// Where `fields` starts within the payload; it runs to the payload's end.
+    pub fields_start: usize,
+}
+
+/// Checks an added-header-fields payload: its layout, that it ends exactly after
+/// `fields`, and [`check_added_fields`].
+pub fn parse_added_fields(payload: &[u8]) -> Result<AddedFieldsPayload<'_>, &'static str> {
+    let mut cursor = Cursor::new(payload);
+    let message_id = MessageId(cursor.u64()?);
+    let at_unix_ms = cursor.u64()?;
+    let length = cursor.u32()? as usize;
+    // Checked before the bytes are looked at, so an oversized length is named as such.
+    if length > MAX_ADDED_FIELDS_BYTES {
+        return Err(ADDED_FIELDS_TOO_LONG);
+    }
+    let fields_start = cursor.position;
+    let fields =
+        std::str::from_utf8(cursor.take(length)?).map_err(|_| "record text field is not UTF-8")?;
+    if cursor.remaining() != 0 {
+        return Err("added header fields record has trailing bytes");
+    }
+    check_added_fields(fields)?;
+    Ok(AddedFieldsPayload {
+        message_id,
+        at_unix_ms,
+        fields,
+        fields_start,
+    })
+}
+
+fn decode_added_fields(
+    payload: &[u8],
+    location: RecordLocation,
+) -> Result<AddedFieldsRecord, &'static str> {
+    let parsed = parse_added_fields(payload)?;
+    Ok(AddedFieldsRecord {
+        location,
+        message_id: parsed.message_id,
+        at_unix_ms: parsed.at_unix_ms,
+        fields: parsed.fields.to_owned(),
+    })
+}
+
 /// One valid record found by [`scan_segment_bytes`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ScannedRecord {
     Message(SpooledMessage),
     RecipientOutcome(RecipientOutcome),
     MessageDone(MessageDone),
+    AddedFields(AddedFieldsRecord),
     /// A record with valid checksums of a type this reader does not know (a later minor
     /// version wrote it); skipped.
     Unknown {
@@ -772,6 +895,9 @@ fn decode_payload(
         }
         Some(RecordType::MessageDone) => {
             decode_message_done(framed.payload, location).map(ScannedRecord::MessageDone)
+        }
+        Some(RecordType::AddedFields) => {
+            decode_added_fields(framed.payload, location).map(ScannedRecord::AddedFields)
         }
         None => Ok(ScannedRecord::Unknown {
             location,
@@ -994,7 +1120,10 @@ mod tests {
             (
                 &patched(8, &2u16.to_le_bytes()),
                 4096,
-                SegmentHeaderError::UnsupportedVersion { major: 2, minor: 0 },
+                SegmentHeaderError::UnsupportedVersion {
+                    major: 2,
+                    minor: FORMAT_MINOR,
+                },
             ),
             (
                 &patched(20, &[0xff]),
@@ -1155,6 +1284,135 @@ mod tests {
                 );
             }
         }
+    }
+
+    fn framed_record(record_type: RecordType, payload: &[u8]) -> Vec<u8> {
+        let header = encode_record_header(
+            SALT,
+            record_type,
+            payload.len() as u32,
+            SALT.checksum(&[payload]),
+        );
+        let mut record = header.to_vec();
+        record.extend_from_slice(payload);
+        record.resize(record_size_on_disk(payload.len()).unwrap(), 0);
+        record
+    }
+
+    /// An added-fields payload with any `fields` bytes, bypassing the encoder's checks.
+    fn raw_added_fields(id: u64, fields: &[u8]) -> Vec<u8> {
+        let mut payload = id.to_le_bytes().to_vec();
+        payload.extend_from_slice(&5u64.to_le_bytes());
+        payload.extend_from_slice(&(fields.len() as u32).to_le_bytes());
+        payload.extend_from_slice(fields);
+        payload
+    }
+
+    #[test]
+    fn added_fields_round_trip_through_a_scan() {
+        let location = RecordLocation {
+            segment: 3,
+            offset_bytes: 64,
+        };
+        let longest = format!("X: {}\r\n", "y".repeat(MAX_ADDED_FIELDS_BYTES - 5));
+        for fields in [
+            "",
+            "DKIM-Signature: v=1; a=ed25519-sha256;\r\n\tb=abc\r\n",
+            longest.as_str(),
+        ] {
+            let payload = encode_added_fields(MessageId(9), 1234, fields).unwrap();
+            // id, time, then the text: length and bytes, nothing after.
+            assert_eq!(payload.len(), 20 + fields.len());
+            assert_eq!(&payload[..8], &9u64.to_le_bytes());
+            assert_eq!(&payload[8..16], &1234u64.to_le_bytes());
+            assert_eq!(&payload[16..20], &(fields.len() as u32).to_le_bytes());
+            let parsed = parse_added_fields(&payload).unwrap();
+            assert_eq!(parsed.fields, fields);
+            assert_eq!(&payload[parsed.fields_start..], fields.as_bytes());
+            let mut bytes = SegmentHeader::new(3, 1, SALT, 4096).encode().to_vec();
+            bytes.extend_from_slice(&framed_record(RecordType::AddedFields, &payload));
+            let scan = scan_segment_bytes(&bytes).unwrap();
+            assert!(scan.damage.is_empty());
+            assert_eq!(
+                scan.records,
+                vec![ScannedRecord::AddedFields(AddedFieldsRecord {
+                    location,
+                    message_id: MessageId(9),
+                    at_unix_ms: 1234,
+                    fields: fields.to_owned(),
+                })]
+            );
+        }
+    }
+
+    #[test]
+    fn added_fields_refusals() {
+        let too_long = format!("X: {}\r\n", "y".repeat(MAX_ADDED_FIELDS_BYTES - 4));
+        for (fields, reason) in [
+            (too_long.as_str(), ADDED_FIELDS_TOO_LONG),
+            ("DKIM-Signature: v=1", ADDED_FIELDS_WITHOUT_CRLF),
+            ("DKIM-Signature: v=1\n", ADDED_FIELDS_WITHOUT_CRLF),
+            ("DKIM-Signature: v=1\r", ADDED_FIELDS_WITHOUT_CRLF),
+        ] {
+            assert_eq!(
+                encode_added_fields(MessageId(1), 1, fields),
+                Err(reason),
+                "{fields:?}"
+            );
+            assert_eq!(
+                parse_added_fields(&raw_added_fields(1, fields.as_bytes())),
+                Err(reason),
+                "{fields:?}"
+            );
+        }
+        let mut trailing = raw_added_fields(1, b"A: b\r\n");
+        trailing.push(0);
+        let mut huge_length = raw_added_fields(1, b"");
+        huge_length[16..20].copy_from_slice(&u32::MAX.to_le_bytes());
+        let cases: [(&[u8], &str); 5] = [
+            (&trailing, "added header fields record has trailing bytes"),
+            (&huge_length, ADDED_FIELDS_TOO_LONG),
+            (
+                &raw_added_fields(1, b"A: \xff\r\n"),
+                "record text field is not UTF-8",
+            ),
+            (
+                &raw_added_fields(1, b"A: b\r\n")[..24],
+                "record payload is truncated",
+            ),
+            (&[0; 19], "record payload is truncated"),
+        ];
+        for (payload, reason) in cases {
+            assert_eq!(parse_added_fields(payload), Err(reason));
+        }
+        // A scan quarantines a checksum-valid record that breaks the rule, and goes on.
+        let mut bytes = SegmentHeader::new(1, 1, SALT, 4096).encode().to_vec();
+        let bad = framed_record(RecordType::AddedFields, &raw_added_fields(1, b"A: b"));
+        bytes.extend_from_slice(&bad);
+        bytes.extend_from_slice(&message(2, b"body"));
+        let scan = scan_segment_bytes(&bytes).unwrap();
+        assert_eq!(message_ids(&scan), vec![2]);
+        assert_eq!(
+            scan.damage,
+            vec![SegmentDamage {
+                offset_bytes: 64,
+                length_bytes: bad.len() as u64,
+                kind: DamageKind::Quarantined,
+                reason: ADDED_FIELDS_WITHOUT_CRLF,
+            }]
+        );
+    }
+
+    #[test]
+    fn record_type_four_is_added_fields_and_new_segments_are_1_1() {
+        assert_eq!(RecordType::from_u16(4), Some(RecordType::AddedFields));
+        assert_eq!(RecordType::from_u16(5), None);
+        let header = SegmentHeader::new(1, 1, SALT, 4096).encode();
+        assert_eq!(&header[8..12], &[1, 0, 1, 0]);
+        // A 1.0 segment is still read.
+        let mut old = SegmentHeader::new(1, 1, SALT, 4096);
+        old.format_minor = 0;
+        assert_eq!(SegmentHeader::decode(&old.encode(), 4096), Ok(old));
     }
 
     fn record_payload_length(record: &[u8]) -> usize {

@@ -11,14 +11,17 @@
 //!   the bytes inside a read-only shared mapping of the segment (cached per segment), after
 //!   the record's checksums and message id were verified. It works for the segment being
 //!   appended to as well, and a `Body` stays readable after its segment is reclaimed.
+//!   [`Spool::added_fields`] lends the header fields a message gained after spooling
+//!   (DKIM signatures) the same way, through the same verified lookup.
 //! * [`Spool::reclaim`]: deletes the segments whose messages are all done, in an order
 //!   that never lets a done message come back after a crash (`spool-format/README.md`,
 //!   "Reclaim"). Cheap when there is nothing to delete; any thread may call it.
 //! * [`scan`]: read-only recovery scan, used by `Spool::open` and by offline tools;
-//!   [`read_body`] reads one message's body back for them, checksum verified, into a
-//!   buffer. (Offline tools get no zero-copy variant: without the directory lock a reader
-//!   cannot know which bytes a running writer is still writing, and lending out a `&[u8]`
-//!   over bytes that change is undefined behaviour.)
+//!   [`read_body`] and [`read_added_fields`] read one message's body or added header
+//!   fields back for them, checksum verified, into a buffer. (Offline tools get no
+//!   zero-copy variant: without the directory lock a reader cannot know which bytes a
+//!   running writer is still writing, and lending out a `&[u8]` over bytes that change is
+//!   undefined behaviour.)
 //! * [`format`](mod@format): the byte layout as code (constants, encoders, decoders) and
 //!   [`scan_segment_bytes`], the pure scanner over one segment's bytes that the fuzzer
 //!   drives and that tools can use to read journal records.
@@ -146,6 +149,11 @@ pub enum SpoolError {
     },
     #[error("{path}: not a tsubame spool segment")]
     NotASegment { path: PathBuf },
+    #[error("added header fields of {size_bytes} bytes refused: {reason}")]
+    InvalidAddedFields {
+        size_bytes: usize,
+        reason: &'static str,
+    },
     #[error("message {id} not found in the spool")]
     NotFound { id: MessageId },
     #[error("{path}: record at offset {offset_bytes} is corrupt: {reason}")]
@@ -249,6 +257,45 @@ impl Spool {
         Ok(sequence)
     }
 
+    /// Journals header fields to put before message `id`'s stored content whenever it is
+    /// sent (DKIM-Signature, List-Unsubscribe), so that retries and restarts reuse them. A
+    /// later record for the same message replaces an earlier one. `fields` are complete
+    /// header fields, each ending in CRLF, at most [`format::MAX_ADDED_FIELDS_BYTES`] in
+    /// all; anything else is refused with [`SpoolError::InvalidAddedFields`], never cut.
+    ///
+    /// Returns where the record went (for [`Spool::added_fields`]) and its commit sequence:
+    /// like a message, it is durable once a commit notice covers the sequence.
+    pub fn append_added_fields(
+        &self,
+        id: MessageId,
+        at_unix_ms: u64,
+        fields: &str,
+    ) -> Result<(RecordLocation, u64), SpoolError> {
+        let payload = format::encode_added_fields(id, at_unix_ms, fields).map_err(|reason| {
+            SpoolError::InvalidAddedFields {
+                size_bytes: fields.len(),
+                reason,
+            }
+        })?;
+        self.inner
+            .shared
+            .append_journal_record(format::RecordType::AddedFields, id, &payload)
+    }
+
+    /// The added header fields of message `id` from the record at `location` (returned by
+    /// [`Spool::append_added_fields`], or [`SpooledMessage::added_fields`]), lent without a
+    /// copy like [`Spool::body`], with the same checks: record checksums, that it is an
+    /// added-fields record, that it names `id`, and the format's rule on the fields (at
+    /// most [`format::MAX_ADDED_FIELDS_BYTES`], empty or ending in CRLF). Errors as for
+    /// [`Spool::body`].
+    pub fn added_fields(
+        &self,
+        id: MessageId,
+        location: RecordLocation,
+    ) -> Result<AddedFields, SpoolError> {
+        self.inner.shared.bodies.added_fields(id, location)
+    }
+
     /// The body of message `id`, whose record starts at `location` (from its
     /// [`AppendReceipt`] or [`SpooledMessage`]), without copying it: the [`Body`] borrows
     /// from a read-only shared mapping of the segment, which it keeps alive. Works for
@@ -343,6 +390,50 @@ impl std::fmt::Debug for Body {
     }
 }
 
+/// Header fields a message gained after it was spooled, lent straight out of the spool
+/// like a [`Body`] (same mapping, same lifetime rules): derefs to complete header fields,
+/// each ending in CRLF (UTF-8, checked when lent), to send before the body.
+pub struct AddedFields {
+    bytes: mmap::MappedBytes,
+    location: RecordLocation,
+}
+
+const _: () = {
+    const fn assert_send_sync<T: Send + Sync>() {}
+    assert_send_sync::<AddedFields>();
+};
+
+impl AddedFields {
+    /// Where the added-fields record starts.
+    pub fn location(&self) -> RecordLocation {
+        self.location
+    }
+}
+
+impl std::ops::Deref for AddedFields {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        self.bytes.as_slice()
+    }
+}
+
+impl AsRef<[u8]> for AddedFields {
+    fn as_ref(&self) -> &[u8] {
+        self.bytes.as_slice()
+    }
+}
+
+/// Shows where the fields are and their size, like [`Body`]'s.
+impl std::fmt::Debug for AddedFields {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AddedFields")
+            .field("location", &self.location)
+            .field("size_bytes", &self.bytes.as_slice().len())
+            .finish()
+    }
+}
+
 /// What one [`Spool::reclaim`] pass did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct ReclaimReport {
@@ -379,6 +470,10 @@ pub struct SpooledMessage {
     /// Per recipient, in the order of `recipients`: what the journal says so far.
     /// Invariant: `recipient_states.len() == recipients.len()`.
     pub recipient_states: Vec<RecipientState>,
+    /// The latest added-header-fields record naming this message (scan order), whose
+    /// fields go before the body when it is sent: read them with [`Spool::added_fields`]
+    /// or [`read_added_fields`]. `None` when there is none.
+    pub added_fields: Option<RecordLocation>,
 }
 
 /// What the journal records of one recipient add up to, for the scheduler at start.
@@ -427,6 +522,16 @@ pub fn scan(directory: &Path) -> Result<ScanReport, SpoolError> {
 /// Reads one message's body (verifying its checksum).
 pub fn read_body(directory: &Path, message: &SpooledMessage) -> Result<Vec<u8>, SpoolError> {
     reader::read_body(directory, message)
+}
+
+/// Reads the added header fields of message `id` from the record at `location` (see
+/// [`SpooledMessage::added_fields`]), verifying checksums, type, id and the fields rule.
+pub fn read_added_fields(
+    directory: &Path,
+    id: MessageId,
+    location: RecordLocation,
+) -> Result<Vec<u8>, SpoolError> {
+    reader::read_added_fields(directory, id, location)
 }
 
 /// Wraps an I/O error with what was being done, for `map_err`.

@@ -1,4 +1,5 @@
-//! Reading a spool directory: the recovery scan, message bodies, and copies of damaged
+//! Reading a spool directory: the recovery scan, message bodies and added header fields,
+//! and copies of damaged
 //! bytes into `quarantine/`. Plain file reads, no mmap: a scan may run while a server
 //! appends to the same files, and a mapping of a file that changes under a `&[u8]` is
 //! undefined behaviour, while `read` just returns whatever bytes were there.
@@ -18,8 +19,8 @@ use crate::format::{
     SEGMENT_HEADER_SIZE_BYTES, ScannedRecord, SegmentHeader, SegmentHeaderError,
 };
 use crate::{
-    MessageId, MessageState, QuarantinedRecord, ScanReport, SpoolError, SpooledMessage, TornTail,
-    io_error,
+    MessageId, MessageState, QuarantinedRecord, RecordLocation, ScanReport, SpoolError,
+    SpooledMessage, TornTail, io_error,
 };
 
 /// Name of the subdirectory damaged bytes are copied to.
@@ -131,6 +132,7 @@ pub(crate) fn scan_directory(directory: &Path) -> Result<DirectoryScan, SpoolErr
     };
     let mut done = HashSet::new();
     let mut outcomes = Vec::new();
+    let mut added_fields = Vec::new();
     // One buffer, reused: a segment is read whole, and its size is bounded by
     // MAX_SEGMENT_FILE_SIZE_BYTES before anything is read.
     let mut buffer = Vec::new();
@@ -199,6 +201,10 @@ pub(crate) fn scan_directory(directory: &Path) -> Result<DirectoryScan, SpoolErr
                     push_unless_repeated(&mut contents.journal_ids, outcome.message_id);
                     outcomes.push(outcome);
                 }
+                ScannedRecord::AddedFields(record) => {
+                    push_unless_repeated(&mut contents.journal_ids, record.message_id);
+                    added_fields.push((record.location, record.message_id));
+                }
                 ScannedRecord::Unknown {
                     location,
                     record_type,
@@ -246,9 +252,11 @@ pub(crate) fn scan_directory(directory: &Path) -> Result<DirectoryScan, SpoolErr
         .map(|message| message.id.0)
         .chain(done.iter().map(|id| id.0))
         .chain(outcomes.iter().map(|outcome| outcome.message_id.0))
+        .chain(added_fields.iter().map(|(_, id)| id.0))
         .max()
         .unwrap_or(0);
     apply_recipient_outcomes(&mut scan.report.messages, outcomes);
+    apply_added_fields(&mut scan.report.messages, added_fields);
     scan.done = done;
     Ok(scan)
 }
@@ -290,6 +298,25 @@ fn apply_recipient_outcomes(messages: &mut [SpooledMessage], mut outcomes: Vec<R
     }
 }
 
+/// Points each message at its latest added-header-fields record: the last in journal
+/// order (segment, then offset), which is append order for journal records, since they
+/// only go to active segments, numbered in the order they were created. Records for
+/// messages that are not in the spool are ignored.
+fn apply_added_fields(
+    messages: &mut [SpooledMessage],
+    mut records: Vec<(RecordLocation, MessageId)>,
+) {
+    records.sort_unstable();
+    for (location, id) in records {
+        let Ok(position) = messages.binary_search_by_key(&id, |message| message.id) else {
+            continue;
+        };
+        if let Some(message) = messages.get_mut(position) {
+            message.added_fields = Some(location);
+        }
+    }
+}
+
 /// Reads a whole segment file into `buffer`. `Ok(false)` when the file is larger than
 /// the format allows (nothing read).
 fn read_segment_file(path: &Path, buffer: &mut Vec<u8>) -> io::Result<bool> {
@@ -308,8 +335,46 @@ fn read_segment_file(path: &Path, buffer: &mut Vec<u8>) -> io::Result<bool> {
 
 /// See [`crate::read_body`].
 pub(crate) fn read_body(directory: &Path, message: &SpooledMessage) -> Result<Vec<u8>, SpoolError> {
-    let path = directory.join(format::segment_file_name(message.location.segment));
-    let offset = message.location.offset_bytes;
+    read_record_tail(
+        directory,
+        message.id,
+        message.location,
+        RecordType::Message,
+        format::message_body_start,
+    )
+}
+
+/// See [`crate::read_added_fields`].
+pub(crate) fn read_added_fields(
+    directory: &Path,
+    id: MessageId,
+    location: RecordLocation,
+) -> Result<Vec<u8>, SpoolError> {
+    read_record_tail(
+        directory,
+        id,
+        location,
+        RecordType::AddedFields,
+        |payload| {
+            format::parse_added_fields(payload)
+                .map(|parsed| (parsed.message_id, parsed.fields_start))
+        },
+    )
+}
+
+/// The offline counterpart of the zero-copy lookup in `bodies`: reads the `record_type`
+/// record at `location` with plain reads, checks its header and payload checksums, lets
+/// `locate` check the payload's layout (it returns the id the payload names and where the
+/// wanted part starts), checks the id, and returns the payload from there to its end.
+fn read_record_tail(
+    directory: &Path,
+    id: MessageId,
+    location: RecordLocation,
+    record_type: RecordType,
+    locate: impl FnOnce(&[u8]) -> Result<(MessageId, usize), &'static str>,
+) -> Result<Vec<u8>, SpoolError> {
+    let path = directory.join(format::segment_file_name(location.segment));
+    let offset = location.offset_bytes;
     let corrupt = |reason| SpoolError::Corrupt {
         path: path.clone(),
         offset_bytes: offset,
@@ -318,7 +383,7 @@ pub(crate) fn read_body(directory: &Path, message: &SpooledMessage) -> Result<Ve
     let file = match File::open(&path) {
         Ok(file) => file,
         Err(error) if error.kind() == io::ErrorKind::NotFound => {
-            return Err(SpoolError::NotFound { id: message.id });
+            return Err(SpoolError::NotFound { id });
         }
         Err(error) => return Err(io_error(format!("opening {}", path.display()))(error)),
     };
@@ -353,8 +418,8 @@ pub(crate) fn read_body(directory: &Path, message: &SpooledMessage) -> Result<Ve
         .ok_or_else(|| corrupt("record header extends past the end of the segment"))?;
     let record_header =
         format::decode_record_header(&record_header_bytes, header.salt).map_err(corrupt)?;
-    if record_header.record_type != RecordType::Message as u16 {
-        return Err(corrupt("record is not a message record"));
+    if record_header.record_type != record_type as u16 {
+        return Err(corrupt(record_type.mismatch_reason()));
     }
     // Bounded by MAX_RECORD_PAYLOAD_BYTES: decode_record_header refuses larger lengths.
     let mut payload = vec![0u8; record_header.payload_length];
@@ -362,12 +427,14 @@ pub(crate) fn read_body(directory: &Path, message: &SpooledMessage) -> Result<Ve
     read_exactly_at(&file, &mut payload, payload_offset, &path)?
         .ok_or_else(|| corrupt("record extends past the end of the segment"))?;
     format::verify_payload(&record_header, &payload, header.salt).map_err(corrupt)?;
-    let (stored, body_start) =
-        format::decode_message(&payload, message.location).map_err(corrupt)?;
-    if stored.id != message.id {
+    let (stored_id, start) = locate(&payload).map_err(corrupt)?;
+    if stored_id != id {
         return Err(corrupt("record holds a different message id"));
     }
-    payload.drain(..body_start);
+    if start > payload.len() {
+        return Err(corrupt("wanted bytes lie outside their record"));
+    }
+    payload.drain(..start);
     Ok(payload)
 }
 

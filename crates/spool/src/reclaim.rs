@@ -89,6 +89,10 @@ pub(crate) enum TrackedRecord {
     Message(MessageId),
     RecipientOutcome(MessageId),
     MessageDone(MessageId),
+    /// Names a message like a recipient outcome and adds the same dependency (rule 3):
+    /// otherwise its segment could go while the message is still queued, and after a
+    /// restart the message would be sent without its added fields (its DKIM signature).
+    AddedFields(MessageId),
 }
 
 /// A segment [`ReclaimTracker::next_round`] found ready to delete.
@@ -209,7 +213,9 @@ impl ReclaimTracker {
                     );
                 }
             }
-            TrackedRecord::RecipientOutcome(id) => self.add_journal_reference(number, id),
+            TrackedRecord::RecipientOutcome(id) | TrackedRecord::AddedFields(id) => {
+                self.add_journal_reference(number, id)
+            }
             TrackedRecord::MessageDone(id) => {
                 self.add_journal_reference(number, id);
                 self.pending_done.push_back((sequence, id));

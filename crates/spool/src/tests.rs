@@ -1,5 +1,6 @@
 //! Tests of the writer, the reader and recovery, on real files in temporary directories.
 
+mod added_fields;
 mod bodies_and_reclaim;
 
 use std::collections::HashSet;
@@ -1073,6 +1074,15 @@ fn write_fuzz_seed_corpus() {
     );
     shared
         .append_journal_record(RecordType::RecipientOutcome, messages[1].id, &failed)
+        .unwrap();
+    let added = format::encode_added_fields(
+        messages[1].id,
+        1_700_000_000_650,
+        "DKIM-Signature: v=1; a=ed25519-sha256; d=example.com;\r\n\tb=c2ln\r\n",
+    )
+    .unwrap();
+    shared
+        .append_journal_record(RecordType::AddedFields, messages[1].id, &added)
         .unwrap();
     let done = format::encode_message_done(
         messages[0].id,

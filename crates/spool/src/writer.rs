@@ -414,6 +414,7 @@ impl Shared {
         let tracked = match record_type {
             RecordType::RecipientOutcome => TrackedRecord::RecipientOutcome(id),
             RecordType::MessageDone => TrackedRecord::MessageDone(id),
+            RecordType::AddedFields => TrackedRecord::AddedFields(id),
             RecordType::Message => {
                 return Err(invariant_broken(
                     "a message record was passed as a journal record",

@@ -19,7 +19,8 @@ pub struct InspectArgs {
     /// Print JSON instead of a table.
     #[arg(long)]
     json: bool,
-    /// Print one message: its envelope, a blank line, then its content exactly as spooled.
+    /// Print one message: its envelope (with the names of any header fields added after
+    /// spooling, such as DKIM-Signature), a blank line, then its content exactly as spooled.
     #[arg(long, value_name = "ID")]
     show: Option<String>,
 }
@@ -49,13 +50,28 @@ pub fn run(args: InspectArgs) -> anyhow::Result<ExitCode> {
             .find(|message| message.id == id)
             .with_context(|| format!("message {id} is not in {}", directory.display()))?;
         let body = tsubame_spool::read_body(&directory, message)?;
+        let added = message
+            .added_fields
+            .map(|location| tsubame_spool::read_added_fields(&directory, message.id, location));
         let mut out = std::io::stdout().lock();
         if args.json {
             let mut value = message_json(message);
             value["body"] = serde_json::Value::String(String::from_utf8_lossy(&body).into_owned());
+            if let Some(added) = &added {
+                value["added_fields"] = match added {
+                    Ok(fields) => serde_json::json!({
+                        "names": added_field_names(fields),
+                        "size_bytes": fields.len(),
+                    }),
+                    Err(error) => serde_json::json!({ "error": error.to_string() }),
+                };
+            }
             writeln!(out, "{}", serde_json::to_string_pretty(&value)?)?;
         } else {
             write_envelope(&mut out, message)?;
+            if let Some(added) = &added {
+                write_added_fields(&mut out, added.as_deref().map_err(ToString::to_string))?;
+            }
             writeln!(out)?;
             out.write_all(&body)?;
         }
@@ -111,7 +127,41 @@ fn message_json(message: &SpooledMessage) -> serde_json::Value {
         "state": state_name(message.state),
         "segment": message.location.segment,
         "offset": message.location.offset_bytes,
+        "added_fields": message.added_fields.map(|location| serde_json::json!({
+            "segment": location.segment,
+            "offset": location.offset_bytes,
+        })),
     })
+}
+
+/// The names of the header fields in `fields` (complete fields, each ending in CRLF;
+/// continuation lines start with a space or tab, RFC 5322 section 2.2.3), in order.
+fn added_field_names(fields: &[u8]) -> Vec<String> {
+    fields
+        .split(|&byte| byte == b'\n')
+        .filter(|line| {
+            line.first()
+                .is_some_and(|&byte| !matches!(byte, b' ' | b'\t' | b'\r'))
+        })
+        .map(|line| {
+            let name = line.split(|&byte| byte == b':').next().unwrap_or_default();
+            String::from_utf8_lossy(name).into_owned()
+        })
+        .collect()
+}
+
+/// One line: the names of the added header fields and their size, or why they could not
+/// be read.
+fn write_added_fields(out: &mut impl Write, added: Result<&[u8], String>) -> std::io::Result<()> {
+    match added {
+        Ok(fields) => writeln!(
+            out,
+            "added fields: {} ({} bytes)",
+            added_field_names(fields).join(", "),
+            fields.len()
+        ),
+        Err(error) => writeln!(out, "added fields: unreadable: {error}"),
+    }
 }
 
 fn report_json(report: &ScanReport) -> serde_json::Value {
@@ -282,6 +332,7 @@ mod tests {
                 },
                 RecipientState::default(),
             ],
+            added_fields: None,
         };
         let mut out = Vec::new();
         write_envelope(&mut out, &message).unwrap();
@@ -303,6 +354,29 @@ mod tests {
         assert_eq!(json["recipient_states"][0]["final"], "delivered");
         assert_eq!(json["recipient_states"][1]["attempts"], 1);
         assert!(json["recipient_states"][2]["final"].is_null());
+    }
+
+    #[test]
+    fn added_fields_show_their_names_and_size() {
+        let fields = concat!(
+            "DKIM-Signature: v=1; a=rsa-sha256; d=example.com;\r\n\tb=abc\r\n",
+            "List-Unsubscribe: <https://example.com/u>\r\n",
+        )
+        .as_bytes();
+        assert_eq!(
+            added_field_names(fields),
+            ["DKIM-Signature", "List-Unsubscribe"]
+        );
+        assert!(added_field_names(b"").is_empty());
+        let mut out = Vec::new();
+        write_added_fields(&mut out, Ok(fields)).unwrap();
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            format!(
+                "added fields: DKIM-Signature, List-Unsubscribe ({} bytes)\n",
+                fields.len()
+            )
+        );
     }
 
     #[test]

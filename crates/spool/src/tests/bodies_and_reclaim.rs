@@ -836,6 +836,9 @@ enum Step {
     Append(Vec<usize>),
     /// Journals a deferred outcome for one of the queued messages (picked by index).
     Defer(usize),
+    /// Journals added header fields for one of the queued messages (picked by index),
+    /// replacing any earlier ones.
+    AddFields(usize),
     /// Marks a run of queued messages done, in id order from the one picked by index (runs
     /// make whole segments done while older ones are not), and waits for the commit.
     Done {
@@ -851,6 +854,7 @@ fn step() -> impl Strategy<Value = Step> {
         3 => prop::collection::vec(prop_oneof![6 => 0usize..900, 1 => 4000usize..6000], 1..6)
             .prop_map(Step::Append),
         1 => any::<usize>().prop_map(Step::Defer),
+        1 => any::<usize>().prop_map(Step::AddFields),
         4 => (any::<usize>(), 1usize..12).prop_map(|(pick, count)| Step::Done { pick, count }),
         2 => Just(Step::Reclaim),
         1 => Just(Step::Reopen),
@@ -865,11 +869,16 @@ struct Known {
     location: RecordLocation,
 }
 
-/// Every queued message is intact and readable; no done one is queued again.
+/// The latest added fields the test journaled per queued message: where and what.
+type KnownFields = HashMap<MessageId, (RecordLocation, String)>;
+
+/// Every queued message is intact and readable, with its latest added fields; no done one
+/// is queued again.
 fn check_recovery(
     report: &ScanReport,
     queued: &BTreeMap<MessageId, Known>,
     done: &HashSet<MessageId>,
+    fields: &KnownFields,
 ) -> Result<(), TestCaseError> {
     prop_assert!(report.quarantined.is_empty() && report.torn_tails.is_empty());
     for (id, known) in queued {
@@ -878,6 +887,12 @@ fn check_recovery(
         let message = message.unwrap();
         prop_assert_eq!(message.state, MessageState::Queued);
         prop_assert_eq!(message.location, known.location);
+        prop_assert_eq!(
+            message.added_fields,
+            fields.get(id).map(|(location, _)| *location),
+            "added fields of {}",
+            id
+        );
     }
     for message in &report.messages {
         if done.contains(&message.id) {
@@ -903,11 +918,17 @@ fn check_bodies(
     queued: &BTreeMap<MessageId, Known>,
     done: &HashSet<MessageId>,
     locations: &HashMap<MessageId, RecordLocation>,
+    fields: &KnownFields,
 ) -> Result<(), TestCaseError> {
     for (id, known) in queued {
         let got = spool.body(*id, known.location);
         prop_assert!(got.is_ok(), "body of {}: {:?}", id, got);
         prop_assert_eq!(&*got.unwrap(), &body(known.n, known.size)[..]);
+        if let Some((location, text)) = fields.get(id) {
+            let got = spool.added_fields(*id, *location);
+            prop_assert!(got.is_ok(), "added fields of {}: {:?}", id, got);
+            prop_assert_eq!(&*got.unwrap(), text.as_bytes());
+        }
     }
     for id in done {
         let Some(location) = locations.get(id) else {
@@ -936,6 +957,7 @@ proptest! {
         let mut queued: BTreeMap<MessageId, Known> = BTreeMap::new();
         let mut done: HashSet<MessageId> = HashSet::new();
         let mut locations: HashMap<MessageId, RecordLocation> = HashMap::new();
+        let mut fields = KnownFields::new();
         let mut next_n = 0usize;
         for step in steps {
             match step {
@@ -961,6 +983,15 @@ proptest! {
                         waiter.wait(sequence).unwrap();
                     }
                 }
+                Step::AddFields(pick) => {
+                    if let Some(id) = queued.keys().nth(pick % queued.len().max(1)).copied() {
+                        let text = format!("DKIM-Signature: v=1; b={pick:x}\r\n");
+                        let (location, sequence) =
+                            spool.append_added_fields(id, 6, &text).unwrap();
+                        waiter.wait(sequence).unwrap();
+                        fields.insert(id, (location, text));
+                    }
+                }
                 Step::Done { pick, count } => {
                     let run: Vec<MessageId> = queued
                         .keys()
@@ -976,6 +1007,7 @@ proptest! {
                                 .unwrap(),
                         );
                         queued.remove(&id);
+                        fields.remove(&id);
                         done.insert(id);
                     }
                     if let Some(sequence) = last {
@@ -984,21 +1016,21 @@ proptest! {
                 }
                 Step::Reclaim => {
                     spool.reclaim().unwrap();
-                    check_bodies(&spool, &queued, &done, &locations)?;
+                    check_bodies(&spool, &queued, &done, &locations, &fields)?;
                 }
                 Step::Reopen => {
                     spool.shutdown();
                     drop(spool);
-                    check_recovery(&scan(directory.path()).unwrap(), &queued, &done)?;
+                    check_recovery(&scan(directory.path()).unwrap(), &queued, &done, &fields)?;
                     let (reopened, report) = open();
-                    check_recovery(&report, &queued, &done)?;
+                    check_recovery(&report, &queued, &done, &fields)?;
                     // A reclaimed segment's number may be used again by a new session, so
                     // only locations this session's recovery reported still mean anything.
                     let listed: HashSet<MessageId> = report.messages.iter().map(|m| m.id).collect();
                     locations.retain(|id, _| listed.contains(id));
                     spool = reopened;
                     waiter = CommitWaiter::subscribe(&spool);
-                    check_bodies(&spool, &queued, &done, &locations)?;
+                    check_bodies(&spool, &queued, &done, &locations, &fields)?;
                 }
             }
         }
@@ -1009,11 +1041,12 @@ proptest! {
             waiter.wait(sequence).unwrap();
             done.insert(id);
         }
+        fields.clear();
         spool.reclaim().unwrap();
         spool.shutdown();
         drop(spool);
         let (spool, report) = open();
-        check_recovery(&report, &queued, &done)?;
+        check_recovery(&report, &queued, &done, &fields)?;
         spool.reclaim().unwrap();
         let present: BTreeSet<u64> = segment_files(directory.path()).into_iter().collect();
         prop_assert_eq!(present, open_segments(&spool));
