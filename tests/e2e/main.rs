@@ -15,6 +15,7 @@ mod crash;
 mod delivery;
 mod delivery_restart;
 mod disk_full;
+mod dkim;
 mod gmail;
 mod limits;
 mod login;
@@ -44,9 +45,15 @@ pub fn test_message(subject: &str, body: &str) -> Vec<u8> {
 /// Sends one message with smtplib (EHLO, MAIL, RCPT, DATA, QUIT) and returns its id.
 #[track_caller]
 pub fn send_with_smtplib(address: SocketAddr, message: &[u8]) -> String {
+    send_from(address, "sender@example.com", &[], message)
+}
+
+/// [`send_with_smtplib`] from `from` with MAIL parameters (`BODY=8BITMIME`).
+#[track_caller]
+pub fn send_from(address: SocketAddr, from: &str, parameters: &[&str], message: &[u8]) -> String {
     let outcomes = Smtplib::new(address)
         .ehlo()
-        .mail("sender@example.com", &[])
+        .mail(from, parameters)
         .rcpt("rcpt@example.net", &[])
         .data(message)
         .quit()

@@ -51,6 +51,9 @@ const DONE_RETRY_INTERVAL: Duration = Duration::from_secs(1);
 const RECLAIM_INTERVAL: Duration = Duration::from_millis(500);
 
 /// Everything that reaches the dispatcher, in one queue.
+// A command carries a whole `SpooledMessage` (about 260 bytes); boxing it would cost an
+// allocation per message for a queue whose slots are reused anyway.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub(crate) enum Input {
     Command(Command),
@@ -59,8 +62,11 @@ pub(crate) enum Input {
 
 /// What the dispatcher is asked to do by other threads.
 pub(crate) enum Command {
-    /// A message is durable in the spool; schedule it.
-    Accepted(SpooledMessage),
+    /// A message is durable in the spool; schedule it. With the header fields to send
+    /// before it when the spool could not store them (see `signing`).
+    Accepted(SpooledMessage, Option<Arc<[u8]>>),
+    /// A message recovery found, back from the signing pool; queue it with its journal.
+    Recovered(SpooledMessage, Option<Arc<[u8]>>),
     Control(ControlRequest, Sender<ControlResponse>),
     /// Stop handing out jobs; wait for those in flight until `deadline`; then return.
     Shutdown {
@@ -71,7 +77,8 @@ pub(crate) enum Command {
 impl std::fmt::Debug for Command {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Self::Accepted(message) => write!(f, "Accepted({})", message.id),
+            Self::Accepted(message, _) => write!(f, "Accepted({})", message.id),
+            Self::Recovered(message, _) => write!(f, "Recovered({})", message.id),
             Self::Control(request, _) => write!(f, "Control({request:?})"),
             Self::Shutdown { .. } => f.write_str("Shutdown"),
         }
@@ -147,6 +154,8 @@ pub(crate) struct Dispatcher {
     hold: bool,
     /// The spool's commit notices, to wait for a bounce to be durable.
     commits: Arc<CommitWatch>,
+    /// The signing pool's queue, when signing is on: bounces go through it.
+    signing: Option<Arc<Inbox<crate::signing::Task>>>,
 }
 
 impl std::fmt::Debug for Dispatcher {
@@ -155,6 +164,16 @@ impl std::fmt::Debug for Dispatcher {
             .field("messages", &self.messages.len())
             .finish_non_exhaustive()
     }
+}
+
+/// What became of a recovered message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Recovery {
+    Queued,
+    /// Every recipient was final: journalled done now.
+    Finished,
+    /// Done already, or the scheduler refused it.
+    Skipped,
 }
 
 fn timestamp(unix_ms: u64) -> Timestamp {
@@ -174,6 +193,7 @@ impl Dispatcher {
         retry: RetrySchedule,
         hold: bool,
         commits: Arc<CommitWatch>,
+        signing: Option<Arc<Inbox<crate::signing::Task>>>,
     ) -> Self {
         if hold {
             tracing::warn!(
@@ -199,6 +219,7 @@ impl Dispatcher {
             retry,
             hold,
             commits,
+            signing,
         }
     }
 
@@ -209,76 +230,88 @@ impl Dispatcher {
         let mut queued = 0usize;
         let mut finished = 0usize;
         for message in messages {
-            if message.state == tsubame_spool::MessageState::Done {
-                continue;
-            }
-            let key = MessageKey(message.id.0);
-            let meta = Arc::new(MessageMeta::new(message));
-            let message = &meta.message;
-            let mut statuses = Vec::with_capacity(message.recipients.len());
-            let mut pending = Vec::new();
-            for (index, (recipient, state)) in message
-                .recipients
-                .iter()
-                .zip(&message.recipient_states)
-                .enumerate()
-            {
-                let upstream = self.route(message, recipient);
-                let phase = match state.final_outcome {
-                    Some(OutcomeKind::Delivered) => RecipientPhase::Delivered,
-                    Some(_) => RecipientPhase::Failed,
-                    None if state.attempts > 0 => RecipientPhase::Deferred,
-                    None => RecipientPhase::Queued,
-                };
-                statuses.push(RecipientStatus {
-                    upstream,
-                    attempts: state.attempts,
-                    state: phase,
-                    last_detail: None,
-                });
-                if state.final_outcome.is_none() {
-                    let next_attempt_at = state.last_attempt_unix_ms.map(|last| {
-                        timestamp(
-                            last.saturating_add(self.scheduler_retry_delay_ms(state.attempts)),
-                        )
-                    });
-                    pending.push(RecoveredRecipient {
-                        recipient: RecipientIndex(index as u32),
-                        route: RouteId(upstream as u32),
-                        attempts: state.attempts,
-                        next_attempt_at,
-                    });
-                }
-            }
-            if pending.is_empty() {
-                // Every recipient is final but the done record did not make it to disk.
-                self.message_done(message.id);
-                finished += 1;
-                continue;
-            }
-            match self.scheduler.insert_recovered(
-                key,
-                timestamp(message.received_at_unix_ms),
-                &pending,
-                timestamp(now_ms),
-            ) {
-                Ok(()) => {
-                    queued += 1;
-                    self.messages.insert(
-                        key,
-                        Entry {
-                            meta: Arc::clone(&meta),
-                            recipients: statuses,
-                        },
-                    );
-                }
-                Err(error) => {
-                    tracing::error!(id = %message.id, %error, "cannot queue a recovered message");
-                }
+            match self.recover_one(message, None, now_ms) {
+                Recovery::Queued => queued += 1,
+                Recovery::Finished => finished += 1,
+                Recovery::Skipped => {}
             }
         }
         if queued > 0 || finished > 0 {
             tracing::info!(queued, finished, "delivery queue rebuilt from the spool");
+        }
+    }
+
+    /// Queues one message recovery found (see [`Dispatcher::recover`]).
+    fn recover_one(
+        &mut self,
+        message: SpooledMessage,
+        in_memory: Option<Arc<[u8]>>,
+        now_ms: u64,
+    ) -> Recovery {
+        if message.state == tsubame_spool::MessageState::Done {
+            return Recovery::Skipped;
+        }
+        let key = MessageKey(message.id.0);
+        let meta = Arc::new(MessageMeta::new(message, in_memory));
+        let message = &meta.message;
+        let mut statuses = Vec::with_capacity(message.recipients.len());
+        let mut pending = Vec::new();
+        for (index, (recipient, state)) in message
+            .recipients
+            .iter()
+            .zip(&message.recipient_states)
+            .enumerate()
+        {
+            let upstream = self.route(message, recipient);
+            let phase = match state.final_outcome {
+                Some(OutcomeKind::Delivered) => RecipientPhase::Delivered,
+                Some(_) => RecipientPhase::Failed,
+                None if state.attempts > 0 => RecipientPhase::Deferred,
+                None => RecipientPhase::Queued,
+            };
+            statuses.push(RecipientStatus {
+                upstream,
+                attempts: state.attempts,
+                state: phase,
+                last_detail: None,
+            });
+            if state.final_outcome.is_none() {
+                let next_attempt_at = state.last_attempt_unix_ms.map(|last| {
+                    timestamp(last.saturating_add(self.scheduler_retry_delay_ms(state.attempts)))
+                });
+                pending.push(RecoveredRecipient {
+                    recipient: RecipientIndex(index as u32),
+                    route: RouteId(upstream as u32),
+                    attempts: state.attempts,
+                    next_attempt_at,
+                });
+            }
+        }
+        if pending.is_empty() {
+            // Every recipient is final but the done record did not make it to disk.
+            self.message_done(message.id);
+            return Recovery::Finished;
+        }
+        match self.scheduler.insert_recovered(
+            key,
+            timestamp(message.received_at_unix_ms),
+            &pending,
+            timestamp(now_ms),
+        ) {
+            Ok(()) => {
+                self.messages.insert(
+                    key,
+                    Entry {
+                        meta: Arc::clone(&meta),
+                        recipients: statuses,
+                    },
+                );
+                Recovery::Queued
+            }
+            Err(error) => {
+                tracing::error!(id = %message.id, %error, "cannot queue a recovered message");
+                Recovery::Skipped
+            }
         }
     }
 
@@ -287,17 +320,7 @@ impl Dispatcher {
     }
 
     fn route(&self, message: &SpooledMessage, recipient: &str) -> usize {
-        let client_ip = message
-            .client_address
-            .parse::<std::net::SocketAddr>()
-            .ok()
-            .map(|address| address.ip());
-        self.router.route(&RouteInput {
-            mail_from: &message.mail_from,
-            recipient,
-            authenticated_user: message.authenticated_user.as_deref(),
-            client_ip,
-        })
+        self.router.route(&RouteInput::of(message, recipient))
     }
 
     /// Runs until shut down.
@@ -414,7 +437,13 @@ impl Dispatcher {
 
     fn command(&mut self, command: Command) {
         match command {
-            Command::Accepted(message) => self.accept(message),
+            Command::Accepted(message, in_memory) => self.accept(message, in_memory),
+            Command::Recovered(message, in_memory) => {
+                let queued = self.recover_one(message, in_memory, now_unix_ms());
+                if queued == Recovery::Finished {
+                    tracing::debug!("a recovered message had every recipient final");
+                }
+            }
             Command::Control(request, reply) => {
                 let response = self.control(request);
                 let _ = reply.send(response);
@@ -423,9 +452,9 @@ impl Dispatcher {
         }
     }
 
-    fn accept(&mut self, message: SpooledMessage) {
+    fn accept(&mut self, message: SpooledMessage, in_memory: Option<Arc<[u8]>>) {
         let key = MessageKey(message.id.0);
-        let meta = Arc::new(MessageMeta::new(message));
+        let meta = Arc::new(MessageMeta::new(message, in_memory));
         let message = &meta.message;
         let mut recipients = Vec::with_capacity(message.recipients.len());
         let mut statuses = Vec::with_capacity(message.recipients.len());
@@ -770,7 +799,7 @@ impl Dispatcher {
                 tracing::info!(id = %original.id, bounce = %receipt.id, to = original.mail_from, "bounce queued");
                 // Scheduled at once: delivering it before its sync is harmless (nobody
                 // was promised anything).
-                self.accept(SpooledMessage {
+                let message = SpooledMessage {
                     id: receipt.id,
                     location: receipt.location,
                     received_at_unix_ms: now_ms,
@@ -784,7 +813,19 @@ impl Dispatcher {
                     state: tsubame_spool::MessageState::Queued,
                     recipient_states: vec![tsubame_spool::RecipientState::default()],
                     added_fields: None,
-                });
+                };
+                // Bounces are signed like any message when signing is on.
+                match &self.signing {
+                    Some(queue) => {
+                        if let Err(task) = queue.push(crate::signing::Task {
+                            message,
+                            recovered: false,
+                        }) {
+                            self.accept(task.message, None);
+                        }
+                    }
+                    None => self.accept(message, None),
+                }
                 // The failure records the caller writes next must never be durable
                 // without the bounce: the disk may write pages in any order
                 // (spool-format/README.md), so wait for the bounce's own commit. Only

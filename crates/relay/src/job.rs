@@ -12,10 +12,14 @@ pub(crate) struct MessageMeta {
     pub message: SpooledMessage,
     pub body_type: BodyType,
     pub smtputf8: bool,
+    /// Header fields to send before the body that the spool could not store (see
+    /// `signing`); normally `None`, the fields being in the spool at
+    /// `message.added_fields`.
+    pub added_in_memory: Option<Arc<[u8]>>,
 }
 
 impl MessageMeta {
-    pub fn new(message: SpooledMessage) -> Self {
+    pub fn new(message: SpooledMessage, added_in_memory: Option<Arc<[u8]>>) -> Self {
         // The server stores the MAIL FROM parameters it accepted as text (`BODY=8BITMIME
         // SMTPUTF8`); they say what the upstream must offer (RFC 6152, RFC 6531).
         let mut body_type = BodyType::SevenBit;
@@ -31,6 +35,7 @@ impl MessageMeta {
             message,
             body_type,
             smtputf8,
+            added_in_memory,
         }
     }
 }

@@ -1,13 +1,15 @@
 //! tsubame's delivery engine: what happens to a message after the client heard 250.
 //!
 //! ```text
-//! event loops ──Accepted──► dispatcher (owns the scheduler) ──WorkItem──► workers (per upstream)
+//! event loops ──► [signing pool] ──Accepted──► dispatcher (owns the scheduler) ──WorkItem──► workers (per upstream)
 //!                               ▲   │ journal, bounces, message done, reclaim  │
 //!                               └───┴────────────────Report────────────────────┘
 //! control socket ──Control──► dispatcher
 //! ```
 //!
 //! * `routing`: which upstream each recipient goes to.
+//! * `signing`: DKIM signatures and List-Unsubscribe fields, once per message, stored in
+//!   the spool; only when configured.
 //! * `dispatcher`: one thread, the only owner of queue state.
 //! * `worker`: blocking delivery threads, `max_connections` per upstream, with
 //!   connection reuse.
@@ -35,6 +37,7 @@ mod mx;
 pub mod quota;
 mod reclaim;
 mod routing;
+mod signing;
 pub mod tokens;
 mod upstream;
 mod worker;
@@ -61,6 +64,8 @@ pub enum RelayError {
     Scheduler(#[from] tsubame_queue::Error),
     #[error("cannot start a delivery thread: {0}")]
     Thread(std::io::Error),
+    #[error("DKIM: {0}")]
+    Signing(String),
     #[error("cannot open the control socket {path}: {source}")]
     ControlSocket {
         path: PathBuf,
@@ -89,6 +94,8 @@ pub struct Relay {
     workers: Vec<std::thread::JoinHandle<()>>,
     control: Option<control::ControlServer>,
     quotas: Arc<quota::QuotaBook>,
+    /// The signing pool, when messages get added fields.
+    signing: Option<signing::SigningPool>,
 }
 
 /// How often shutdown looks whether a busy worker has finished its job.
@@ -115,6 +122,10 @@ pub fn start(
         .map(|upstream| upstream.name().to_string())
         .collect();
     let router = routing::Router::new(config, |name| names.iter().position(|n| n == name));
+    let signing = signing::Signing::load(config, router.clone()).map_err(RelayError::Signing)?;
+    for warning in signing::coverage_warnings(config) {
+        tracing::warn!("{warning}");
+    }
     let delivery = &config.delivery;
     let retry = match &delivery.retry_schedule_secs {
         Some(delays) => RetrySchedule::Explicit {
@@ -178,6 +189,29 @@ pub fn start(
         let commits = Arc::clone(&commits);
         spool.subscribe(Box::new(move |notice| commits.on_notice(notice)));
     }
+    let signing = match signing {
+        Some(signing) => Some(
+            signing::SigningPool::start(
+                signing,
+                config.delivery.signing_threads,
+                spool.clone(),
+                Arc::clone(&inbox),
+            )
+            .map_err(RelayError::Thread)?,
+        ),
+        None => None,
+    };
+    // Recovered messages whose fields were never stored go through the pool first.
+    let (recovered, to_sign): (Vec<SpooledMessage>, Vec<SpooledMessage>) =
+        recovered.into_iter().partition(|message| {
+            signing.is_none()
+                || message.added_fields.is_some()
+                || message.state == tsubame_spool::MessageState::Done
+                || message
+                    .recipient_states
+                    .iter()
+                    .all(|state| state.final_outcome.is_some())
+        });
     let mut dispatcher = Dispatcher::new(
         scheduler,
         spool,
@@ -189,8 +223,24 @@ pub fn start(
         retry,
         options.hold,
         commits,
+        signing.as_ref().map(signing::SigningPool::queue),
     );
     dispatcher.recover(recovered);
+    if let Some(pool) = &signing {
+        let queue = pool.queue();
+        if !to_sign.is_empty() {
+            tracing::info!(
+                messages = to_sign.len(),
+                "signing recovered messages that have no stored signature"
+            );
+        }
+        for message in to_sign {
+            let _ = queue.push(signing::Task {
+                message,
+                recovered: true,
+            });
+        }
+    }
     let dispatcher = std::thread::Builder::new()
         .name("dispatcher".to_string())
         .spawn(move || dispatcher.run())
@@ -206,7 +256,21 @@ pub fn start(
         workers,
         control: Some(control),
         quotas,
+        signing,
     })
+}
+
+/// Reads the DKIM keys of `config` as [`start`] does and describes each signing domain;
+/// adds the start-up warnings (routes for sender domains without a key). For
+/// `tsubame check-config`.
+pub fn check_signing(config: &Config) -> Result<Vec<String>, String> {
+    let mut lines = signing::Signing::describe(config)?;
+    lines.extend(
+        signing::coverage_warnings(config)
+            .into_iter()
+            .map(|warning| format!("warning: {warning}")),
+    );
+    Ok(lines)
 }
 
 /// Logs in to upstream `name` as `account` (for OAuth upstreams; `None` otherwise)
@@ -294,11 +358,21 @@ fn load_quotas(config: &Config, upstreams: &[Arc<upstream::Upstream>]) -> quota:
 impl Relay {
     /// The server's handoff: queues a message once it is durable. Never blocks.
     pub fn handoff(&self) -> Arc<dyn Fn(SpooledMessage) + Send + Sync> {
+        if let Some(pool) = &self.signing {
+            let queue = pool.queue();
+            return Arc::new(move |message: SpooledMessage| {
+                // Fails only at shutdown: the message stays in the spool for the next start.
+                let _ = queue.push(signing::Task {
+                    message,
+                    recovered: false,
+                });
+            });
+        }
         let inbox = Arc::clone(&self.inbox);
         Arc::new(move |message: SpooledMessage| {
             // Fails only once the dispatcher has stopped (shutdown): the message stays in
             // the spool and is queued at the next start.
-            let _ = inbox.push(Input::Command(Command::Accepted(message)));
+            let _ = inbox.push(Input::Command(Command::Accepted(message, None)));
         })
     }
 
@@ -309,6 +383,11 @@ impl Relay {
         let deadline = Instant::now() + timeout;
         if let Some(mut control) = self.control.take() {
             control.stop();
+        }
+        // Messages still waiting to be signed stay in the spool; the next start signs
+        // and queues them. The threads finish the message they are on.
+        if let Some(pool) = self.signing.take() {
+            pool.stop();
         }
         let _ = self
             .inbox

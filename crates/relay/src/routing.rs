@@ -39,6 +39,23 @@ pub(crate) struct RouteInput<'a> {
     pub client_ip: Option<IpAddr>,
 }
 
+impl<'a> RouteInput<'a> {
+    /// What a route may look at for one recipient of a spooled message.
+    pub fn of(message: &'a tsubame_spool::SpooledMessage, recipient: &'a str) -> Self {
+        let client_ip = message
+            .client_address
+            .parse::<std::net::SocketAddr>()
+            .ok()
+            .map(|address| address.ip());
+        RouteInput {
+            mail_from: &message.mail_from,
+            recipient,
+            authenticated_user: message.authenticated_user.as_deref(),
+            client_ip,
+        }
+    }
+}
+
 impl Router {
     /// `index_of` maps an upstream name to its index; configuration validation has
     /// already checked every name exists, so an unknown one falls back to the default.
@@ -71,16 +88,23 @@ impl Router {
     }
 
     pub fn route(&self, input: &RouteInput<'_>) -> usize {
+        self.route_and_rule(input).0
+    }
+
+    /// The upstream, and the index of the `[[route]]` that chose it (`None` when the
+    /// account's own upstream or `default_upstream` did).
+    pub fn route_and_rule(&self, input: &RouteInput<'_>) -> (usize, Option<usize>) {
         if let Some(&upstream) = input
             .authenticated_user
             .and_then(|user| self.user_upstreams.get(user))
         {
-            return upstream;
+            return (upstream, None);
         }
         self.rules
             .iter()
-            .find(|rule| rule.matches(input))
-            .map_or(self.default_upstream, |rule| rule.upstream)
+            .position(|rule| rule.matches(input))
+            .and_then(|index| Some((self.rules.get(index)?.upstream, Some(index))))
+            .unwrap_or((self.default_upstream, None))
     }
 }
 

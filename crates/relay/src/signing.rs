@@ -106,10 +106,10 @@ fn build_signer(config: &DkimConfig, listed: bool) -> Result<Signer, String> {
     if listed {
         names.extend(LIST_FIELDS.map(String::from));
     }
-    let headers = SignedHeaders::new(&names, config.over_sign).map_err(|error| error.to_string())?;
-    Signer::new(&config.domain, keys, &headers).map_err(|error| {
-        format!("dkim domain {:?}: {error}", config.domain)
-    })
+    let headers =
+        SignedHeaders::new(&names, config.over_sign).map_err(|error| error.to_string())?;
+    Signer::new(&config.domain, keys, &headers)
+        .map_err(|error| format!("dkim domain {:?}: {error}", config.domain))
 }
 
 impl Signing {
@@ -200,9 +200,7 @@ impl Signing {
         let Some(first) = message.recipients.first() else {
             return &self.default;
         };
-        let (_, rule) = self
-            .router
-            .route_and_rule(&RouteInput::of(message, first));
+        let (_, rule) = self.router.route_and_rule(&RouteInput::of(message, first));
         rule.and_then(|index| self.routes.get(index))
             .unwrap_or(&self.default)
     }
@@ -393,7 +391,16 @@ fn prepare(signing: &Signing, spool: &Spool, message: &mut SpooledMessage) -> Op
     if fields.is_empty() {
         return None;
     }
-    match spool.append_added_fields(message.id, crate::now_unix_ms(), &fields) {
+    // The fields are ASCII (a signature, and List-* values checked at load), which the
+    // spool's text holds; anything else would travel in memory only.
+    let stored = std::str::from_utf8(&fields)
+        .map_err(|_| "the fields are not UTF-8".to_string())
+        .and_then(|text| {
+            spool
+                .append_added_fields(message.id, crate::now_unix_ms(), text)
+                .map_err(|error| error.to_string())
+        });
+    match stored {
         Ok((location, _sequence)) => {
             message.added_fields = Some(location);
             None

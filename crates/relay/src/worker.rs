@@ -415,12 +415,15 @@ fn deliver_here(
 ) -> Report {
     let started = Instant::now();
     let message = &item.meta.message;
-    let body = match crate::body::load(&context.spool, message) {
-        Ok(body) => body,
+    let loaded = crate::body::load(&context.spool, message).and_then(|body| {
+        crate::body::added_fields(&context.spool, &item.meta).map(|added| (body, added))
+    });
+    let (body, added) = match loaded {
+        Ok(loaded) => loaded,
         Err(error) => {
-            // The record was readable at start or when accepted; a failure now is a disk
-            // problem. Defer: the next attempt reads it again.
-            tracing::error!(id = %message.id, %error, "cannot read the message body from the spool");
+            // The records were readable at start or when accepted; a failure now is a
+            // disk problem. Defer: the next attempt reads them again.
+            tracing::error!(id = %message.id, %error, "cannot read the message from the spool");
             return report_all(
                 upstream,
                 item,
@@ -513,7 +516,7 @@ fn deliver_here(
             recipients: addresses,
             body_type: item.meta.body_type,
             smtputf8: item.meta.smtputf8,
-            added_fields: &[],
+            added_fields: &added,
             body: &body,
         };
         // A smarthost's open connection is used without resolving its name again: a

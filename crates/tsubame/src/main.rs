@@ -132,8 +132,14 @@ fn main() -> ExitCode {
 
 fn check_config(file: &std::path::Path) -> anyhow::Result<ExitCode> {
     let config = tsubame_config::Config::load(file)?;
+    // The keys are read here as at start, so that a bad key file fails the check.
+    let signing = tsubame_relay::check_signing(&config)
+        .map_err(|error| anyhow::anyhow!("{}: {error}", file.display()))?;
     println!("{}: ok", file.display());
     print!("{}", config.summary());
+    for line in signing {
+        println!("{line}");
+    }
     Ok(ExitCode::SUCCESS)
 }
 
