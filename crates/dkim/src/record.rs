@@ -4,8 +4,6 @@
 //! No DNS here: the caller looks the record up and joins its character-strings (RFC
 //! 6376 section 3.6.2.2) before parsing.
 
-use std::fmt;
-
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
 
@@ -190,27 +188,6 @@ pub enum RecordVerdict {
     HashNotAllowed,
     /// Same key type, different public key.
     DifferentKey,
-}
-
-impl fmt::Display for RecordVerdict {
-    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            RecordVerdict::Matches => formatter.write_str("the record publishes this key"),
-            RecordVerdict::Revoked => formatter.write_str(
-                "p= is empty: the key is revoked (RFC 6376 section 3.6.1), so every signature with it fails",
-            ),
-            RecordVerdict::KeyTypeMismatch { record_key_type } => write!(
-                formatter,
-                "the record has k={record_key_type}, not the key type of this key"
-            ),
-            RecordVerdict::HashNotAllowed => {
-                formatter.write_str("the record's h= does not allow sha256, which we sign with")
-            }
-            RecordVerdict::DifferentKey => {
-                formatter.write_str("the record's p= is a different public key")
-            }
-        }
-    }
 }
 
 /// Compares a parsed record with the public half of `key`.

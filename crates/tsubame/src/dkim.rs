@@ -63,13 +63,16 @@ enum DkimCommand {
         force: bool,
     },
     /// Look up the key record at SELECTOR._domainkey.DOMAIN and check that it publishes
-    /// the public half of a key file. Exits 0 when it does, 1 when the record is
+    /// the public half of a key file (--key, or the one --config names for DOMAIN and
+    /// SELECTOR). Exits 0 when it does, 1 when the record is
     /// missing, revoked, malformed, duplicated or publishes another key (the lines
     /// printed say which), 2 when DNS gave no answer (SERVFAIL, timeout).
     #[command(after_help = "Example:\n  \
-        tsubame dkim check --domain example.com --selector s2026 --key /etc/tsubame/dkim/example.com.s2026.key\n\n\
+        tsubame dkim check --domain example.com --selector s2026 --key /etc/tsubame/dkim/example.com.s2026.key\n  \
+        tsubame dkim check --domain example.com --selector s2026 --config /etc/tsubame.toml --nameserver 192.0.2.53:53\n\n\
         The key file is read only to derive its public key; nothing secret is printed. \
         DNS caches may serve an old record for up to its TTL after a change.")]
+    #[command(group(clap::ArgGroup::new("key_source").required(true).args(["key", "config"])))]
     Check {
         /// The signing domain (the `d=` tag).
         #[arg(long, value_name = "DOMAIN")]
@@ -79,7 +82,11 @@ enum DkimCommand {
         selector: String,
         /// The private key file (PEM) whose public key the record should publish.
         #[arg(long, value_name = "FILE")]
-        key: PathBuf,
+        key: Option<PathBuf>,
+        /// Take the key file from this configuration's [[dkim]] entry for DOMAIN and
+        /// SELECTOR, instead of --key.
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
         /// Ask this DNS server (IP:PORT) instead of the system resolver
         /// (/etc/resolv.conf).
         #[arg(long, value_name = "IP:PORT")]
@@ -139,17 +146,58 @@ pub fn run(args: DkimArgs) -> anyhow::Result<ExitCode> {
             domain,
             selector,
             key,
+            config,
             nameserver,
             timeout_secs,
-        } => check(
-            &domain,
-            &selector,
-            &key,
-            &ResolverOptions {
-                nameserver,
-                timeout: Duration::from_secs(timeout_secs),
-            },
-        ),
+        } => {
+            let key = match (key, config) {
+                (Some(key), _) => key,
+                (None, Some(config)) => configured_key_file(&config, &domain, &selector)?,
+                (None, None) => anyhow::bail!("--key FILE or --config FILE is needed"),
+            };
+            check(
+                &domain,
+                &selector,
+                &key,
+                &ResolverOptions {
+                    nameserver,
+                    timeout: Duration::from_secs(timeout_secs),
+                },
+            )
+        }
+    }
+}
+
+/// The key file of the configuration's `[[dkim]]` entry for `domain` and `selector`.
+fn configured_key_file(
+    config_path: &Path,
+    domain: &str,
+    selector: &str,
+) -> anyhow::Result<PathBuf> {
+    let config = tsubame_config::Config::load(config_path)?;
+    let domain = domain.trim_end_matches('.');
+    let Some(entry) = config.dkim.iter().find(|entry| {
+        entry
+            .domain
+            .trim_end_matches('.')
+            .eq_ignore_ascii_case(domain)
+    }) else {
+        anyhow::bail!(
+            "{} has no [[dkim]] entry for domain {domain}",
+            config_path.display()
+        );
+    };
+    let keys = entry.key_list();
+    match keys.iter().find(|key| key.selector == selector) {
+        Some(key) => Ok(key.key_file.clone()),
+        None => {
+            let selectors: Vec<&str> = keys.iter().map(|key| key.selector.as_str()).collect();
+            anyhow::bail!(
+                "{}: the [[dkim]] entry for {domain} has no selector {selector} (it has: {})",
+                config_path.display(),
+                selectors.join(", ")
+            )
+        }
     }
 }
 

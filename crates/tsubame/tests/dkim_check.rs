@@ -200,3 +200,54 @@ fn testing_flag_warns_and_dns_failure_exits_2() {
     );
     assert!(failing.stdout_text().is_empty(), "{}", failing.describe());
 }
+
+#[test]
+fn config_names_the_key_file() {
+    let fixture = Fixture::start();
+    let config = fixture.directory.path().join("tsubame.toml");
+    // Key files are taken as the configuration writes them; absolute paths here.
+    std::fs::write(
+        &config,
+        format!(
+            "[[listener]]\naddress = \"127.0.0.1:2525\"\n\n\
+             [[dkim]]\ndomain = \"{DOMAIN}\"\nkeys = [\n\
+             \x20 {{ selector = \"rsa\", key_file = {:?} }},\n\
+             \x20 {{ selector = \"ed\", key_file = {:?} }},\n]\n",
+            fixture.key("rsa"),
+            fixture.key("ed"),
+        ),
+    )
+    .unwrap();
+    let config = config.to_str().unwrap();
+    let with_config = |domain: &str, selector: &str| {
+        tsubame(&[
+            "dkim",
+            "check",
+            "--domain",
+            domain,
+            "--selector",
+            selector,
+            "--config",
+            config,
+            "--nameserver",
+            &fixture.nameserver,
+        ])
+    };
+    let ed = with_config(DOMAIN, "ed");
+    expect(
+        &ed,
+        0,
+        &format!("matches the key in {}", fixture.key("ed").display()),
+    );
+    expect(&with_config(DOMAIN, "rsa"), 0, "(rsa-sha256, 2048 bits)");
+    expect(
+        &with_config(DOMAIN, "other"),
+        1,
+        "has no selector other (it has: rsa, ed)",
+    );
+    expect(
+        &with_config("elsewhere.test", "ed"),
+        1,
+        "has no [[dkim]] entry for domain elsewhere.test",
+    );
+}
