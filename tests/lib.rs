@@ -2431,7 +2431,7 @@ pub mod upstream {
     }
 }
 
-/// A local authoritative DNS server for MX tests: dnslib through
+/// A local authoritative DNS server for MX and DKIM record tests: dnslib through
 /// `crates/delivery/tests/peers/dns_zone.py` (the same peer the resolver's own tests use).
 pub mod dns {
     use std::io::{BufRead, BufReader};
@@ -2461,6 +2461,12 @@ pub mod dns {
         /// Serves `zone` (master-file lines) on 127.0.0.1, UDP and TCP.
         #[track_caller]
         pub fn start(zone: &str) -> DnsZone {
+            Self::start_with_servfail(zone, &[])
+        }
+
+        /// As [`DnsZone::start`], answering SERVFAIL for the names in `servfail`.
+        #[track_caller]
+        pub fn start_with_servfail(zone: &str, servfail: &[&str]) -> DnsZone {
             let directory = tempfile::Builder::new()
                 .prefix("tsubame-dns-")
                 .tempdir()
@@ -2480,6 +2486,9 @@ pub mod dns {
                 .stdin(Stdio::piped())
                 .stdout(Stdio::piped())
                 .stderr(Stdio::inherit());
+            for name in servfail {
+                command.arg("--servfail").arg(name);
+            }
             let mut child = ChildGuard::spawn(&mut command, "dnslib zone server");
             let stdout = child
                 .take_stdout()

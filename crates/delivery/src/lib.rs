@@ -2,7 +2,7 @@
 //! bytes.
 //!
 //! Outside [`connection`] (sockets), [`tls`] (which reads a CA file), [`mx`] (the
-//! resolver thread) and [`load`] (the bench's worker threads), nothing here opens a
+//! resolver thread), [`txt`] (its own short-lived runtime) and [`load`] (the bench's worker threads), nothing here opens a
 //! socket or file, reads a clock,
 //! resolves a name or spawns a thread: the caller writes the bytes that come out and
 //! feeds back the replies it reads.
@@ -22,6 +22,7 @@
 //!   implicit TLS or STARTTLS), authenticates over TLS, and runs the session and
 //!   transactions above over the socket, with RFC 5321 timeouts.
 //! * [`mx`]: MX lookup (RFC 5321 §5.1), blocking calls served by one resolver thread.
+//! * [`txt`]: one blocking TXT lookup for operator commands (`tsubame dkim check`).
 //! * [`dsn`]: delivery status notifications (RFC 3464 bounces), pure over bytes.
 //! * [`reply_class`]: what a refusal means beyond its code: Google's quota and
 //!   rate-limit replies, which defer instead of bouncing.
@@ -38,6 +39,7 @@ pub mod mx;
 pub mod reply;
 pub mod reply_class;
 pub mod tls;
+pub mod txt;
 
 pub use auth::{
     AuthError, AuthExchange, AuthStep, BearerErrorDetail, BearerMechanism, EncodingProblem, Secret,

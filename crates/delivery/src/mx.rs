@@ -145,7 +145,8 @@ pub struct ResolverOptions {
     /// configuration (tests point it at a local DNS server). `None`: the name servers
     /// and options of `/etc/resolv.conf`.
     pub nameserver: Option<SocketAddr>,
-    /// Deadline for one whole [`MxResolver::lookup`], MX and address queries together.
+    /// Deadline for one whole [`MxResolver::lookup`], MX and address queries together
+    /// (or for one [`crate::txt::lookup_txt`]).
     pub timeout: Duration,
 }
 
@@ -448,7 +449,7 @@ fn order_by_preference<T>(
 
 /// A negative or failed DNS answer, as the rules above need it.
 #[derive(Debug)]
-enum Negative {
+pub(crate) enum Negative {
     /// NXDOMAIN: the name does not exist.
     NoSuchName,
     /// NOERROR with no records of the type asked for (NODATA).
@@ -457,7 +458,7 @@ enum Negative {
     Failed(String),
 }
 
-fn classify(error: &NetError) -> Negative {
+pub(crate) fn classify(error: &NetError) -> Negative {
     match error {
         NetError::Dns(DnsError::NoRecordsFound(NoRecords { response_code, .. })) => {
             match *response_code {
@@ -950,7 +951,7 @@ fn run_resolver_thread(
     runtime.shutdown_timeout(RUNTIME_SHUTDOWN_TIMEOUT);
 }
 
-fn build_resolver(options: &ResolverOptions) -> Result<TokioResolver, MxError> {
+pub(crate) fn build_resolver(options: &ResolverOptions) -> Result<TokioResolver, MxError> {
     let (config, mut resolver_options) = match options.nameserver {
         Some(server) => {
             let mut udp = ConnectionConfig::udp();

@@ -185,6 +185,12 @@ impl SigningKey {
         self.bits
     }
 
+    /// The public key as the `p=` tag holds it, before base64: for RSA a DER
+    /// SubjectPublicKeyInfo, for Ed25519 the raw 32 bytes. Public data, safe to print.
+    pub fn public_key_bytes(&self) -> &[u8] {
+        &self.public_key_bytes
+    }
+
     /// The value of the DKIM key record: `v=DKIM1; k=rsa; p=BASE64` (RFC 6376 section
     /// 3.6.1).
     pub fn dns_txt_value(&self) -> String {
@@ -222,7 +228,7 @@ const TXT_STRING_BYTES_MAX: usize = 255;
 /// Wraps a PKCS#1 RSAPublicKey in a SubjectPublicKeyInfo (RFC 5280 section 4.1,
 /// algorithm rsaEncryption from RFC 8017 appendix A.1), the form `openssl rsa -pubout`
 /// writes and DKIM verifiers expect in `p=`.
-fn rsa_subject_public_key_info(rsa_public_key: &[u8]) -> Vec<u8> {
+pub(crate) fn rsa_subject_public_key_info(rsa_public_key: &[u8]) -> Vec<u8> {
     // SEQUENCE { OID 1.2.840.113549.1.1.1, NULL }
     const ALGORITHM: [u8; 15] = [
         0x30, 0x0d, 0x06, 0x09, 0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01, 0x01, 0x05, 0x00,

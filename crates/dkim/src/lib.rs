@@ -1,5 +1,6 @@
 //! DKIM for tsubame: signing keys (load from PEM, generate, publish as a DNS TXT record)
-//! and signing of raw RFC 5322 messages with mail-auth, relaxed/relaxed (RFC 6376).
+//! signing of raw RFC 5322 messages with mail-auth, relaxed/relaxed (RFC 6376), and
+//! checking a published key record (RFC 6376 section 3.6.1) against a key.
 //!
 //! The crate does no sockets, threads or clocks of its own (mail-auth reads the system
 //! clock for the `t=` tag); key generation for RSA runs `openssl genpkey`, because the
@@ -19,12 +20,17 @@ mod error;
 mod from_domain;
 mod key;
 mod keygen;
+mod record;
 mod signer;
 
 pub use error::Error;
 pub use from_domain::{from_domain, has_header};
 pub use key::{Algorithm, RSA_BITS_MIN, SigningKey};
 pub use keygen::{RSA_BITS_ALLOWED, generate_ed25519_pem, generate_rsa_pem, write_key_file};
+pub use record::{
+    KEY_RECORD_BYTES_MAX, KeyRecord, PublicKey, RecordSyntaxError, RecordVerdict, check_key_record,
+    parse_key_record,
+};
 pub use signer::{
     DEFAULT_SIGNED_HEADERS, OVER_SIGNED_HEADERS, SIGNED_HEADERS_MAX, SignedHeaders, Signer,
     SignerKey, check_domain_and_selector,

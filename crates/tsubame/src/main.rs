@@ -42,6 +42,7 @@ use clap::{Parser, Subcommand};
         tsubame bench --target 127.0.0.1:2525 -n 20000 -s 1024 -c 50\n  \
         tsubame bench --target 127.0.0.1:2525 --starttls --handshakes -n 5000\n  \
         tsubame dkim keygen --domain example.com --selector s2026 --algorithm ed25519\n  \
+        tsubame dkim check --domain example.com --selector s2026 --key example.com.s2026.key\n  \
         tsubame user add printer --users-file /etc/tsubame/users.toml\n  \
         tsubame oauth google authorize --client-id ID --client-secret-file FILE \\\n      \
         --account printer@example.com --token-file /etc/tsubame/oauth/printer.token\n\n\
@@ -86,7 +87,8 @@ enum Command {
     /// authorize` obtains and stores a refresh token on a server without a browser.
     Oauth(oauth::OauthArgs),
     /// DKIM signing keys: `dkim keygen` writes a new key file (mode 0600) and prints the
-    /// DNS TXT record that publishes its public key.
+    /// DNS TXT record that publishes its public key; `dkim check` looks the record up
+    /// and checks that it publishes the key.
     Dkim(dkim::DkimArgs),
     /// Look at a spool offline.
     Spool {
@@ -102,7 +104,8 @@ enum SpoolCommand {
     Inspect(inspect::InspectArgs),
 }
 
-/// Exit codes: 0 success, 1 error, 2 usage (clap), 3 corruption found by `spool inspect`.
+/// Exit codes: 0 success, 1 error, 2 usage (clap) or no DNS answer for `dkim check`, 3
+/// corruption found by `spool inspect`.
 pub(crate) const EXIT_ERROR: u8 = 1;
 
 fn main() -> ExitCode {
