@@ -411,3 +411,114 @@ fn prepare(signing: &Signing, spool: &Spool, message: &mut SpooledMessage) -> Op
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+    use tsubame_spool::{MessageId, MessageState, RecipientState, RecordLocation};
+
+    fn message(from: &str, recipients: &[&str]) -> SpooledMessage {
+        SpooledMessage {
+            id: MessageId(1),
+            location: RecordLocation {
+                segment: 1,
+                offset_bytes: 64,
+            },
+            received_at_unix_ms: 0,
+            client_address: "127.0.0.1:1000".to_string(),
+            helo: "client".to_string(),
+            authenticated_user: None,
+            mail_from: from.to_string(),
+            mail_parameters: String::new(),
+            recipients: recipients.iter().map(|r| (*r).to_string()).collect(),
+            body_size_bytes: 0,
+            state: MessageState::Queued,
+            recipient_states: vec![RecipientState::default(); recipients.len()],
+            added_fields: None,
+        }
+    }
+
+    fn signing(directory: &std::path::Path, routes: &str) -> Signing {
+        let mut config = String::from("[[listener]]\naddress = \"127.0.0.1:2525\"\n");
+        for domain in ["a.example", "b.example"] {
+            let path = directory.join(format!("{domain}.key"));
+            tsubame_dkim::write_key_file(
+                &path,
+                &tsubame_dkim::generate_ed25519_pem().unwrap(),
+                true,
+            )
+            .unwrap();
+            config.push_str(&format!(
+                "[[dkim]]\ndomain = \"{domain}\"\nselector = \"s\"\nkey_file = \"{}\"\n",
+                path.display()
+            ));
+        }
+        config.push_str(routes);
+        let config = Config::parse(&config, "test.toml").unwrap();
+        let router = Router::new(&config, |name| (name == "mx").then_some(0));
+        Signing::load(&config, router).unwrap().unwrap()
+    }
+
+    fn signing_domains(fields: &[u8]) -> Vec<String> {
+        String::from_utf8_lossy(fields)
+            .split("DKIM-Signature:")
+            .skip(1)
+            .filter_map(|field| {
+                let at = field.find(" d=")?;
+                let rest = field.get(at + 3..)?;
+                Some(rest.split(';').next()?.to_string())
+            })
+            .collect()
+    }
+
+    const BODY: &[u8] = b"From: x@b.example\r\nTo: r@example.net\r\nSubject: s\r\n\r\nhi\r\n";
+
+    #[test]
+    fn the_first_recipients_route_decides_and_the_from_domain_picks_the_key() {
+        let directory = tempfile::tempdir().unwrap();
+        let signing = signing(
+            directory.path(),
+            "[[route]]\nrecipient_domains = [\"override.example\"]\nupstream = \"mx\"\ndkim_domain = \"a.example\"\n\
+             [[route]]\nrecipient_domains = [\"unsigned.example\"]\nupstream = \"mx\"\ndkim = false\n\
+             [[route]]\nrecipient_domains = [\"list.example\"]\nupstream = \"mx\"\n\
+             list_unsubscribe = \"<https://b.example/u>\"\nlist_unsubscribe_post = true\n",
+        );
+        let by_from = signing
+            .fields_for(&message("x@b.example", &["r@example.net"]), BODY)
+            .unwrap();
+        assert_eq!(signing_domains(&by_from), ["b.example"]);
+        let overridden = signing
+            .fields_for(
+                &message("x@b.example", &["r@override.example", "r@unsigned.example"]),
+                BODY,
+            )
+            .unwrap();
+        assert_eq!(signing_domains(&overridden), ["a.example"]);
+        let unsigned = signing
+            .fields_for(
+                &message("x@b.example", &["r@unsigned.example", "r@override.example"]),
+                BODY,
+            )
+            .unwrap();
+        assert!(unsigned.is_empty());
+        let listed = signing
+            .fields_for(&message("x@b.example", &["r@list.example"]), BODY)
+            .unwrap();
+        let text = String::from_utf8(listed).unwrap();
+        assert!(text.ends_with(
+            "List-Unsubscribe: <https://b.example/u>\r\n\
+             List-Unsubscribe-Post: List-Unsubscribe=One-Click\r\n"
+        ));
+        assert!(text.to_ascii_lowercase().contains("list-unsubscribe-post"));
+        // No From domain with a key: nothing to add.
+        let unkeyed = b"From: x@c.example\r\n\r\nhi\r\n";
+        assert!(
+            signing
+                .fields_for(&message("x@c.example", &["r@example.net"]), unkeyed)
+                .unwrap()
+                .is_empty()
+        );
+    }
+}
