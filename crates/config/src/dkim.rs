@@ -39,6 +39,10 @@ pub struct DkimConfig {
     /// be added after signing (RFC 6376 section 8.15).
     #[serde(default)]
     pub over_sign: bool,
+    /// `header/body`, each `relaxed` or `simple` (RFC 6376 section 3.4); default
+    /// relaxed/relaxed.
+    #[serde(default)]
+    pub canonicalization: Option<String>,
 }
 
 /// One key of a signing domain.
@@ -132,6 +136,14 @@ impl DkimConfig {
                 ),
             ));
         }
+        if let Some(text) = &self.canonicalization
+            && let Err(error) = text.parse::<tsubame_dkim::Canonicalization>()
+        {
+            return Err((
+                "canonicalization",
+                format!("dkim domain {:?}: {error}", self.domain),
+            ));
+        }
         if let Some(headers) = &self.headers
             && let Err(error) = tsubame_dkim::SignedHeaders::new(headers, self.over_sign)
         {
@@ -206,6 +218,7 @@ mod tests {
             keys: Vec::new(),
             headers: None,
             over_sign: false,
+            canonicalization: None,
         }
     }
 
@@ -272,6 +285,10 @@ mod tests {
             (
                 "domain = \"example.com\"\nselector = \"s\"\nkey_file = \"k\"\nheaders = [\"To\"]",
                 "From must be signed",
+            ),
+            (
+                "domain = \"example.com\"\nselector = \"s\"\nkey_file = \"k\"\ncanonicalization = \"loose\"",
+                "invalid DKIM canonicalization",
             ),
         ];
         for (entry, expected) in cases {

@@ -34,6 +34,10 @@ pub enum Error {
     },
     #[error("invalid DKIM signed header list: {reason}")]
     InvalidHeaderList { reason: String },
+    #[error(
+        "invalid DKIM canonicalization {text:?}: use relaxed/relaxed, relaxed/simple, simple/relaxed or simple/simple"
+    )]
+    InvalidCanonicalization { text: String },
     #[error("a DKIM signer needs one key, or two of different algorithms for a dual signature")]
     InvalidKeySet,
     /// mail-auth refused to sign (for example, a message with no header at all).

@@ -32,6 +32,6 @@ pub use record::{
     parse_key_record,
 };
 pub use signer::{
-    DEFAULT_SIGNED_HEADERS, OVER_SIGNED_HEADERS, SIGNED_HEADERS_MAX, SignedHeaders, Signer,
-    SignerKey, check_domain_and_selector,
+    Canonicalization, DEFAULT_SIGNED_HEADERS, OVER_SIGNED_HEADERS, SIGNED_HEADERS_MAX,
+    SignedHeaders, Signer, SignerKey, check_domain_and_selector,
 };

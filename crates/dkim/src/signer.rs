@@ -5,7 +5,7 @@ use std::fmt;
 
 use mail_auth::common::crypto::{Ed25519Key, RsaKey, Sha256};
 use mail_auth::common::headers::HeaderWriter as _;
-use mail_auth::dkim::{Canonicalization, DkimSigner, Done};
+use mail_auth::dkim::{Canonicalization as Mode, DkimSigner, Done};
 
 use crate::key::KeyMaterial;
 use crate::{Algorithm, Error, SigningKey};
@@ -126,6 +126,65 @@ impl SignedHeaders {
     }
 }
 
+/// How a signature canonicalises the header and the body (RFC 6376 section 3.4), the
+/// `c=` tag. Relaxed/relaxed, the default, survives what relays commonly do to a message
+/// (refolding headers, trimming trailing space); simple survives nothing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Canonicalization {
+    pub relaxed_header: bool,
+    pub relaxed_body: bool,
+}
+
+impl Canonicalization {
+    pub const RELAXED: Canonicalization = Canonicalization {
+        relaxed_header: true,
+        relaxed_body: true,
+    };
+
+    fn mode(relaxed: bool) -> Mode {
+        if relaxed { Mode::Relaxed } else { Mode::Simple }
+    }
+}
+
+impl std::str::FromStr for Canonicalization {
+    type Err = Error;
+
+    /// `header/body`, each `relaxed` or `simple`; one word alone is the header's, with a
+    /// simple body (RFC 6376 section 3.5, the `c=` tag).
+    fn from_str(text: &str) -> Result<Self, Error> {
+        let word = |word: &str| match word.trim().to_ascii_lowercase().as_str() {
+            "relaxed" => Some(true),
+            "simple" => Some(false),
+            _ => None,
+        };
+        let (header, body) = match text.split_once('/') {
+            Some((header, body)) => (word(header), word(body)),
+            None => (word(text), Some(false)),
+        };
+        match (header, body) {
+            (Some(relaxed_header), Some(relaxed_body)) => Ok(Canonicalization {
+                relaxed_header,
+                relaxed_body,
+            }),
+            _ => Err(Error::InvalidCanonicalization {
+                text: text.to_string(),
+            }),
+        }
+    }
+}
+
+impl fmt::Display for Canonicalization {
+    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let word = |relaxed| if relaxed { "relaxed" } else { "simple" };
+        write!(
+            formatter,
+            "{}/{}",
+            word(self.relaxed_header),
+            word(self.relaxed_body)
+        )
+    }
+}
+
 /// One key of a signer, with the selector its public key is published under.
 #[derive(Debug)]
 pub struct SignerKey {
@@ -166,6 +225,18 @@ impl Signer {
     /// A signer for `domain` with one key, or an RSA and an Ed25519 key for a dual
     /// signature, relaxed/relaxed canonicalisation.
     pub fn new(domain: &str, keys: Vec<SignerKey>, headers: &SignedHeaders) -> Result<Self, Error> {
+        Self::with_canonicalization(domain, keys, headers, Canonicalization::RELAXED)
+    }
+
+    /// [`Signer::new`] with another canonicalisation.
+    pub fn with_canonicalization(
+        domain: &str,
+        keys: Vec<SignerKey>,
+        headers: &SignedHeaders,
+        canonicalization: Canonicalization,
+    ) -> Result<Self, Error> {
+        let header_mode = Canonicalization::mode(canonicalization.relaxed_header);
+        let body_mode = Canonicalization::mode(canonicalization.relaxed_body);
         let domain = domain.trim_end_matches('.').to_ascii_lowercase();
         check_dns_name(&domain).map_err(|reason| Error::InvalidDomain {
             domain: domain.clone(),
@@ -190,16 +261,16 @@ impl Signer {
                         .domain(domain.clone())
                         .selector(selector.clone())
                         .headers(list.clone())
-                        .header_canonicalization(Canonicalization::Relaxed)
-                        .body_canonicalization(Canonicalization::Relaxed),
+                        .header_canonicalization(header_mode)
+                        .body_canonicalization(body_mode),
                 ),
                 KeyMaterial::Ed25519(ed25519) => KeySigner::Ed25519(
                     DkimSigner::from_key(ed25519)
                         .domain(domain.clone())
                         .selector(selector.clone())
                         .headers(list.clone())
-                        .header_canonicalization(Canonicalization::Relaxed)
-                        .body_canonicalization(Canonicalization::Relaxed),
+                        .header_canonicalization(header_mode)
+                        .body_canonicalization(body_mode),
                 ),
             };
             signers.push((selector, algorithm, signer));
@@ -310,6 +381,19 @@ mod tests {
         );
         let plain = SignedHeaders::default().for_mail_auth();
         assert_eq!(plain.len(), DEFAULT_SIGNED_HEADERS.len());
+    }
+
+    #[test]
+    fn canonicalization_texts() {
+        let parse = |text: &str| text.parse::<Canonicalization>().map(|c| c.to_string());
+        assert_eq!(parse("relaxed/relaxed").unwrap(), "relaxed/relaxed");
+        assert_eq!(parse("Simple/Relaxed").unwrap(), "simple/relaxed");
+        // RFC 6376 section 3.5: one word names the header's; the body's is simple.
+        assert_eq!(parse("relaxed").unwrap(), "relaxed/simple");
+        assert_eq!(parse("simple").unwrap(), "simple/simple");
+        for bad in ["", "loose", "relaxed/", "relaxed/relaxed/relaxed"] {
+            assert!(parse(bad).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

@@ -235,6 +235,36 @@ fn relaxed_canonicalisation_survives_whitespace_changes_in_transit() {
 }
 
 #[test]
+fn simple_canonicalisation_verifies_and_breaks_on_any_whitespace_change() {
+    let key = SigningKey::from_pem(ed25519_pem(), "ed25519 test key").unwrap();
+    let record = (
+        format!("{ED25519_SELECTOR}._domainkey.{DOMAIN}."),
+        key.dns_txt_value(),
+    );
+    let entries = vec![SignerKey {
+        selector: ED25519_SELECTOR.to_string(),
+        key,
+    }];
+    let signer = Signer::with_canonicalization(
+        DOMAIN,
+        entries,
+        &SignedHeaders::default(),
+        "simple/simple".parse().unwrap(),
+    )
+    .unwrap();
+    let records = vec![record];
+    let signed = sign(&signer, &message_plain());
+    assert!(find(&signed, b"c=simple/simple").is_some());
+    assert!(mail_auth_verifies(&signed, &records));
+    assert!(dkimpy_verifies(&signed, &records));
+    let refolded = String::from_utf8(signed)
+        .unwrap()
+        .replace("Subject: Quarterly report", "Subject:  Quarterly report");
+    assert!(!mail_auth_verifies(refolded.as_bytes(), &records));
+    assert!(!dkimpy_verifies(refolded.as_bytes(), &records));
+}
+
+#[test]
 fn over_signing_breaks_when_a_second_subject_is_added() {
     // A second Subject above the first: verifiers take the bottom-most instance first
     // (RFC 6376 section 5.4.2), so without over-signing the signature still passes while

@@ -108,7 +108,13 @@ fn build_signer(config: &DkimConfig, listed: bool) -> Result<Signer, String> {
     }
     let headers =
         SignedHeaders::new(&names, config.over_sign).map_err(|error| error.to_string())?;
-    Signer::new(&config.domain, keys, &headers)
+    let canonicalization = match &config.canonicalization {
+        Some(text) => text
+            .parse()
+            .map_err(|error: tsubame_dkim::Error| error.to_string())?,
+        None => tsubame_dkim::Canonicalization::RELAXED,
+    };
+    Signer::with_canonicalization(&config.domain, keys, &headers, canonicalization)
         .map_err(|error| format!("dkim domain {:?}: {error}", config.domain))
 }
 
@@ -188,9 +194,12 @@ impl Signing {
                 ));
             }
             lines.push(format!(
-                "dkim {} (and its subdomains): signs with {}",
+                "dkim {} (and its subdomains): signs with {}, c={}",
                 dkim.domain,
-                keys.join(" and ")
+                keys.join(" and "),
+                dkim.canonicalization
+                    .as_deref()
+                    .unwrap_or("relaxed/relaxed")
             ));
         }
         Ok(lines)
