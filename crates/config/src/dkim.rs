@@ -153,6 +153,17 @@ impl DkimConfig {
     }
 }
 
+/// The index of the entry that signs mail from `domain`: the most specific one covering
+/// it (a subdomain's own entry before its parent's).
+pub fn most_specific(entries: &[DkimConfig], domain: &str) -> Option<usize> {
+    entries
+        .iter()
+        .enumerate()
+        .filter(|(_, dkim)| dkim.covers(domain))
+        .max_by_key(|(_, dkim)| dkim.domain.trim_end_matches('.').len())
+        .map(|(index, _)| index)
+}
+
 /// Checks a `list_unsubscribe` value: one or more `<URI>`, comma-separated (RFC 2369
 /// section 2), each `mailto:` or `https:`; with `one_click`, at least one `https:` URI
 /// (RFC 8058 section 3.1).
@@ -168,16 +179,18 @@ pub(crate) fn check_list_unsubscribe(value: &str, one_click: bool) -> Result<(),
                 .to_string(),
         );
     }
+    // Items are `<URI>` separated by commas (RFC 2369 section 2); a comma inside the
+    // brackets belongs to the URI.
     let mut https = false;
-    for item in value.split(',') {
-        let item = item.trim();
-        let Some(uri) = item
-            .strip_prefix('<')
-            .and_then(|rest| rest.strip_suffix('>'))
-        else {
+    let mut rest = value.trim();
+    loop {
+        let Some(after_open) = rest.strip_prefix('<') else {
             return Err(format!(
-                "list_unsubscribe: {item:?} is not a URI in angle brackets, e.g. <mailto:unsubscribe@example.com>, <https://example.com/unsubscribe?id=...>"
+                "list_unsubscribe: {rest:?} is not a URI in angle brackets, e.g. <mailto:unsubscribe@example.com>, <https://example.com/unsubscribe?id=...>"
             ));
+        };
+        let Some((uri, after)) = after_open.split_once('>') else {
+            return Err(format!("list_unsubscribe: {rest:?} has no closing '>'"));
         };
         let scheme = uri
             .split_once(':')
@@ -191,11 +204,21 @@ pub(crate) fn check_list_unsubscribe(value: &str, one_click: bool) -> Result<(),
                 ));
             }
         }
-        if uri.contains(['<', '>', ' ']) {
+        if uri.contains(['<', ' ']) {
             return Err(format!(
                 "list_unsubscribe: {uri:?} contains a space or an angle bracket"
             ));
         }
+        let after = after.trim_start();
+        if after.is_empty() {
+            break;
+        }
+        let Some(next) = after.strip_prefix(',') else {
+            return Err(format!(
+                "list_unsubscribe: {after:?} follows a URI; separate URIs with commas"
+            ));
+        };
+        rest = next.trim_start();
     }
     if one_click && !https {
         return Err(
@@ -306,6 +329,32 @@ mod tests {
     }
 
     #[test]
+    fn at_most_dkim_domains_max_entries() {
+        let entries = |count: usize| {
+            let mut text = String::from(BASE);
+            for n in 0..count {
+                text.push_str(&format!(
+                    "[[dkim]]\ndomain = \"d{n}.example\"\nselector = \"s\"\nkey_file = \"k\"\n"
+                ));
+            }
+            crate::Config::parse(&text, "t.toml")
+        };
+        assert_eq!(
+            entries(DKIM_DOMAINS_MAX).unwrap().dkim.len(),
+            DKIM_DOMAINS_MAX
+        );
+        let (_, message) = error_line_and_message_of(entries(DKIM_DOMAINS_MAX + 1));
+        assert!(message.contains("at most"), "{message}");
+    }
+
+    fn error_line_and_message_of(
+        result: Result<crate::Config, crate::ConfigError>,
+    ) -> (usize, String) {
+        let (line, _, message) = crate::tests::invalid(result);
+        (line, message)
+    }
+
+    #[test]
     fn route_signing_keys_are_checked() {
         let route = |keys: &str| {
             format!(
@@ -327,9 +376,21 @@ mod tests {
         .unwrap();
         assert!(!config.routes[0].dkim);
         assert!(config.routes[0].list_unsubscribe_post);
-        let (_, message) =
-            error_line_and_message(&format!("{BASE}[delivery]\nsigning_threads = 100000\n"));
+        let threads = |count: usize| {
+            crate::Config::parse(
+                &format!("{BASE}[delivery]\nsigning_threads = {count}\n"),
+                "t.toml",
+            )
+        };
+        assert!(threads(crate::SIGNING_THREADS_MAX).is_ok());
+        let (_, message) = error_line_and_message_of(threads(crate::SIGNING_THREADS_MAX + 1));
         assert!(message.contains("signing_threads"), "{message}");
+        // dkim_domain names an entry whatever its final dot and case.
+        let dotted = format!(
+            "{BASE}[[dkim]]\ndomain = \"a.example.\"\nselector = \"s\"\nkey_file = \"k\"\n\
+             [[route]]\nsender_domains = [\"a.example\"]\nupstream = \"mx\"\ndkim_domain = \"A.example\"\n"
+        );
+        assert!(crate::Config::parse(&dotted, "t.toml").is_ok());
     }
 
     #[test]
@@ -343,10 +404,22 @@ mod tests {
         assert!(check_list_unsubscribe("mailto:u@example.com", false).is_err());
         assert!(check_list_unsubscribe("<ftp://example.com>", false).is_err());
         assert!(check_list_unsubscribe("<https://example.com/\r\nBcc: x>", false).is_err());
-        let long = format!(
-            "<https://example.com/{}>",
-            "a".repeat(LIST_UNSUBSCRIBE_BYTES_MAX)
+        // A comma inside a URI is part of it.
+        assert!(check_list_unsubscribe("<https://example.com/u?a=1,2>", true).is_ok());
+        assert!(
+            check_list_unsubscribe("<mailto:u@example.com> <https://e.example>", false).is_err()
         );
-        assert!(check_list_unsubscribe(&long, false).is_err());
+        assert!(check_list_unsubscribe("<mailto:u@example.com>,", false).is_err());
+        // The limit, exactly: a value of LIST_UNSUBSCRIBE_BYTES_MAX bytes passes, one more fails.
+        let at_limit = |extra: usize| {
+            let frame = "<https://example.com/>".len();
+            format!(
+                "<https://example.com/{}>",
+                "a".repeat(LIST_UNSUBSCRIBE_BYTES_MAX - frame + extra)
+            )
+        };
+        assert_eq!(at_limit(0).len(), LIST_UNSUBSCRIBE_BYTES_MAX);
+        assert!(check_list_unsubscribe(&at_limit(0), false).is_ok());
+        assert!(check_list_unsubscribe(&at_limit(1), false).is_err());
     }
 }

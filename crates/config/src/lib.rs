@@ -551,10 +551,11 @@ impl Config {
                 )
             };
             if let Some(domain) = &route.dkim_domain
-                && !self
-                    .dkim
-                    .iter()
-                    .any(|dkim| dkim.domain.eq_ignore_ascii_case(domain))
+                && !self.dkim.iter().any(|dkim| {
+                    dkim.domain
+                        .trim_end_matches('.')
+                        .eq_ignore_ascii_case(domain.trim_end_matches('.'))
+                })
             {
                 return Err(in_route(
                     "dkim_domain",
@@ -681,10 +682,7 @@ impl Config {
     /// The `[[dkim]]` entry that signs mail from `domain`: the most specific one covering
     /// it (a subdomain's own entry before its parent's).
     pub fn dkim_for(&self, domain: &str) -> Option<&DkimConfig> {
-        self.dkim
-            .iter()
-            .filter(|dkim| dkim.covers(domain))
-            .max_by_key(|dkim| dkim.domain.len())
+        dkim::most_specific(&self.dkim, domain).and_then(|index| self.dkim.get(index))
     }
 
     /// The upstream called `name`: a configured one, or the built-in `mx`.

@@ -40,8 +40,11 @@ impl<'a> DotStuffed<'a> {
     /// The wire form of `prefix` followed by `body`, as one content: header fields added
     /// at sending time (a DKIM signature) before the stored message, neither copied.
     pub fn with_prefix(prefix: &'a [u8], body: &'a [u8]) -> Self {
-        let last = if body.is_empty() { prefix } else { body };
-        let terminator = if last.is_empty() || last.ends_with(b"\r\n") {
+        // The last two bytes of the whole content, which may straddle the two parts.
+        let mut last_two = body.iter().rev().chain(prefix.iter().rev());
+        let (last, before_last) = (last_two.next(), last_two.next());
+        let ends_in_crlf = last == Some(&b'\n') && before_last == Some(&b'\r');
+        let terminator = if last.is_none() || ends_in_crlf {
             TERMINATOR_AFTER_CRLF
         } else {
             TERMINATOR_WITH_CRLF
@@ -190,6 +193,8 @@ mod tests {
         assert_eq!(wire(b"", b"b\r\n"), b"b\r\n.\r\n");
         // A prefix without a final LF: the body's first dot is mid-line, not stuffed.
         assert_eq!(wire(b"A", b".x\r\n"), b"A.x\r\n.\r\n");
+        // The final CRLF split between the parts (found by the property below).
+        assert_eq!(wire(b"..\r", b"\n"), b"...\r\n.\r\n");
         assert_eq!(wire(b"A: .\r\n.\r\n", b"b"), b"A: .\r\n..\r\nb\r\n.\r\n");
     }
 

@@ -76,25 +76,32 @@ impl fmt::Debug for SigningKey {
     }
 }
 
+/// The text of a PEM key file, at most 64 KiB (a key file is a few KiB; this keeps an
+/// arbitrary file out of memory). Errors name the file, never its content.
+pub fn read_key_pem(path: &Path) -> Result<Vec<u8>, Error> {
+    use std::io::Read as _;
+    let read_error = |source| Error::ReadKey {
+        path: path.to_path_buf(),
+        source,
+    };
+    let file = std::fs::File::open(path).map_err(read_error)?;
+    let mut pem = Vec::new();
+    file.take(KEY_FILE_BYTES_MAX + 1)
+        .read_to_end(&mut pem)
+        .map_err(read_error)?;
+    if pem.len() as u64 > KEY_FILE_BYTES_MAX {
+        return Err(Error::KeyFormat {
+            origin: path.display().to_string(),
+            reason: "file is larger than 64 KiB, not a DKIM key",
+        });
+    }
+    Ok(pem)
+}
+
 impl SigningKey {
     /// Reads a PEM key file. Errors name the file, never its content.
     pub fn from_pem_file(path: &Path) -> Result<Self, Error> {
-        use std::io::Read as _;
-        let read_error = |source| Error::ReadKey {
-            path: path.to_path_buf(),
-            source,
-        };
-        let file = std::fs::File::open(path).map_err(read_error)?;
-        let mut pem = Vec::new();
-        file.take(KEY_FILE_BYTES_MAX + 1)
-            .read_to_end(&mut pem)
-            .map_err(read_error)?;
-        if pem.len() as u64 > KEY_FILE_BYTES_MAX {
-            return Err(Error::KeyFormat {
-                origin: path.display().to_string(),
-                reason: "file is larger than 64 KiB, not a DKIM key",
-            });
-        }
+        let pem = read_key_pem(path)?;
         Self::from_pem(&pem, &path.display().to_string())
     }
 

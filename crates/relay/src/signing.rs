@@ -26,6 +26,7 @@
 //! `[[dkim]]` domain covering the From header's domain.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use tsubame_config::{Config, DkimConfig};
 use tsubame_dkim::{SignedHeaders, Signer, SignerKey, SigningKey};
@@ -35,8 +36,7 @@ use crate::dispatcher::{Command, Input};
 use crate::inbox::{Inbox, Pop};
 use crate::routing::{RouteInput, Router};
 
-/// The header fields RFC 8058 section 3.2 asks to be signed when the one-click fields
-/// are added.
+/// The header fields RFC 8058 section 4 asks to be signed with the one-click request.
 const LIST_FIELDS: [&str; 2] = ["List-Unsubscribe", "List-Unsubscribe-Post"];
 
 /// The field that asks for one-click unsubscription (RFC 8058 section 3.1).
@@ -49,12 +49,11 @@ const BATCH_MAX: usize = 64;
 struct DomainSigners {
     /// Lower-case, without a final dot.
     domain: String,
-    config: DkimConfig,
     /// Signs the configured header list.
     plain: Signer,
-    /// The same keys, with the List-* fields added to the list; built when a route adds
-    /// them.
-    listed: Option<Signer>,
+    /// The same keys, with the List-* fields added to the list: for a message that has
+    /// them (its own, or added here), since RFC 8058 section 4 wants them signed.
+    listed: Signer,
 }
 
 /// What one `[[route]]` (or the default) asks for.
@@ -69,6 +68,8 @@ struct Profile {
 
 /// Everything the signing threads need; shared by them.
 pub(crate) struct Signing {
+    /// The `[[dkim]]` entries, and their signers in the same order.
+    entries: Vec<DkimConfig>,
     domains: Vec<DomainSigners>,
     /// Per `[[route]]`, in order.
     routes: Vec<Profile>,
@@ -87,35 +88,43 @@ impl std::fmt::Debug for Signing {
     }
 }
 
-/// Reads a `[[dkim]]` entry's keys and builds its signer; `listed` adds the List-*
-/// fields to the signed header list.
-fn build_signer(config: &DkimConfig, listed: bool) -> Result<Signer, String> {
-    let mut keys = Vec::new();
+/// The plain and the List-* signers of a `[[dkim]]` entry, each key file read once.
+fn build_signers(config: &DkimConfig) -> Result<(Signer, Signer), String> {
+    let mut pems = Vec::new();
     for key in config.key_list() {
-        let loaded = SigningKey::from_pem_file(&key.key_file).map_err(|error| error.to_string())?;
-        keys.push(SignerKey {
-            selector: key.selector,
-            key: loaded,
-        });
+        let pem = tsubame_dkim::read_key_pem(&key.key_file).map_err(|error| error.to_string())?;
+        pems.push((key.selector, key.key_file, pem));
     }
     let default = SignedHeaders::default();
-    let mut names: Vec<String> = config
+    let names: Vec<String> = config
         .headers
         .clone()
         .unwrap_or_else(|| default.names().to_vec());
-    if listed {
-        names.extend(LIST_FIELDS.map(String::from));
-    }
-    let headers =
-        SignedHeaders::new(&names, config.over_sign).map_err(|error| error.to_string())?;
     let canonicalization = match &config.canonicalization {
         Some(text) => text
             .parse()
             .map_err(|error: tsubame_dkim::Error| error.to_string())?,
         None => tsubame_dkim::Canonicalization::RELAXED,
     };
-    Signer::with_canonicalization(&config.domain, keys, &headers, canonicalization)
-        .map_err(|error| format!("dkim domain {:?}: {error}", config.domain))
+    let build = |names: &[String]| -> Result<Signer, String> {
+        let mut keys = Vec::with_capacity(pems.len());
+        for (selector, path, pem) in &pems {
+            let key = SigningKey::from_pem(pem, &path.display().to_string())
+                .map_err(|error| error.to_string())?;
+            keys.push(SignerKey {
+                selector: selector.clone(),
+                key,
+            });
+        }
+        let headers =
+            SignedHeaders::new(names, config.over_sign).map_err(|error| error.to_string())?;
+        Signer::with_canonicalization(&config.domain, keys, &headers, canonicalization)
+            .map_err(|error| format!("dkim domain {:?}: {error}", config.domain))
+    };
+    let plain = build(&names)?;
+    let mut listed_names = names.clone();
+    listed_names.extend(LIST_FIELDS.map(String::from));
+    Ok((plain, build(&listed_names)?))
 }
 
 impl Signing {
@@ -127,20 +136,17 @@ impl Signing {
             .routes
             .iter()
             .any(|route| route.list_unsubscribe.is_some());
+        // Nothing to add to any message: no pool, no record.
         if config.dkim.is_empty() && !any_list {
             return Ok(None);
         }
         let mut domains = Vec::with_capacity(config.dkim.len());
         for dkim in &config.dkim {
+            let (plain, listed) = build_signers(dkim)?;
             domains.push(DomainSigners {
                 domain: dkim.domain.trim_end_matches('.').to_ascii_lowercase(),
-                config: dkim.clone(),
-                plain: build_signer(dkim, false)?,
-                listed: if any_list {
-                    Some(build_signer(dkim, true)?)
-                } else {
-                    None
-                },
+                plain,
+                listed,
             });
         }
         let routes = config
@@ -164,6 +170,7 @@ impl Signing {
             })
             .collect();
         Ok(Some(Signing {
+            entries: config.dkim.clone(),
             domains,
             routes,
             default: Profile {
@@ -179,7 +186,7 @@ impl Signing {
     pub fn describe(config: &Config) -> Result<Vec<String>, String> {
         let mut lines = Vec::new();
         for dkim in &config.dkim {
-            build_signer(dkim, false)?;
+            build_signers(dkim)?;
             let mut keys = Vec::new();
             for key in dkim.key_list() {
                 let loaded =
@@ -223,10 +230,8 @@ impl Signing {
             return self.domains.get(index);
         }
         let from = tsubame_dkim::from_domain(body)?;
-        self.domains
-            .iter()
-            .filter(|signers| signers.config.covers(&from))
-            .max_by_key(|signers| signers.domain.len())
+        let index = tsubame_config::dkim::most_specific(&self.entries, &from)?;
+        self.domains.get(index)
     }
 
     /// The header fields to put before `body` (the stored message) for `message`: empty
@@ -237,16 +242,22 @@ impl Signing {
         body: &[u8],
     ) -> Result<Vec<u8>, tsubame_dkim::Error> {
         let profile = self.profile(message);
+        let has_own = LIST_FIELDS
+            .iter()
+            .any(|name| tsubame_dkim::has_header(body, name));
+        // A bounce (from <>) is no list mail: it never gets List-* fields.
         let list_fields: &[u8] = match &profile.list_fields {
-            Some(fields) if !tsubame_dkim::has_header(body, LIST_FIELDS[0]) => fields,
+            Some(fields) if !has_own && !message.mail_from.is_empty() => fields,
             _ => &[],
         };
         let Some(signers) = self.signers_for(profile, body) else {
             return Ok(list_fields.to_vec());
         };
-        let signer = match (&signers.listed, list_fields.is_empty()) {
-            (Some(listed), false) => listed,
-            _ => &signers.plain,
+        // RFC 8058 section 4: the one-click fields must be signed, ours or the message's.
+        let signer = if has_own || !list_fields.is_empty() {
+            &signers.listed
+        } else {
+            &signers.plain
         };
         let mut fields = signer.sign_parts(&[list_fields, body])?;
         fields.extend_from_slice(list_fields);
@@ -255,24 +266,27 @@ impl Signing {
 }
 
 /// What deserves a warning at start: a route that sends for a sender domain no
-/// `[[dkim]]` entry covers, whose mail goes out unsigned. (The From domains of mail that
-/// no route names are known only when it arrives.)
+/// `[[dkim]]` entry covers, whose mail goes out unsigned; and a route asking for one-click
+/// unsubscription that cannot sign, which receivers then ignore (RFC 8058 section 4).
+/// (The From domains of mail that no route names are known only when it arrives; with no
+/// `[[dkim]]` entry at all, nothing is signed and only the second warning applies.)
 pub(crate) fn coverage_warnings(config: &Config) -> Vec<String> {
-    if config.dkim.is_empty() {
-        return Vec::new();
-    }
     let mut warnings = Vec::new();
     for (index, route) in config.routes.iter().enumerate() {
-        if !route.dkim || route.dkim_domain.is_some() {
+        let name = format!("route {} (to upstream {:?})", index + 1, route.upstream);
+        if route.list_unsubscribe_post && (!route.dkim || config.dkim.is_empty()) {
+            warnings.push(format!(
+                "{name} adds List-Unsubscribe-Post but does not sign: receivers honour one-click unsubscription only in a DKIM-signed message"
+            ));
+        }
+        if config.dkim.is_empty() || !route.dkim || route.dkim_domain.is_some() {
             continue;
         }
         for pattern in &route.sender_domains {
             let domain = pattern.trim_start_matches('.');
             if config.dkim_for(domain).is_none() {
                 warnings.push(format!(
-                    "route {} (to upstream {:?}) sends mail from {pattern:?}, which no [[dkim]] domain covers: that mail is sent unsigned (receivers such as Gmail expect DKIM from bulk senders)",
-                    index + 1,
-                    route.upstream
+                    "{name} sends mail from {pattern:?}, which no [[dkim]] domain covers: that mail is sent unsigned (receivers such as Gmail expect DKIM from bulk senders)"
                 ));
             }
         }
@@ -291,6 +305,8 @@ pub(crate) struct Task {
 #[derive(Debug)]
 pub(crate) struct SigningPool {
     queue: Arc<Inbox<Task>>,
+    /// Set by `stop`: threads finish the message they are on, not their batch.
+    stopping: Arc<AtomicBool>,
     threads: Vec<std::thread::JoinHandle<()>>,
 }
 
@@ -303,6 +319,7 @@ impl SigningPool {
     ) -> std::io::Result<Self> {
         let signing = Arc::new(signing);
         let queue: Arc<Inbox<Task>> = Arc::new(Inbox::default());
+        let stopping = Arc::new(AtomicBool::new(false));
         let count = if threads == 0 {
             std::thread::available_parallelism().map_or(1, usize::from)
         } else {
@@ -314,15 +331,17 @@ impl SigningPool {
             let queue = Arc::clone(&queue);
             let spool = spool.clone();
             let dispatcher = Arc::clone(&dispatcher);
+            let stopping = Arc::clone(&stopping);
             handles.push(
                 std::thread::Builder::new()
                     .name(format!("sign-{number}"))
-                    .spawn(move || run(&signing, &queue, &spool, &dispatcher))?,
+                    .spawn(move || run(&signing, &queue, &spool, &dispatcher, &stopping))?,
             );
         }
         tracing::info!(threads = count, domains = ?signing.domains.iter().map(|d| &d.domain).collect::<Vec<_>>(), "DKIM signing pool started");
         Ok(Self {
             queue,
+            stopping,
             threads: handles,
         })
     }
@@ -332,8 +351,9 @@ impl SigningPool {
     }
 
     /// No more messages: those waiting are left in the spool (the next start signs and
-    /// queues them); the threads finish the batch they are on.
+    /// queues them); the threads finish the message they are on.
     pub fn stop(mut self) {
+        self.stopping.store(true, Ordering::Release);
         let mut unsigned = Vec::new();
         self.queue.drain_into(&mut unsigned, usize::MAX);
         if !unsigned.is_empty() {
@@ -349,7 +369,13 @@ impl SigningPool {
     }
 }
 
-fn run(signing: &Signing, queue: &Inbox<Task>, spool: &Spool, dispatcher: &Inbox<Input>) {
+fn run(
+    signing: &Signing,
+    queue: &Inbox<Task>,
+    spool: &Spool,
+    dispatcher: &Inbox<Input>,
+    stopping: &AtomicBool,
+) {
     let mut batch = Vec::with_capacity(BATCH_MAX);
     loop {
         match queue.pop_timeout(std::time::Duration::from_secs(3600)) {
@@ -363,7 +389,23 @@ fn run(signing: &Signing, queue: &Inbox<Task>, spool: &Spool, dispatcher: &Inbox
                 mut message,
                 recovered,
             } = task;
-            let in_memory = prepare(signing, spool, &mut message);
+            if stopping.load(Ordering::Acquire) {
+                // Shutting down: the rest of the batch stays in the spool for the next start.
+                return;
+            }
+            // A bug in signing must not strand a message that was acknowledged: it is
+            // sent unsigned instead.
+            let prepared = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                prepare(signing, spool, &mut message)
+            }));
+            let in_memory = match prepared {
+                Ok(in_memory) => in_memory,
+                Err(_) => {
+                    tracing::error!(id = %message.id, "signing panicked; the message is sent unsigned");
+                    message.added_fields = None;
+                    None
+                }
+            };
             let command = if recovered {
                 Command::Recovered(message, in_memory)
             } else {
@@ -397,9 +439,8 @@ fn prepare(signing: &Signing, spool: &Spool, message: &mut SpooledMessage) -> Op
         }
     };
     drop(body);
-    if fields.is_empty() {
-        return None;
-    }
+    // Even nothing is stored (an empty record), so that a restart does not look at the
+    // message again.
     // The fields are ASCII (a signature, and List-* values checked at load), which the
     // spool's text holds; anything else would travel in memory only.
     let stored = std::str::from_utf8(&fields)
@@ -482,6 +523,18 @@ mod tests {
             .collect()
     }
 
+    /// Whether the signature's `h=` lists List-Unsubscribe and List-Unsubscribe-Post.
+    fn signed_list_fields(fields: &str) -> [bool; 2] {
+        let unfolded: String = fields.split("\r\n").map(str::trim).collect();
+        let listed = unfolded
+            .split(';')
+            .find_map(|tag| tag.trim().strip_prefix("h="))
+            .unwrap_or_default()
+            .to_ascii_lowercase();
+        let has = |name: &str| listed.split(':').any(|listed| listed.trim() == name);
+        [has("list-unsubscribe"), has("list-unsubscribe-post")]
+    }
+
     const BODY: &[u8] = b"From: x@b.example\r\nTo: r@example.net\r\nSubject: s\r\n\r\nhi\r\n";
 
     #[test]
@@ -498,6 +551,7 @@ mod tests {
             .fields_for(&message("x@b.example", &["r@example.net"]), BODY)
             .unwrap();
         assert_eq!(signing_domains(&by_from), ["b.example"]);
+        let by_from = by_from.clone();
         let overridden = signing
             .fields_for(
                 &message("x@b.example", &["r@override.example", "r@unsigned.example"]),
@@ -520,7 +574,37 @@ mod tests {
             "List-Unsubscribe: <https://b.example/u>\r\n\
              List-Unsubscribe-Post: List-Unsubscribe=One-Click\r\n"
         ));
-        assert!(text.to_ascii_lowercase().contains("list-unsubscribe-post"));
+        assert_eq!(signed_list_fields(&text), [true, true], "{text}");
+        // A message with its own one-click fields: nothing added, both signed (RFC 8058
+        // section 4), whatever the route.
+        let own = b"From: x@b.example\r\nList-Unsubscribe: <https://b.example/own>\r\n\
+                    List-Unsubscribe-Post: List-Unsubscribe=One-Click\r\n\r\nhi\r\n";
+        for recipient in ["r@list.example", "r@example.net"] {
+            let fields = signing
+                .fields_for(&message("x@b.example", &[recipient]), own)
+                .unwrap();
+            let text = String::from_utf8(fields).unwrap();
+            let added: Vec<&str> = text
+                .split("\r\n")
+                .filter(|line| line.starts_with("List-"))
+                .collect();
+            assert!(added.is_empty(), "{text}");
+            assert_eq!(signed_list_fields(&text), [true, true], "{text}");
+        }
+        // Without them, the plain list: neither is signed.
+        assert_eq!(
+            signed_list_fields(&String::from_utf8(by_from).unwrap()),
+            [false, false]
+        );
+        // A bounce (from <>) never gets list fields, whatever its route.
+        let bounce = signing
+            .fields_for(&message("", &["r@list.example"]), BODY)
+            .unwrap();
+        let bounce = String::from_utf8(bounce).unwrap();
+        assert!(
+            !bounce.split("\r\n").any(|line| line.starts_with("List-")),
+            "{bounce}"
+        );
         // No From domain with a key: nothing to add.
         let unkeyed = b"From: x@c.example\r\n\r\nhi\r\n";
         assert!(

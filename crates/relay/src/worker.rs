@@ -415,15 +415,12 @@ fn deliver_here(
 ) -> Report {
     let started = Instant::now();
     let message = &item.meta.message;
-    let loaded = crate::body::load(&context.spool, message).and_then(|body| {
-        crate::body::added_fields(&context.spool, &item.meta).map(|added| (body, added))
-    });
-    let (body, added) = match loaded {
-        Ok(loaded) => loaded,
+    let body = match crate::body::load(&context.spool, message) {
+        Ok(body) => body,
         Err(error) => {
-            // The records were readable at start or when accepted; a failure now is a
-            // disk problem. Defer: the next attempt reads them again.
-            tracing::error!(id = %message.id, %error, "cannot read the message from the spool");
+            // The record was readable at start or when accepted; a failure now is a disk
+            // problem. Defer: the next attempt reads it again.
+            tracing::error!(id = %message.id, %error, "cannot read the message body from the spool");
             return report_all(
                 upstream,
                 item,
@@ -433,6 +430,12 @@ fn deliver_here(
             );
         }
     };
+    // Without its stored signature the message still goes, unsigned: retrying would not
+    // bring an unreadable record back, and the body is what was promised.
+    let added = crate::body::added_fields(&context.spool, &item.meta).unwrap_or_else(|error| {
+        tracing::error!(id = %message.id, %error, "cannot read the message's stored DKIM signature; it is sent unsigned");
+        crate::body::Added::None
+    });
     let mut results: Vec<RecipientReport> = Vec::with_capacity(item.recipients.len());
     // An address the client cannot put on a command line fails on its own (RFC 3463
     // 5.1.3, or 5.1.7 for the sender), instead of taking its whole transaction with it.

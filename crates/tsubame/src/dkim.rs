@@ -20,7 +20,8 @@ use tsubame_dkim::{
 
 /// `dkim check` exit code when DNS gave no answer (SERVFAIL, timeout, network error):
 /// the record may be fine, ask again later.
-const EXIT_DNS_FAILURE: u8 = 2;
+/// (2 is a usage error, 3 corruption found by `spool inspect`.)
+const EXIT_DNS_FAILURE: u8 = 4;
 
 #[derive(Debug, clap::Args)]
 pub struct DkimArgs {
@@ -66,7 +67,7 @@ enum DkimCommand {
     /// the public half of a key file (--key, or the one --config names for DOMAIN and
     /// SELECTOR). Exits 0 when it does, 1 when the record is
     /// missing, revoked, malformed, duplicated or publishes another key (the lines
-    /// printed say which), 2 when DNS gave no answer (SERVFAIL, timeout).
+    /// printed say which), 4 when DNS gave no answer (SERVFAIL, timeout).
     #[command(after_help = "Example:\n  \
         tsubame dkim check --domain example.com --selector s2026 --key /etc/tsubame/dkim/example.com.s2026.key\n  \
         tsubame dkim check --domain example.com --selector s2026 --config /etc/tsubame.toml --nameserver 192.0.2.53:53\n\n\
@@ -91,7 +92,7 @@ enum DkimCommand {
         /// (/etc/resolv.conf).
         #[arg(long, value_name = "IP:PORT")]
         nameserver: Option<SocketAddr>,
-        /// Give up on DNS after this many seconds (exit 2).
+        /// Give up on DNS after this many seconds (exit 4).
         #[arg(long, value_name = "SECONDS", default_value_t = 30,
               value_parser = clap::value_parser!(u64).range(1..))]
         timeout_secs: u64,

@@ -187,7 +187,7 @@ fn wrong_records_say_what_is_wrong() {
 }
 
 #[test]
-fn testing_flag_warns_and_dns_failure_exits_2() {
+fn testing_flag_warns_and_dns_failure_exits_4() {
     let fixture = Fixture::start();
     let testing = fixture.check("testing", "ed");
     expect(&testing, 0, "warning: t=y");
@@ -195,7 +195,7 @@ fn testing_flag_warns_and_dns_failure_exits_2() {
     let failing = fixture.check("failing", "ed");
     expect(
         &failing,
-        2,
+        4,
         "DNS lookup of failing._domainkey.example.test failed",
     );
     assert!(failing.stdout_text().is_empty(), "{}", failing.describe());
