@@ -16,6 +16,7 @@ mod delivery;
 mod delivery_restart;
 mod disk_full;
 mod dkim;
+mod examples;
 mod gmail;
 mod limits;
 mod login;
