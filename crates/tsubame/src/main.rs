@@ -104,8 +104,8 @@ enum SpoolCommand {
     Inspect(inspect::InspectArgs),
 }
 
-/// Exit codes: 0 success, 1 error, 2 usage (clap) or no DNS answer for `dkim check`, 3
-/// corruption found by `spool inspect`.
+/// Exit codes: 0 success, 1 error, 2 usage (clap), 3 corruption found by `spool inspect`,
+/// 4 no DNS answer for `dkim check`.
 pub(crate) const EXIT_ERROR: u8 = 1;
 
 fn main() -> ExitCode {
