@@ -376,6 +376,111 @@ fn queue_delete_removes_a_message_without_delivering_it() {
 }
 
 #[test]
+fn held_messages_wait_across_a_restart_until_released_and_filters_choose_them() {
+    let _limit = hard_limit(Duration::from_secs(120));
+    let port = free_port();
+    let config = upstream_config(port, "")
+        .replace("retry_schedule_secs = [1]", "retry_schedule_secs = [600]");
+    let spool_directory = tempfile::tempdir().expect("temporary directory");
+    let options = ServerOptions::new()
+        .deliver()
+        .config(&config)
+        .spool(spool_directory.path());
+    let server = Server::start(&options);
+    for (subject, to) in [
+        ("hold-a1", "one@a.example"),
+        ("hold-a2", "two@a.example"),
+        ("free-b", "three@b.example"),
+    ] {
+        send(
+            &server,
+            "sender@example.com",
+            &[to],
+            &message(subject, "x\n"),
+        );
+    }
+    assert!(wait_until(DELIVERY_TIMEOUT, || queued_messages(&server) == 3));
+    let spool = spool_directory.path().display().to_string();
+    let queue = |arguments: &[&str]| {
+        let mut all = vec!["queue"];
+        all.extend_from_slice(arguments);
+        all.extend_from_slice(&["--spool", &spool]);
+        tsubame(&all)
+    };
+    // Nothing chosen: refused, nothing held.
+    let refused = queue(&["hold"]);
+    assert_eq!(refused.code(), Some(1), "{}", refused.describe());
+    assert!(
+        refused.stderr_text().contains("--all"),
+        "{}",
+        refused.describe()
+    );
+    let held = queue(&["hold", "--recipient-domain", "A.example"]);
+    held.assert_code(0);
+    assert!(
+        held.stdout_text().contains("held 2 message(s)"),
+        "{}",
+        held.describe()
+    );
+    let listed = |status: &str| -> Vec<String> {
+        let run = queue(&["list", "--status", status, "--json"]);
+        run.assert_code(0);
+        let answer: Value = serde_json::from_str(&run.stdout_text()).expect("json");
+        answer["messages"]
+            .as_array()
+            .map(|messages| {
+                messages
+                    .iter()
+                    .flat_map(|m| m["recipients"].as_array().cloned().unwrap_or_default())
+                    .map(|r| r["address"].as_str().unwrap_or("").to_string())
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let mut on_hold = listed("held");
+    on_hold.sort();
+    assert_eq!(on_hold, ["one@a.example", "two@a.example"]);
+
+    // The upstream comes up; a flush sends only what is not held.
+    let upstream = Aiosmtpd::start_on(std::net::SocketAddr::from(([127, 0, 0, 1], port)), &[]);
+    queue(&["flush"]).assert_code(0);
+    let received = upstream.wait_for(1, DELIVERY_TIMEOUT);
+    std::thread::sleep(Duration::from_secs(2));
+    let received_now = upstream.received();
+    assert_eq!(received_now.len(), 1, "a held message was delivered");
+    assert_eq!(received[0].recipients(), ["three@b.example"]);
+
+    // Holds outlast a restart.
+    server.stop();
+    let server = Server::start(&options);
+    let mut on_hold = listed("held");
+    on_hold.sort();
+    assert_eq!(on_hold, ["one@a.example", "two@a.example"]);
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(
+        upstream.received().len(),
+        1,
+        "a held message left after the restart"
+    );
+
+    // An unknown id is an error; releasing by filter, then a flush, sends them.
+    let unknown = queue(&["release", "ffffffffffffffff"]);
+    assert_eq!(unknown.code(), Some(1), "{}", unknown.describe());
+    let released = queue(&["release", "--status", "held"]);
+    released.assert_code(0);
+    assert!(
+        released.stdout_text().contains("released 2 message(s)"),
+        "{}",
+        released.describe()
+    );
+    queue(&["flush"]).assert_code(0);
+    let received = upstream.wait_for(3, DELIVERY_TIMEOUT);
+    assert_eq!(received.len(), 3);
+    assert!(wait_until(DELIVERY_TIMEOUT, || queued_messages(&server) == 0));
+    server.stop();
+}
+
+#[test]
 fn recipients_on_two_routes_go_to_their_own_upstreams() {
     let _limit = hard_limit(Duration::from_secs(90));
     let corporate = Aiosmtpd::start(&[]);

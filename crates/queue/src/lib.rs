@@ -679,6 +679,31 @@ impl Scheduler {
         due.len()
     }
 
+    /// Makes the deferred recipients of one message ready now (`queue flush ID`); a held
+    /// message stays held. Returns how many were moved.
+    pub fn flush_message(&mut self, message: MessageKey) -> Result<usize, Error> {
+        let Some(entry) = self.messages.get(&message) else {
+            return Err(Error::UnknownMessage(message));
+        };
+        let due: Vec<RecipientIndex> = entry
+            .recipients
+            .iter()
+            .filter(|recipient| matches!(recipient.state, RecipientState::Deferred { .. }))
+            .map(|recipient| recipient.index)
+            .collect();
+        for &recipient in &due {
+            self.counts.deferred -= 1;
+            self.place_ready(message, recipient);
+        }
+        self.compact_retries();
+        Ok(due.len())
+    }
+
+    /// Whether a message is on hold.
+    pub fn is_held(&self, message: MessageKey) -> bool {
+        self.messages.get(&message).is_some_and(|entry| entry.held)
+    }
+
     /// Puts a message on hold: its ready and deferred recipients are set aside (not
     /// attempted, not expired); in-flight ones finish their attempt and, if deferred,
     /// are set aside too. Holding a held message does nothing.

@@ -469,6 +469,32 @@ fn hold_and_release() {
 }
 
 #[test]
+fn flushing_one_message_moves_only_its_deferred_recipients() {
+    let mut s = scheduler(vec![unlimited(10)]);
+    s.insert(MessageKey(1), at(0), &rcpts(0, 2), at(0)).unwrap();
+    s.insert(MessageKey(2), at(0), &rcpts(0, 1), at(0)).unwrap();
+    let job = s.next_job(RouteId(0), at(0), 10).unwrap().unwrap();
+    complete_all(&mut s, &job, Outcome::Deferred, at(0));
+    let job = s.next_job(RouteId(0), at(0), 10).unwrap().unwrap();
+    complete_all(&mut s, &job, Outcome::Deferred, at(0));
+    assert_eq!(s.counts().deferred, 3);
+    assert_eq!(s.flush_message(MessageKey(1)), Ok(2));
+    let counts = s.counts();
+    assert_eq!((counts.ready, counts.deferred), (2, 1));
+    assert_eq!(s.flush_message(MessageKey(1)), Ok(0));
+    // A held message stays held.
+    s.hold(MessageKey(2)).unwrap();
+    assert!(s.is_held(MessageKey(2)));
+    assert_eq!(s.flush_message(MessageKey(2)), Ok(0));
+    assert_eq!(s.counts().held, 1);
+    s.check_invariants().unwrap();
+    assert_eq!(
+        s.flush_message(MessageKey(3)),
+        Err(Error::UnknownMessage(MessageKey(3)))
+    );
+}
+
+#[test]
 fn completing_unknown_or_finished_job_is_an_error() {
     let mut s = scheduler(vec![unlimited(1)]);
     s.insert(MessageKey(1), at(0), &rcpts(0, 1), at(0)).unwrap();

@@ -4,10 +4,15 @@
 //!
 //! ```text
 //! {"command":"list"}                      → {"status":"ok","messages":[...]}
+//! {"command":"list","filter":{"recipient_domain":"example.com","status":"deferred"}}
 //! {"command":"show","id":"0000000000000001"}
 //! {"command":"flush"}                     → {"status":"flushed","recipients":3}
 //! {"command":"delete","id":"0000000000000001"}
+//! {"command":"apply","action":"hold","ids":["0000000000000001",...]}
+//!                                         → {"status":"applied","action":"hold","messages":1,"recipients":2,"missing":[]}
 //! ```
+//! `apply` takes at most `IDS_PER_REQUEST_MAX` ids; the client sends a long list in
+//! batches (and shows its progress), so the dispatcher is never busy for long.
 //! Errors: `{"status":"error","message":"..."}`.
 
 use std::io::{BufRead, BufReader, Read, Write};
@@ -26,8 +31,12 @@ use crate::inbox::Inbox;
 /// The socket's file name inside the spool directory.
 pub const CONTROL_SOCKET_NAME: &str = "control.sock";
 
-/// Longest request line accepted: a command and a message id need well under 100 bytes.
-const REQUEST_BYTES_MAX: u64 = 4096;
+/// Most message ids in one `apply` request.
+pub const IDS_PER_REQUEST_MAX: usize = 1000;
+
+/// Longest request line accepted: `IDS_PER_REQUEST_MAX` quoted ids of 16 hex digits
+/// (19 bytes each with their comma) and the rest of the request fit well within it.
+const REQUEST_BYTES_MAX: u64 = 64 * 1024;
 
 /// How long a client may take to send its request, and how long we wait for the
 /// dispatcher's answer: a stuck client or a busy dispatcher never blocks the socket
@@ -40,11 +49,114 @@ const ACCEPT_POLL_INTERVAL: Duration = Duration::from_millis(100);
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "command", rename_all = "lowercase")]
 pub enum ControlRequest {
-    List,
-    Show { id: String },
+    List {
+        #[serde(default)]
+        filter: Filter,
+    },
+    Show {
+        id: String,
+    },
+    /// Every deferred recipient, now.
     Flush,
-    Delete { id: String },
+    Delete {
+        id: String,
+    },
+    /// One action on each of these messages.
+    Apply {
+        action: Action,
+        ids: Vec<String>,
+    },
 }
+
+/// What `apply` does to each message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Action {
+    /// Retry its deferred recipients now.
+    Flush,
+    /// Remove it without delivering or bouncing it (journalled).
+    Delete,
+    /// Attempt nothing for it until released (kept across restarts).
+    Hold,
+    Release,
+}
+
+impl Action {
+    /// The past tense, for progress lines.
+    pub fn done_word(self) -> &'static str {
+        match self {
+            Action::Flush => "flushed",
+            Action::Delete => "deleted",
+            Action::Hold => "held",
+            Action::Release => "released",
+        }
+    }
+}
+
+/// Which messages `list` shows; every condition given must hold.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Filter {
+    /// A recipient at this domain (case-insensitive).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recipient_domain: Option<String>,
+    /// The envelope sender: an address, or `@domain` for any address there; `<>` for
+    /// the null sender.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sender: Option<String>,
+    /// Received at least this many seconds ago.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub older_than_secs: Option<u64>,
+    /// `held`, or a recipient state: queued, sending, deferred.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<String>,
+}
+
+impl Filter {
+    pub fn is_empty(&self) -> bool {
+        *self == Filter::default()
+    }
+
+    /// Does `message` pass? `now_unix_ms` for the age.
+    pub fn matches(&self, message: &MessageSummary, now_unix_ms: u64) -> bool {
+        let domain_ok = self.recipient_domain.as_ref().is_none_or(|wanted| {
+            message.recipients.iter().any(|recipient| {
+                recipient
+                    .address
+                    .rsplit_once('@')
+                    .is_some_and(|(_, domain)| domain.eq_ignore_ascii_case(wanted))
+            })
+        });
+        let sender_ok = self.sender.as_ref().is_none_or(|wanted| {
+            if wanted == "<>" {
+                message.mail_from.is_empty()
+            } else if let Some(domain) = wanted.strip_prefix('@') {
+                message
+                    .mail_from
+                    .rsplit_once('@')
+                    .is_some_and(|(_, theirs)| theirs.eq_ignore_ascii_case(domain))
+            } else {
+                message.mail_from.eq_ignore_ascii_case(wanted)
+            }
+        });
+        let age_ok = self.older_than_secs.is_none_or(|secs| {
+            now_unix_ms.saturating_sub(message.received_at_unix_ms) >= secs.saturating_mul(1000)
+        });
+        let status_ok = self.status.as_ref().is_none_or(|wanted| {
+            if wanted == "held" {
+                message.held
+            } else {
+                message
+                    .recipients
+                    .iter()
+                    .any(|recipient| recipient.state == *wanted)
+            }
+        });
+        domain_ok && sender_ok && age_ok && status_ok
+    }
+}
+
+/// The statuses `Filter::status` takes.
+pub const FILTER_STATUSES: [&str; 4] = ["queued", "sending", "deferred", "held"];
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "status", rename_all = "lowercase")]
@@ -59,6 +171,15 @@ pub enum ControlResponse {
     Deleted {
         id: String,
         recipients: usize,
+    },
+    Applied {
+        action: Action,
+        /// Messages acted on.
+        messages: usize,
+        /// Recipients they had pending (flush: moved to ready).
+        recipients: usize,
+        /// Ids not (or no longer) queued, or malformed.
+        missing: Vec<String>,
     },
     Error {
         message: String,
@@ -78,6 +199,9 @@ pub struct MessageSummary {
     pub mail_from: String,
     pub received_at_unix_ms: u64,
     pub size_bytes: u64,
+    /// On hold (`queue hold`).
+    #[serde(default)]
+    pub held: bool,
     pub recipients: Vec<RecipientSummary>,
 }
 
@@ -226,4 +350,103 @@ fn serve_one(stream: UnixStream, commands: &Inbox<Input>) -> std::io::Result<()>
     });
     text.push('\n');
     (&stream).write_all(text.as_bytes())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn summary(
+        from: &str,
+        recipients: &[(&str, &str)],
+        received_at_unix_ms: u64,
+    ) -> MessageSummary {
+        MessageSummary {
+            id: "0000000000000001".to_string(),
+            mail_from: from.to_string(),
+            received_at_unix_ms,
+            size_bytes: 10,
+            held: false,
+            recipients: recipients
+                .iter()
+                .map(|(address, state)| RecipientSummary {
+                    address: (*address).to_string(),
+                    upstream: "mx".to_string(),
+                    state: (*state).to_string(),
+                    attempts: 0,
+                    last_reply: None,
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn filters_take_domain_sender_age_and_status_together() {
+        let message = summary(
+            "news@Shop.example",
+            &[("a@x.example", "deferred"), ("b@y.example", "delivered")],
+            1_000,
+        );
+        let matches = |filter: Filter, now: u64| filter.matches(&message, now);
+        assert!(matches(Filter::default(), 0));
+        let domain = |d: &str| Filter {
+            recipient_domain: Some(d.to_string()),
+            ..Filter::default()
+        };
+        assert!(matches(domain("X.example"), 0));
+        assert!(!matches(domain("z.example"), 0));
+        let sender = |s: &str| Filter {
+            sender: Some(s.to_string()),
+            ..Filter::default()
+        };
+        assert!(matches(sender("news@shop.example"), 0));
+        assert!(matches(sender("@shop.example"), 0));
+        assert!(!matches(sender("@example"), 0));
+        assert!(!matches(sender("<>"), 0));
+        assert!(sender("<>").matches(&summary("", &[("a@x.example", "queued")], 0), 0));
+        let older = Filter {
+            older_than_secs: Some(60),
+            ..Filter::default()
+        };
+        assert!(!matches(older.clone(), 60_999));
+        assert!(matches(older, 61_000));
+        let status = |s: &str| Filter {
+            status: Some(s.to_string()),
+            ..Filter::default()
+        };
+        assert!(matches(status("deferred"), 0));
+        assert!(!matches(status("queued"), 0));
+        assert!(!matches(status("held"), 0));
+        let mut held = message.clone();
+        held.held = true;
+        assert!(status("held").matches(&held, 0));
+        // Every condition must hold.
+        let both = Filter {
+            recipient_domain: Some("x.example".to_string()),
+            sender: Some("@other.example".to_string()),
+            ..Filter::default()
+        };
+        assert!(!matches(both, 0));
+    }
+
+    #[test]
+    fn requests_round_trip_and_old_forms_still_parse() {
+        let list: ControlRequest =
+            serde_json::from_str(r#"{"command":"list"}"#).unwrap_or(ControlRequest::Flush);
+        assert_eq!(
+            list,
+            ControlRequest::List {
+                filter: Filter::default()
+            }
+        );
+        let apply = ControlRequest::Apply {
+            action: Action::Hold,
+            ids: vec!["0000000000000001".to_string()],
+        };
+        let text = serde_json::to_string(&apply).unwrap_or_default();
+        assert_eq!(
+            text,
+            r#"{"command":"apply","action":"hold","ids":["0000000000000001"]}"#
+        );
+    }
 }

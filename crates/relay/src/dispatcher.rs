@@ -17,7 +17,9 @@ use tsubame_spool::format::{DoneReason, OutcomeKind};
 use tsubame_spool::{Envelope, MessageId, Spool, SpooledMessage};
 
 use crate::commit_watch::CommitWatch;
-use crate::control::{ControlRequest, ControlResponse, MessageSummary, RecipientSummary};
+use crate::control::{
+    Action, ControlRequest, ControlResponse, IDS_PER_REQUEST_MAX, MessageSummary, RecipientSummary,
+};
 use crate::inbox::{Inbox, Pop};
 use crate::job::{MessageMeta, RecipientReport, Report, WorkItem};
 use crate::routing::{RouteInput, Router};
@@ -156,6 +158,9 @@ pub(crate) struct Dispatcher {
     commits: Arc<CommitWatch>,
     /// The signing pool's queue, when signing is on: bounces go through it.
     signing: Option<Arc<Inbox<crate::signing::Task>>>,
+    /// Messages on hold (`queue hold`), saved in `held_path`.
+    held: std::collections::HashSet<MessageKey>,
+    held_path: std::path::PathBuf,
 }
 
 impl std::fmt::Debug for Dispatcher {
@@ -194,6 +199,7 @@ impl Dispatcher {
         hold: bool,
         commits: Arc<CommitWatch>,
         signing: Option<Arc<Inbox<crate::signing::Task>>>,
+        held_path: std::path::PathBuf,
     ) -> Self {
         if hold {
             tracing::warn!(
@@ -220,6 +226,8 @@ impl Dispatcher {
             hold,
             commits,
             signing,
+            held: std::collections::HashSet::new(),
+            held_path,
         }
     }
 
@@ -306,6 +314,9 @@ impl Dispatcher {
                         recipients: statuses,
                     },
                 );
+                if self.held.contains(&key) {
+                    let _ = self.scheduler.hold(key);
+                }
                 Recovery::Queued
             }
             Err(error) => {
@@ -719,6 +730,9 @@ impl Dispatcher {
     }
 
     fn message_done(&mut self, id: MessageId) {
+        if self.held.remove(&MessageKey(id.0)) {
+            self.save_held();
+        }
         if !self.append_done(id) {
             self.pending_done.push(id);
         }
@@ -869,11 +883,13 @@ impl Dispatcher {
 
     fn control(&mut self, request: ControlRequest) -> ControlResponse {
         match request {
-            ControlRequest::List => {
+            ControlRequest::List { filter } => {
+                let now_ms = now_unix_ms();
                 let mut messages: Vec<MessageSummary> = self
                     .messages
                     .values()
                     .map(|entry| self.summary(entry))
+                    .filter(|summary| filter.matches(summary, now_ms))
                     .collect();
                 messages.sort_by(|a, b| a.id.cmp(&b.id));
                 ControlResponse::Messages { messages }
@@ -893,47 +909,177 @@ impl Dispatcher {
                 ControlResponse::Flushed { recipients: moved }
             }
             ControlRequest::Delete { id } => match self.find(&id) {
-                Ok(key) => match self.scheduler.remove_message(key) {
-                    Ok(recipients) => {
-                        self.messages.remove(&key);
-                        // Its jobs not yet started must not start: take them back. (A
-                        // transaction already in progress finishes; its outcome is
-                        // ignored.)
-                        let now = timestamp(now_unix_ms());
-                        for queue in &self.job_queues {
-                            for item in queue.take_where(|item| item.meta.message.id.0 == key.0) {
-                                for (recipient, _) in &item.recipients {
-                                    let _ = self.scheduler.complete(
-                                        item.job,
-                                        *recipient,
-                                        Outcome::Deferred,
-                                        now,
-                                    );
-                                }
-                            }
-                        }
-                        let id = MessageId(key.0);
-                        match self
-                            .spool
-                            .append_message_done(id, now_unix_ms(), DoneReason::Deleted)
-                        {
-                            Ok(_) => {
-                                self.done_since_reclaim += 1;
-                                tracing::info!(%id, recipients, "message deleted by an operator");
-                                ControlResponse::Deleted {
-                                    id: id.to_string(),
-                                    recipients,
-                                }
-                            }
-                            Err(error) => ControlResponse::error(format!(
-                                "message {id} removed from the queue, but the spool could not record it ({error}); it comes back at the next start"
-                            )),
-                        }
-                    }
-                    Err(error) => ControlResponse::error(format!("message {id}: {error}")),
+                Ok(key) => match self.delete(key) {
+                    Ok(recipients) => ControlResponse::Deleted {
+                        id: MessageId(key.0).to_string(),
+                        recipients,
+                    },
+                    Err(message) => ControlResponse::error(message),
                 },
                 Err(response) => response,
             },
+            ControlRequest::Apply { action, ids } => self.apply(action, &ids),
+        }
+    }
+
+    /// `apply`: one action on each listed message.
+    fn apply(&mut self, action: Action, ids: &[String]) -> ControlResponse {
+        if ids.len() > IDS_PER_REQUEST_MAX {
+            return ControlResponse::error(format!(
+                "at most {IDS_PER_REQUEST_MAX} ids per request; send them in batches"
+            ));
+        }
+        let now = timestamp(now_unix_ms());
+        let (mut messages, mut recipients) = (0usize, 0usize);
+        let mut missing = Vec::new();
+        let mut held_changed = false;
+        for id in ids {
+            let Ok(key) = self.find(id) else {
+                missing.push(id.clone());
+                continue;
+            };
+            let result = match action {
+                Action::Flush => self
+                    .scheduler
+                    .flush_message(key)
+                    .map_err(|error| error.to_string()),
+                Action::Delete => self.delete(key),
+                Action::Hold => match self.scheduler.hold(key) {
+                    Ok(()) => {
+                        held_changed |= self.held.insert(key);
+                        Ok(self.pending_of(key))
+                    }
+                    Err(error) => Err(error.to_string()),
+                },
+                Action::Release => match self.scheduler.release(key, now) {
+                    Ok(()) => {
+                        held_changed |= self.held.remove(&key);
+                        Ok(self.pending_of(key))
+                    }
+                    Err(error) => Err(error.to_string()),
+                },
+            };
+            match result {
+                Ok(count) => {
+                    messages += 1;
+                    recipients += count;
+                }
+                Err(error) => {
+                    tracing::warn!(id = %id, %error, "queue {action:?} failed");
+                    missing.push(id.clone());
+                }
+            }
+        }
+        if held_changed {
+            self.save_held();
+        }
+        tracing::info!(
+            ?action,
+            messages,
+            recipients,
+            "queue command by an operator"
+        );
+        ControlResponse::Applied {
+            action,
+            messages,
+            recipients,
+            missing,
+        }
+    }
+
+    /// Recipients of a queued message not yet final.
+    fn pending_of(&self, key: MessageKey) -> usize {
+        self.messages.get(&key).map_or(0, |entry| {
+            entry
+                .recipients
+                .iter()
+                .filter(|status| {
+                    !matches!(
+                        status.state,
+                        RecipientPhase::Delivered | RecipientPhase::Failed
+                    )
+                })
+                .count()
+        })
+    }
+
+    /// Removes a message for good (`queue delete`): journalled, so it stays deleted
+    /// after a restart. Returns how many recipients were still pending.
+    fn delete(&mut self, key: MessageKey) -> Result<usize, String> {
+        let id = MessageId(key.0);
+        let recipients = self
+            .scheduler
+            .remove_message(key)
+            .map_err(|error| format!("message {id}: {error}"))?;
+        self.messages.remove(&key);
+        if self.held.remove(&key) {
+            self.save_held();
+        }
+        // Its jobs not yet started must not start: take them back. (A transaction
+        // already in progress finishes; its outcome is ignored.)
+        let now = timestamp(now_unix_ms());
+        for queue in &self.job_queues {
+            for item in queue.take_where(|item| item.meta.message.id.0 == key.0) {
+                for (recipient, _) in &item.recipients {
+                    let _ = self
+                        .scheduler
+                        .complete(item.job, *recipient, Outcome::Deferred, now);
+                }
+            }
+        }
+        match self
+            .spool
+            .append_message_done(id, now_unix_ms(), DoneReason::Deleted)
+        {
+            Ok(_) => {
+                self.done_since_reclaim += 1;
+                tracing::info!(%id, recipients, "message deleted by an operator");
+                Ok(recipients)
+            }
+            Err(error) => Err(format!(
+                "message {id} removed from the queue, but the spool could not record it ({error}); it comes back at the next start"
+            )),
+        }
+    }
+
+    /// Writes the held set to `held.json` in the spool directory (replaced atomically),
+    /// so that holds outlast a restart. A failure is logged: the holds stay in force
+    /// for this run.
+    fn save_held(&self) {
+        let mut ids: Vec<String> = self
+            .held
+            .iter()
+            .map(|key| MessageId(key.0).to_string())
+            .collect();
+        ids.sort();
+        if let Err(error) = crate::held::save(&self.held_path, &ids) {
+            tracing::warn!(file = %self.held_path.display(), %error, "cannot save the held messages; holds last until the next start only");
+        }
+    }
+
+    /// Puts the messages `held.json` names back on hold: those recovery queued now, those
+    /// still being signed when they arrive (`recover_one`).
+    pub fn restore_held(&mut self) {
+        let ids = match crate::held::load(&self.held_path) {
+            Ok(ids) => ids,
+            Err(error) => {
+                tracing::warn!(file = %self.held_path.display(), %error, "cannot read the held messages; none is on hold");
+                return;
+            }
+        };
+        let mut restored = 0usize;
+        for id in ids {
+            let Ok(parsed) = id.parse::<MessageId>() else {
+                continue;
+            };
+            let key = MessageKey(parsed.0);
+            self.held.insert(key);
+            if self.scheduler.hold(key).is_ok() {
+                restored += 1;
+            }
+        }
+        if restored > 0 {
+            tracing::info!(messages = restored, "messages on hold stay on hold");
         }
     }
 
@@ -958,6 +1104,7 @@ impl Dispatcher {
             mail_from: message.mail_from.clone(),
             received_at_unix_ms: message.received_at_unix_ms,
             size_bytes: message.body_size_bytes,
+            held: self.held.contains(&MessageKey(message.id.0)),
             recipients: message
                 .recipients
                 .iter()

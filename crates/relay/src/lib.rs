@@ -31,9 +31,11 @@ mod commit_watch;
 mod connect;
 pub mod control;
 mod dispatcher;
+mod held;
 mod inbox;
 mod job;
 mod mx;
+pub mod private_file;
 pub mod quota;
 mod reclaim;
 mod routing;
@@ -224,8 +226,10 @@ pub fn start(
         options.hold,
         commits,
         signing.as_ref().map(signing::SigningPool::queue),
+        held::path_in(&config.spool.directory),
     );
     dispatcher.recover(recovered);
+    dispatcher.restore_held();
     if let Some(pool) = &signing {
         let queue = pool.queue();
         if !to_sign.is_empty() {

@@ -178,7 +178,11 @@ pub fn keep_status_file(
                 let text = now.to_string();
                 if text != last {
                     now["written_at_unix"] = written_at;
-                    if let Err(error) = write_private(&path, now.to_string().as_bytes()) {
+                    let mut text = now.to_string();
+                    text.push('\n');
+                    if let Err(error) =
+                        tsubame_relay::private_file::replace(&path, text.as_bytes())
+                    {
                         tracing::warn!(file = %path.display(), %error, "cannot write the OAuth status file");
                     }
                     last = text;
@@ -186,19 +190,4 @@ pub fn keep_status_file(
                 std::thread::park_timeout(INTERVAL);
             }
         })
-}
-
-fn write_private(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let temporary = path.with_extension("json.tmp");
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&temporary)?;
-    file.write_all(bytes)?;
-    file.write_all(b"\n")?;
-    std::fs::rename(&temporary, path)
 }
