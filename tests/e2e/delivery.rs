@@ -407,6 +407,39 @@ fn held_messages_wait_across_a_restart_until_released_and_filters_choose_them() 
         all.extend_from_slice(&["--spool", &spool]);
         tsubame(&all)
     };
+    // The control socket takes at most 1000 ids per request, and a full request fits
+    // in its line limit.
+    let raw = |count: usize| {
+        let script = format!(
+            "import json, socket, sys\n\
+             s = socket.socket(socket.AF_UNIX)\n\
+             s.connect(sys.argv[1])\n\
+             ids = ['%016x' % (0xf000000000000000 + n) for n in range({count})]\n\
+             s.sendall((json.dumps({{'command': 'apply', 'action': 'hold', 'ids': ids}}) + '\\n').encode())\n\
+             print(s.makefile().readline())"
+        );
+        let socket = spool_directory.path().join("control.sock");
+        let output = std::process::Command::new("python3")
+            .args(["-c", &script])
+            .arg(&socket)
+            .output()
+            .expect("python3");
+        let answer: Value =
+            serde_json::from_slice(&output.stdout).unwrap_or_else(|_| panic!("{output:?}"));
+        answer
+    };
+    let full = raw(1000);
+    assert_eq!(full["status"], "applied", "{full}");
+    assert_eq!(full["missing"].as_array().map(Vec::len), Some(1000));
+    let over = raw(1001);
+    assert_eq!(over["status"], "error", "{over}");
+    assert!(
+        over["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("at most 1000"),
+        "{over}"
+    );
     // Nothing chosen: refused, nothing held.
     let refused = queue(&["hold"]);
     assert_eq!(refused.code(), Some(1), "{}", refused.describe());
