@@ -382,7 +382,9 @@ fn a_route_adds_one_click_unsubscribe_before_signing_and_unkeyed_mail_goes_unsig
     let signed = signatures(&added);
     assert_eq!(signed.len(), 1);
     // The message's own List-Unsubscribe is signed too (RFC 8058 section 4).
-    let listed = tag(&signed[0], "h").unwrap_or_default().to_ascii_lowercase();
+    let listed = tag(&signed[0], "h")
+        .unwrap_or_default()
+        .to_ascii_lowercase();
     assert!(
         listed.split(':').any(|name| name == "list-unsubscribe"),
         "h={listed}"
