@@ -40,7 +40,7 @@ fn message(subject: &str, body: &str) -> Vec<u8> {
 }
 
 #[track_caller]
-fn send(server: &Server, from: &str, recipients: &[&str], content: &[u8]) -> String {
+pub fn send(server: &Server, from: &str, recipients: &[&str], content: &[u8]) -> String {
     let mut session = Smtplib::new(server.address()).ehlo().mail(from, &[]);
     for recipient in recipients {
         session = session.rcpt(recipient, &[]);
