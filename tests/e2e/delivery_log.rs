@@ -111,10 +111,10 @@ fn delivered_deferred_and_bounced_mail_is_logged_searched_and_exported() {
     );
     assert_eq!(summary(REJECTED), pairs(&[("received", 0), ("bounced", 1)]));
 
-    for (recipient, id) in [
-        (DEFERRED, &deferred_id),
-        (DELIVERED, &delivered_id),
-        (REJECTED, &rejected_id),
+    for (recipient, id, subject) in [
+        (DEFERRED, &deferred_id, "deferred"),
+        (DELIVERED, &delivered_id, "delivered"),
+        (REJECTED, &rejected_id, "rejected"),
     ] {
         for event in of(&all, recipient) {
             assert_eq!(event["id"], id.as_str(), "{event}");
@@ -129,8 +129,15 @@ fn delivered_deferred_and_bounced_mail_is_logged_searched_and_exported() {
             assert!(event.get("since_received_ms").is_some(), "{event}");
             if event["event"] == "received" {
                 assert!(event.get("reply").is_none(), "{event}");
+                // Known once a worker has read the message.
+                assert!(event.get("message_id").is_none(), "{event}");
             } else {
                 assert!(event.get("attempt_ms").is_some(), "{event}");
+                assert_eq!(
+                    event["message_id"],
+                    format!("<{subject}@log.tsubame.test>"),
+                    "{event}"
+                );
             }
             if event["event"] == "delivered" || event["event"] == "received" {
                 assert!(event.get("category").is_none(), "{event}");
@@ -190,11 +197,13 @@ fn delivered_deferred_and_bounced_mail_is_logged_searched_and_exported() {
         for key in ["time", "event", "id", "sender", "recipient", "upstream"] {
             assert_eq!(row[key], event[key], "{key} of {event}");
         }
-        assert_eq!(
-            row["reply"],
-            event["reply"].as_str().unwrap_or(""),
-            "{event}"
-        );
+        for key in ["reply", "message_id", "remote"] {
+            assert_eq!(
+                row[key],
+                event[key].as_str().unwrap_or(""),
+                "{key} of {event}"
+            );
+        }
         assert_eq!(
             row["category"],
             event["category"].as_str().unwrap_or(""),

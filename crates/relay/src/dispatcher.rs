@@ -121,6 +121,9 @@ struct Entry {
     meta: Arc<MessageMeta>,
     /// Invariant: one per recipient of the message.
     recipients: Vec<RecipientStatus>,
+    /// The Message-ID header field, once a worker has read the message: for the
+    /// delivery log.
+    message_id: Option<String>,
 }
 
 pub(crate) struct Dispatcher {
@@ -163,6 +166,7 @@ pub(crate) struct Dispatcher {
 
 /// What an attempt's event says beyond the message and recipient.
 struct AttemptFacts<'a> {
+    message_id: Option<&'a str>,
     reply: &'a str,
     category: Option<tsubame_delivery::FailureCategory>,
     remote: Option<&'a str>,
@@ -255,7 +259,9 @@ impl Dispatcher {
             time: tsubame_delivery::dsn::rfc3339_ms(now_ms),
             event,
             id: message.id.to_string(),
-            message_id: None,
+            message_id: facts
+                .as_ref()
+                .and_then(|facts| facts.message_id.map(str::to_string)),
             sender: message.mail_from.clone(),
             recipient: message
                 .recipients
@@ -367,6 +373,7 @@ impl Dispatcher {
                     Entry {
                         meta: Arc::clone(&meta),
                         recipients: statuses,
+                        message_id: None,
                     },
                 );
                 Recovery::Queued
@@ -557,6 +564,7 @@ impl Dispatcher {
                     Entry {
                         meta: Arc::clone(&meta),
                         recipients: statuses,
+                        message_id: None,
                     },
                 );
                 for (recipient, route) in recipients {
@@ -657,6 +665,15 @@ impl Dispatcher {
             .filter(|recipient| recipient.outcome == Outcome::Failed)
             .collect();
         let bounce_spooled = failed.is_empty() || self.bounce(&report.message, &failed, now_ms);
+        let message_id = match self.messages.get_mut(&MessageKey(id.0)) {
+            Some(entry) => {
+                if report.message_id.is_some() {
+                    entry.message_id.clone_from(&report.message_id);
+                }
+                entry.message_id.clone()
+            }
+            None => report.message_id.clone(),
+        };
         let mut events = Vec::new();
         let mut outcomes = Vec::with_capacity(report.recipients.len());
         for recipient in &report.recipients {
@@ -688,6 +705,7 @@ impl Dispatcher {
                 recipient.recipient,
                 report.upstream,
                 Some(AttemptFacts {
+                    message_id: message_id.as_deref(),
                     reply: &recipient.detail,
                     category,
                     remote: recipient.remote.as_deref(),
@@ -781,6 +799,7 @@ impl Dispatcher {
                 continue;
             };
             let meta = Arc::clone(&entry.meta);
+            let message_id = entry.message_id.clone();
             let mut reports = Vec::new();
             // Per recipient: its upstream, attempts and what its last reply says.
             let mut expiry_facts = Vec::new();
@@ -828,6 +847,7 @@ impl Dispatcher {
                     report.recipient,
                     upstream,
                     Some(AttemptFacts {
+                        message_id: message_id.as_deref(),
                         reply: &report.detail,
                         category: Some(category),
                         remote: None,

@@ -80,4 +80,6 @@ pub(crate) struct Report {
     pub recipients: Vec<RecipientReport>,
     /// How long the job took at the worker, connection set-up included.
     pub attempt_ms: u64,
+    /// The message's Message-ID header field, when the worker read the message.
+    pub message_id: Option<String>,
 }

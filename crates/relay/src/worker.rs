@@ -575,6 +575,7 @@ fn deliver_here(
         upstream: upstream.index,
         recipients: results,
         attempt_ms: 0,
+        message_id: tsubame_dkim::message_id(&body),
     }
 }
 
@@ -974,6 +975,7 @@ fn report_all(
             })
             .collect(),
         attempt_ms: 0,
+        message_id: None,
     }
 }
 
