@@ -562,7 +562,7 @@ fn generated_login() -> (String, String) {
 
 /// aiosmtpd with the test PKI's certificate and the given TLS flags (`--starttls`,
 /// `--require-starttls`, `--implicit-tls`), requiring `login` (AUTH) when given.
-fn tls_upstream(
+pub fn tls_upstream(
     pki: &tsubame_tests::pki::TestPki,
     tls_flags: &[&str],
     login: Option<&(String, String)>,

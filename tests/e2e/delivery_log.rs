@@ -234,21 +234,7 @@ fn delivered_deferred_and_bounced_mail_is_logged_searched_and_exported() {
     assert_eq!(bounce_rows[0]["recipient"], REJECTED);
 
     // Search: the same events as the file, for one recipient.
-    let search = tsubame(&[
-        "log",
-        "search",
-        "--spool",
-        &spool,
-        "--recipient",
-        "LATER@example.net",
-        "--json",
-    ]);
-    search.assert_code(0);
-    let found: Vec<Value> = search
-        .stdout_text()
-        .lines()
-        .map(|line| serde_json::from_str(line).unwrap())
-        .collect();
+    let found = search_json(&spool, &["--recipient", "LATER@example.net"]);
     let expected: Vec<Value> = of(&written, DEFERRED).into_iter().cloned().collect();
     assert_eq!(found, expected);
     // Plain output: one readable line per event.
@@ -267,6 +253,19 @@ fn delivered_deferred_and_bounced_mail_is_logged_searched_and_exported() {
     none.assert_code(0);
     assert_eq!(none.stdout_text(), "");
     server.stop();
+}
+
+/// `tsubame log search --spool SPOOL FILTERS --json`, its lines parsed.
+fn search_json(spool: &str, filters: &[&str]) -> Vec<Value> {
+    let mut arguments = vec!["log", "search", "--spool", spool, "--json"];
+    arguments.extend_from_slice(filters);
+    let search = tsubame(&arguments);
+    search.assert_code(0);
+    search
+        .stdout_text()
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect()
 }
 
 /// Rows of `csv_text` as Python's `csv.DictReader` reads them, through JSON.
@@ -293,4 +292,65 @@ fn parse_csv_with_python(csv_text: &str) -> Vec<serde_json::Map<String, Value>> 
     let output = child.wait_with_output().unwrap();
     assert!(output.status.success(), "python3 failed on:\n{csv_text}");
     serde_json::from_slice(&output.stdout).unwrap()
+}
+
+#[test]
+fn tls_and_expiry_are_logged() {
+    let _limit = hard_limit(Duration::from_secs(120));
+    let pki = tsubame_tests::pki::TestPki::new();
+    // Every message gets 451 at the end of data, over STARTTLS.
+    let upstream =
+        crate::delivery::tls_upstream(&pki, &["--starttls", "--defer-first", "1000"], None);
+    let config = upstream_config(upstream.port(), "")
+        .replace("tls = \"none\"", "tls = \"opportunistic\"")
+        .replace(
+            "retry_schedule_secs = [1]",
+            "retry_schedule_secs = [1]\nmax_age_secs = 3",
+        );
+    let server = Server::start(&ServerOptions::new().deliver().config(&config));
+    let log = server.spool().join("delivery.log");
+    let id = send_one(&server, DEFERRED, "expiring");
+    assert!(
+        wait_until(LOG_TIMEOUT, || has(&events(&log), DEFERRED, "expired")),
+        "no expired event:\n{:#?}\n{}",
+        events(&log),
+        server.log()
+    );
+    let all = events(&log);
+    let mine = of(&all, DEFERRED);
+    let deferred: Vec<&&Value> = mine
+        .iter()
+        .filter(|event| event["event"] == "deferred")
+        .collect();
+    assert!(!deferred.is_empty(), "{all:#?}");
+    for event in &deferred {
+        assert_eq!(event["reply"], "451 4.3.0 try again later", "{event}");
+        assert_eq!(event["category"], "other", "{event}");
+        assert!(
+            event["tls"].as_str().unwrap_or("").starts_with("TLSv1."),
+            "{event}"
+        );
+    }
+    let expired = mine
+        .iter()
+        .find(|event| event["event"] == "expired")
+        .unwrap();
+    assert_eq!(expired["id"], id.as_str());
+    assert!(
+        expired["reply"]
+            .as_str()
+            .unwrap()
+            .contains("expired after the maximum queue time; last: 451 4.3.0 try again later"),
+        "{expired}"
+    );
+    // Categorised by its last reply.
+    assert_eq!(expired["category"], "other");
+    assert!(expired["attempt"].as_u64().unwrap() >= 1, "{expired}");
+    assert_eq!(expired["message_id"], "<expiring@log.tsubame.test>");
+    let found = search_json(
+        server.spool().to_str().unwrap(),
+        &["--status", "expired", "--recipient", DEFERRED],
+    );
+    assert_eq!(found, vec![(*expired).clone()]);
+    server.stop();
 }
