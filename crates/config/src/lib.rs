@@ -779,6 +779,17 @@ impl Config {
             self.spool.directory.display(),
             self.spool.segment_size_bytes
         ));
+        let delivery_log = &self.delivery_log;
+        if delivery_log.enabled {
+            out.push_str(&format!(
+                "delivery log {} (rotated at {} bytes and daily, kept {} days)\n",
+                delivery_log.path_in(&self.spool.directory).display(),
+                delivery_log.max_size_bytes,
+                delivery_log.retention_days
+            ));
+        } else {
+            out.push_str("delivery log off\n");
+        }
         for (index, route) in self.routes.iter().enumerate() {
             let mut conditions = Vec::new();
             if !route.sender_domains.is_empty() {
@@ -1308,6 +1319,9 @@ upstream = "mx"
         assert!(config.delivery_log.enabled);
         assert_eq!(config.delivery_log.max_size_bytes, 100 * 1024 * 1024);
         assert_eq!(config.delivery_log.retention_days, 30);
+        assert!(config.summary().contains(
+            "delivery log ./spool/delivery.log (rotated at 104857600 bytes and daily, kept 30 days)"
+        ));
         assert_eq!(
             config.delivery_log.path_in(Path::new("/var/spool/tsubame")),
             Path::new("/var/spool/tsubame/delivery.log")
