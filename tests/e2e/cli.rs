@@ -22,6 +22,9 @@ fn help_of_every_subcommand() {
         &["check-config", "--help"],
         &["spool", "--help"],
         &["spool", "inspect", "--help"],
+        &["log", "--help"],
+        &["log", "search", "--help"],
+        &["log", "export", "--help"],
     ] {
         let run = tsubame(arguments);
         run.assert_code(0);
@@ -86,6 +89,11 @@ fn usage_errors_exit_2() {
         &["serve", "--listen", "not-an-address"],
         &["serve", "--relay-network", "300.1.2.3/8"],
         &["check-config"],
+        &["log", "export"],
+        &["log", "search", "--status", "lost"],
+        &["log", "search", "--category", "gremlins"],
+        &["log", "search", "--since", "26/11/2026"],
+        &["log", "search", "--spool", "a", "--file", "b"],
     ] {
         let run = tsubame(arguments);
         run.assert_code(2);

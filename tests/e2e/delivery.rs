@@ -40,7 +40,7 @@ fn message(subject: &str, body: &str) -> Vec<u8> {
 }
 
 #[track_caller]
-fn send(server: &Server, from: &str, recipients: &[&str], content: &[u8]) -> String {
+pub fn send(server: &Server, from: &str, recipients: &[&str], content: &[u8]) -> String {
     let mut session = Smtplib::new(server.address()).ehlo().mail(from, &[]);
     for recipient in recipients {
         session = session.rcpt(recipient, &[]);
@@ -700,7 +700,7 @@ fn generated_login() -> (String, String) {
 
 /// aiosmtpd with the test PKI's certificate and the given TLS flags (`--starttls`,
 /// `--require-starttls`, `--implicit-tls`), requiring `login` (AUTH) when given.
-fn tls_upstream(
+pub fn tls_upstream(
     pki: &tsubame_tests::pki::TestPki,
     tls_flags: &[&str],
     login: Option<&(String, String)>,

@@ -13,6 +13,7 @@ mod bench;
 mod cli;
 mod crash;
 mod delivery;
+mod delivery_log;
 mod delivery_restart;
 mod disk_full;
 mod dkim;

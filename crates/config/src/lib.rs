@@ -51,6 +51,8 @@ pub struct Config {
     #[serde(default)]
     pub log: LogConfig,
     #[serde(default)]
+    pub delivery_log: DeliveryLogConfig,
+    #[serde(default)]
     pub delivery: DeliveryConfig,
     /// Named upstreams; `mx` (direct delivery) exists without being configured.
     #[serde(default, rename = "upstream")]
@@ -243,6 +245,74 @@ pub enum LogFormat {
     Json,
 }
 
+/// `[delivery_log]`: one JSON line per delivery event (received, delivered, deferred,
+/// bounced, expired), for operators and `tsubame log`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DeliveryLogConfig {
+    pub enabled: bool,
+    /// The current file; rotated files sit beside it. `None`: `delivery.log` in the
+    /// spool directory (see [`DeliveryLogConfig::path_in`]).
+    pub path: Option<PathBuf>,
+    /// The current file is rotated before it grows past this, and at each UTC day change.
+    /// Invariant after validation: at least [`DELIVERY_LOG_SIZE_BYTES_MIN`].
+    pub max_size_bytes: u64,
+    /// Rotated files older than this many days are deleted. Invariant after
+    /// validation: 1..=[`DELIVERY_LOG_RETENTION_DAYS_MAX`].
+    pub retention_days: u32,
+}
+
+/// Smallest rotation size: a few dozen event lines; below it a file would be rotated
+/// every few events (and one line could never fit).
+pub const DELIVERY_LOG_SIZE_BYTES_MIN: u64 = 4096;
+
+/// Longest retention: ten years; a larger number is more likely a typo than a policy.
+pub const DELIVERY_LOG_RETENTION_DAYS_MAX: u32 = 3650;
+
+impl Default for DeliveryLogConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            path: None,
+            // 100 MiB: about half a million events per file.
+            max_size_bytes: 100 * 1024 * 1024,
+            retention_days: 30,
+        }
+    }
+}
+
+impl DeliveryLogConfig {
+    /// The current file's path for a server whose spool is `spool_directory`.
+    pub fn path_in(&self, spool_directory: &Path) -> PathBuf {
+        self.path
+            .clone()
+            .unwrap_or_else(|| spool_directory.join("delivery.log"))
+    }
+
+    fn validate(&self) -> Result<(), (&'static str, String)> {
+        if self.max_size_bytes < DELIVERY_LOG_SIZE_BYTES_MIN {
+            return Err((
+                "max_size_bytes",
+                format!("max_size_bytes must be at least {DELIVERY_LOG_SIZE_BYTES_MIN}"),
+            ));
+        }
+        if !(1..=DELIVERY_LOG_RETENTION_DAYS_MAX).contains(&self.retention_days) {
+            return Err((
+                "retention_days",
+                format!("retention_days must be 1 to {DELIVERY_LOG_RETENTION_DAYS_MAX}"),
+            ));
+        }
+        if self
+            .path
+            .as_ref()
+            .is_some_and(|path| path.as_os_str().is_empty() || path.file_name().is_none())
+        {
+            return Err(("path", "path must name a file".to_string()));
+        }
+        Ok(())
+    }
+}
+
 /// A configuration error with its place in the file.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -358,6 +428,7 @@ impl Config {
             listener.validate()?;
         }
         self.rate_limits.validate()?;
+        self.delivery_log.validate()?;
         listener::validate_login_guard(&self.login_guard)?;
         if self.spool.segment_size_bytes < SEGMENT_SIZE_BYTES_MIN {
             return Err((
@@ -708,6 +779,17 @@ impl Config {
             self.spool.directory.display(),
             self.spool.segment_size_bytes
         ));
+        let delivery_log = &self.delivery_log;
+        if delivery_log.enabled {
+            out.push_str(&format!(
+                "delivery log {} (rotated at {} bytes and daily, kept {} days)\n",
+                delivery_log.path_in(&self.spool.directory).display(),
+                delivery_log.max_size_bytes,
+                delivery_log.retention_days
+            ));
+        } else {
+            out.push_str("delivery log off\n");
+        }
         for (index, route) in self.routes.iter().enumerate() {
             let mut conditions = Vec::new();
             if !route.sender_domains.is_empty() {
@@ -1228,6 +1310,43 @@ upstream = "mx"
                 .default_upstream,
             "mx"
         );
+    }
+
+    #[test]
+    fn delivery_log_settings_are_checked_with_their_line() {
+        let base = "[[listener]]\naddress = \"127.0.0.1:25\"\n[delivery_log]\n";
+        let config = Config::parse(base, "test.toml").expect("defaults");
+        assert!(config.delivery_log.enabled);
+        assert_eq!(config.delivery_log.max_size_bytes, 100 * 1024 * 1024);
+        assert_eq!(config.delivery_log.retention_days, 30);
+        assert!(config.summary().contains(
+            "delivery log ./spool/delivery.log (rotated at 104857600 bytes and daily, kept 30 days)"
+        ));
+        assert_eq!(
+            config.delivery_log.path_in(Path::new("/var/spool/tsubame")),
+            Path::new("/var/spool/tsubame/delivery.log")
+        );
+        let cases: &[(&str, usize, &str)] = &[
+            ("max_size_bytes = 10\n", 4, "at least 4096"),
+            (
+                "retention_days = 0\n",
+                4,
+                "retention_days must be 1 to 3650",
+            ),
+            (
+                "\nretention_days = 4000\n",
+                5,
+                "retention_days must be 1 to 3650",
+            ),
+            ("path = \"\"\n", 4, "path must name a file"),
+            ("enabled = true\nrotate = 1\n", 5, "unknown field"),
+        ];
+        for (tail, want_line, want_message) in cases {
+            let text = format!("{base}{tail}");
+            let (line, _column, message) = error_of(&text);
+            assert_eq!(line, *want_line, "{text:?}: {message}");
+            assert!(message.contains(want_message), "{text:?}: {message}");
+        }
     }
 
     #[test]

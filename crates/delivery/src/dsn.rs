@@ -60,7 +60,7 @@
 use std::collections::HashSet;
 use std::fmt::Write as _;
 
-pub use tsubame_smtp_proto::date::{CivilDate, rfc5322_date};
+pub use tsubame_smtp_proto::date::{CivilDate, parse_rfc3339_ms, rfc3339_ms, rfc5322_date};
 
 /// Longest line of the report, CRLF excluded: the hard limit of RFC 5322 §2.1.1.
 pub const LINE_MAX_BYTES: usize = 998;

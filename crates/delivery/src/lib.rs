@@ -26,6 +26,8 @@
 //! * [`dsn`]: delivery status notifications (RFC 3464 bounces), pure over bytes.
 //! * [`reply_class`]: what a refusal means beyond its code: Google's quota and
 //!   rate-limit replies, which defer instead of bouncing.
+//! * [`failure_category`]: a failure's kind in plain words (authentication, quota, …),
+//!   for the delivery log.
 #![forbid(unsafe_code)]
 
 pub mod auth;
@@ -34,6 +36,7 @@ pub mod connection;
 pub mod dot_stuff;
 pub mod dsn;
 pub mod ehlo;
+pub mod failure_category;
 pub mod load;
 pub mod mx;
 pub mod reply;
@@ -54,6 +57,7 @@ pub use connection::{
 };
 pub use dot_stuff::DotStuffed;
 pub use ehlo::Capabilities;
+pub use failure_category::{FailureCategory, failure_category};
 pub use reply::{MAX_REPLY_LINE_BYTES, MAX_REPLY_LINES, Reply, ReplyError, parse_reply};
 pub use reply_class::{QuotaScope, RateScope, UpstreamSignal, classify, classify_reply};
 pub use tls::{TlsError, TlsSettings};

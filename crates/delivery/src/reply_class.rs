@@ -304,7 +304,7 @@ pub fn classify_reply(reply: &Reply) -> UpstreamSignal {
 
 /// The first `MAX_CLASSIFIED_TEXT_BYTES` of `text`, ASCII-lowercased, each run of white
 /// space one space, leading white space dropped.
-fn normalise(text: &str) -> String {
+pub(crate) fn normalise(text: &str) -> String {
     let mut normalised = String::with_capacity(text.len().min(MAX_CLASSIFIED_TEXT_BYTES));
     let mut space_pending = false;
     for character in text.chars() {

@@ -46,6 +46,38 @@ pub fn has_header(message: &[u8], name: &str) -> bool {
     false
 }
 
+/// Longest Message-ID value returned: RFC 5322 section 2.1.1's line limit. A longer
+/// one is not an identifier anyone will search for.
+const MESSAGE_ID_BYTES_MAX: usize = 998;
+
+/// The value of the first Message-ID field of `message`'s header section (RFC 5322
+/// section 3.6.4), unfolded and trimmed, for logs: `<id@example.com>`. `None` when there
+/// is none, it is empty, longer than 998 bytes, not UTF-8, or holds a control character.
+pub fn message_id(message: &[u8]) -> Option<String> {
+    let headers = &message[..message.len().min(HEADER_SECTION_BYTES_MAX)];
+    let mut lines = HeaderLines { rest: headers };
+    while let Some(field) = lines.next_field() {
+        let Some(colon) = field.iter().position(|&byte| byte == b':') else {
+            continue;
+        };
+        if !field[..colon]
+            .trim_ascii()
+            .eq_ignore_ascii_case(b"message-id")
+        {
+            continue;
+        }
+        let value = unfold(&field[colon + 1..]);
+        let value = String::from_utf8(value.trim_ascii().to_vec()).ok()?;
+        let usable = !value.is_empty()
+            && value.len() <= MESSAGE_ID_BYTES_MAX
+            && !value
+                .chars()
+                .any(|character| character.is_control() && character != '\t');
+        return usable.then_some(value);
+    }
+    None
+}
+
 /// Splits the header section into fields, each with its continuation lines, and stops
 /// at the empty line that ends it.
 struct HeaderLines<'a> {
@@ -160,6 +192,43 @@ fn is_host_name(domain: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn message_id_is_the_first_fields_unfolded_value() {
+        let table: &[(&[u8], Option<&str>)] = &[
+            (
+                b"Message-ID: <a@example.com>\r\n\r\n",
+                Some("<a@example.com>"),
+            ),
+            (
+                b"message-id:<a@example.com>  \r\nSubject: x\r\n\r\n",
+                Some("<a@example.com>"),
+            ),
+            (
+                b"Message-Id:\r\n <folded@example.com>\r\n\r\n",
+                Some("<folded@example.com>"),
+            ),
+            (
+                b"Message-ID: <1@x>\r\nMessage-ID: <2@x>\r\n\r\n",
+                Some("<1@x>"),
+            ),
+            (b"Subject: x\r\n\r\nMessage-ID: <body@x>\r\n", None),
+            (b"Message-ID:   \r\n\r\n", None),
+            (b"Message-ID: <\x01@x>\r\n\r\n", None),
+            (b"Message-ID: <\xff@x>\r\n\r\n", None),
+            (b"", None),
+        ];
+        for &(message, expected) in table {
+            assert_eq!(
+                message_id(message).as_deref(),
+                expected,
+                "{}",
+                String::from_utf8_lossy(message)
+            );
+        }
+        let long = format!("Message-ID: <{}@x>\r\n\r\n", "a".repeat(1000));
+        assert_eq!(message_id(long.as_bytes()), None);
+    }
 
     #[test]
     fn from_domain_table() {

@@ -24,7 +24,7 @@ mod record;
 mod signer;
 
 pub use error::Error;
-pub use from_domain::{from_domain, has_header};
+pub use from_domain::{from_domain, has_header, message_id};
 pub use key::{Algorithm, RSA_BITS_MIN, SigningKey, read_key_pem};
 pub use keygen::{RSA_BITS_ALLOWED, generate_ed25519_pem, generate_rsa_pem, write_key_file};
 pub use record::{

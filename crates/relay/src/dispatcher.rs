@@ -20,6 +20,7 @@ use crate::commit_watch::CommitWatch;
 use crate::control::{
     Action, ControlRequest, ControlResponse, IDS_PER_REQUEST_MAX, MessageSummary, RecipientSummary,
 };
+use crate::delivery_log::{DeliveryLog, EventKind, Record};
 use crate::inbox::{Inbox, Pop};
 use crate::job::{MessageMeta, RecipientReport, Report, WorkItem};
 use crate::routing::{RouteInput, Router};
@@ -122,6 +123,9 @@ struct Entry {
     meta: Arc<MessageMeta>,
     /// Invariant: one per recipient of the message.
     recipients: Vec<RecipientStatus>,
+    /// The Message-ID header field, once a worker has read the message: for the
+    /// delivery log.
+    message_id: Option<String>,
 }
 
 pub(crate) struct Dispatcher {
@@ -161,6 +165,19 @@ pub(crate) struct Dispatcher {
     /// Messages on hold (`queue hold`), saved in `held_path`.
     held: std::collections::HashSet<MessageKey>,
     held_path: std::path::PathBuf,
+    /// The delivery log, when it is on.
+    delivery_log: Option<DeliveryLog>,
+}
+
+/// What an attempt's event says beyond the message and recipient.
+struct AttemptFacts<'a> {
+    message_id: Option<&'a str>,
+    reply: &'a str,
+    category: Option<tsubame_delivery::FailureCategory>,
+    remote: Option<&'a str>,
+    tls: Option<&'a str>,
+    attempt: u32,
+    attempt_ms: Option<u64>,
 }
 
 impl std::fmt::Debug for Dispatcher {
@@ -200,6 +217,7 @@ impl Dispatcher {
         commits: Arc<CommitWatch>,
         signing: Option<Arc<Inbox<crate::signing::Task>>>,
         held_path: std::path::PathBuf,
+        delivery_log: Option<DeliveryLog>,
     ) -> Self {
         if hold {
             tracing::warn!(
@@ -228,7 +246,58 @@ impl Dispatcher {
             signing,
             held: std::collections::HashSet::new(),
             held_path,
+            delivery_log,
         }
+    }
+
+    /// Writes one event to the delivery log, when it is on.
+    fn log_event(
+        &mut self,
+        event: EventKind,
+        message: &SpooledMessage,
+        recipient: RecipientIndex,
+        upstream: usize,
+        facts: Option<AttemptFacts<'_>>,
+        now_ms: u64,
+    ) {
+        let Some(log) = self.delivery_log.as_mut() else {
+            return;
+        };
+        let record = Record {
+            time: tsubame_delivery::dsn::rfc3339_ms(now_ms),
+            event,
+            id: message.id.to_string(),
+            message_id: facts
+                .as_ref()
+                .and_then(|facts| facts.message_id.map(str::to_string)),
+            sender: message.mail_from.clone(),
+            recipient: message
+                .recipients
+                .get(recipient.0 as usize)
+                .cloned()
+                .unwrap_or_default(),
+            upstream: self
+                .upstreams
+                .get(upstream)
+                .map_or("?", |upstream| upstream.name())
+                .to_string(),
+            remote: facts
+                .as_ref()
+                .and_then(|facts| facts.remote.map(str::to_string)),
+            reply: facts.as_ref().map(|facts| facts.reply.to_string()),
+            category: facts
+                .as_ref()
+                .and_then(|facts| facts.category)
+                .map(|category| category.as_str().to_string()),
+            attempt: facts.as_ref().map_or(0, |facts| facts.attempt),
+            size_bytes: message.body_size_bytes,
+            tls: facts
+                .as_ref()
+                .and_then(|facts| facts.tls.map(str::to_string)),
+            since_received_ms: now_ms.saturating_sub(message.received_at_unix_ms),
+            attempt_ms: facts.as_ref().and_then(|facts| facts.attempt_ms),
+        };
+        log.write(&record, now_ms);
     }
 
     /// Puts the messages recovery found back in the queue, with their journal's
@@ -312,6 +381,7 @@ impl Dispatcher {
                     Entry {
                         meta: Arc::clone(&meta),
                         recipients: statuses,
+                        message_id: None,
                     },
                 );
                 if self.held.contains(&key) {
@@ -361,6 +431,9 @@ impl Dispatcher {
                 self.dispatch(now);
             }
             self.maybe_reclaim();
+            if let Some(log) = self.delivery_log.as_mut() {
+                log.tick();
+            }
             if busy && self.shutdown_deadline.is_none() {
                 // Under load, let inputs gather instead of being woken for each one: a
                 // sleeping dispatcher is not a waiter, so pushes skip the wake-up. Costs
@@ -391,6 +464,9 @@ impl Dispatcher {
         }
         self.inbox.close();
         self.reclaim();
+        if let Some(log) = self.delivery_log.as_mut() {
+            log.flush();
+        }
     }
 
     fn in_flight(&self) -> usize {
@@ -413,6 +489,13 @@ impl Dispatcher {
         }
         if self.reclaim_wanted() {
             sleep = sleep.min(RECLAIM_INTERVAL.saturating_sub(self.last_reclaim.elapsed()));
+        }
+        if let Some(flush_in) = self
+            .delivery_log
+            .as_ref()
+            .and_then(DeliveryLog::next_flush_in)
+        {
+            sleep = sleep.min(flush_in);
         }
         if !self.pending_done.is_empty() {
             sleep = sleep.min(DONE_RETRY_INTERVAL.saturating_sub(self.last_done_retry.elapsed()));
@@ -492,8 +575,19 @@ impl Dispatcher {
                     Entry {
                         meta: Arc::clone(&meta),
                         recipients: statuses,
+                        message_id: None,
                     },
                 );
+                for (recipient, route) in recipients {
+                    self.log_event(
+                        EventKind::Received,
+                        &meta.message,
+                        recipient,
+                        route.0 as usize,
+                        None,
+                        now.unix_ms,
+                    );
+                }
             }
             Err(error) => {
                 // Stays in the spool; the next start queues it from there.
@@ -582,6 +676,15 @@ impl Dispatcher {
             .filter(|recipient| recipient.outcome == Outcome::Failed)
             .collect();
         let bounce_spooled = failed.is_empty() || self.bounce(&report.message, &failed, now_ms);
+        let message_id = match self.messages.get_mut(&MessageKey(id.0)) {
+            Some(entry) => {
+                if report.message_id.is_some() {
+                    entry.message_id.clone_from(&report.message_id);
+                }
+                entry.message_id.clone()
+            }
+            None => report.message_id.clone(),
+        };
         let mut events = Vec::new();
         let mut outcomes = Vec::with_capacity(report.recipients.len());
         for recipient in &report.recipients {
@@ -595,6 +698,34 @@ impl Dispatcher {
                 .recipients
                 .get(recipient.recipient.0 as usize)
                 .map_or("", String::as_str);
+            let attempt = self
+                .messages
+                .get(&MessageKey(id.0))
+                .and_then(|entry| entry.recipients.get(recipient.recipient.0 as usize))
+                .map_or(0, |status| status.attempts);
+            let event = match outcome {
+                Outcome::Delivered => EventKind::Delivered,
+                Outcome::Deferred => EventKind::Deferred,
+                Outcome::Failed => EventKind::Bounced,
+            };
+            let category = (outcome != Outcome::Delivered)
+                .then(|| tsubame_delivery::failure_category(&recipient.detail));
+            self.log_event(
+                event,
+                &report.message.message,
+                recipient.recipient,
+                report.upstream,
+                Some(AttemptFacts {
+                    message_id: message_id.as_deref(),
+                    reply: &recipient.detail,
+                    category,
+                    remote: recipient.remote.as_deref(),
+                    tls: recipient.tls.as_deref(),
+                    attempt,
+                    attempt_ms: Some(report.attempt_ms),
+                }),
+                now_ms,
+            );
             let kind = match outcome {
                 Outcome::Delivered => {
                     tracing::info!(%id, to = address, upstream = upstream_name, remote = recipient.remote.as_deref().unwrap_or(""), reply = recipient.detail, "delivered");
@@ -679,13 +810,22 @@ impl Dispatcher {
                 continue;
             };
             let meta = Arc::clone(&entry.meta);
+            let message_id = entry.message_id.clone();
             let mut reports = Vec::new();
+            // Per recipient: its upstream, attempts and what its last reply says.
+            let mut expiry_facts = Vec::new();
             for recipient in recipients {
-                let last = entry
-                    .recipients
-                    .get(recipient.0 as usize)
-                    .and_then(|status| status.last_detail.clone())
-                    .unwrap_or_else(|| "no attempt succeeded".to_string());
+                let status = entry.recipients.get(recipient.0 as usize);
+                let last_detail = status.and_then(|status| status.last_detail.clone());
+                expiry_facts.push((
+                    status.map_or(0, |status| status.upstream),
+                    status.map_or(0, |status| status.attempts),
+                    last_detail.as_deref().map_or(
+                        tsubame_delivery::FailureCategory::Timeout,
+                        tsubame_delivery::failure_category,
+                    ),
+                ));
+                let last = last_detail.unwrap_or_else(|| "no attempt succeeded".to_string());
                 let detail = format!("message expired after the maximum queue time; last: {last}");
                 if let Some(status) = entry.recipients.get_mut(recipient.0 as usize) {
                     status.state = RecipientPhase::Failed;
@@ -698,6 +838,7 @@ impl Dispatcher {
                     // RFC 3463: 4.4.7 delivery time expired, final here.
                     status: "4.4.7".to_string(),
                     remote: None,
+                    tls: None,
                     spill: false,
                 });
             }
@@ -709,8 +850,24 @@ impl Dispatcher {
                 bounce_failed.push(key);
                 continue;
             }
-            for report in &reports {
+            for (report, &(upstream, attempt, category)) in reports.iter().zip(&expiry_facts) {
                 tracing::info!(id = %meta.message.id, to = meta.message.recipients.get(report.recipient.0 as usize).map_or("", String::as_str), reason = report.detail, "expired");
+                self.log_event(
+                    EventKind::Expired,
+                    &meta.message,
+                    report.recipient,
+                    upstream,
+                    Some(AttemptFacts {
+                        message_id: message_id.as_deref(),
+                        reply: &report.detail,
+                        category: Some(category),
+                        remote: None,
+                        tls: None,
+                        attempt,
+                        attempt_ms: None,
+                    }),
+                    now_ms,
+                );
                 self.journal(
                     meta.message.id,
                     report.recipient,

@@ -62,6 +62,10 @@ pub(crate) struct RecipientReport {
     pub status: String,
     /// The host that answered, when one did.
     pub remote: Option<String>,
+    /// The connection's TLS version and cipher suite (`TLSv1.3
+    /// TLS13_AES_256_GCM_SHA384`) when it was encrypted; `None` in plain text or when
+    /// no transaction ran.
+    pub tls: Option<String>,
     /// Deferred because the upstream cannot take it now (its quota, its rate limit):
     /// the upstream's `fallback`, if it has one, gets it at once.
     pub spill: bool,
@@ -74,4 +78,8 @@ pub(crate) struct Report {
     pub message: Arc<MessageMeta>,
     pub upstream: usize,
     pub recipients: Vec<RecipientReport>,
+    /// How long the job took at the worker, connection set-up included.
+    pub attempt_ms: u64,
+    /// The message's Message-ID header field, when the worker read the message.
+    pub message_id: Option<String>,
 }

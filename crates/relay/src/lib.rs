@@ -14,6 +14,8 @@
 //! * `worker`: blocking delivery threads, `max_connections` per upstream, with
 //!   connection reuse.
 //! * [`control`]: the queue control socket and its client.
+//! * [`delivery_log`]: one JSON line per delivery event, written by the dispatcher;
+//!   read by `tsubame log`.
 //! * [`quota`]: sending quotas per upstream account over a rolling day, saved in the
 //!   spool directory.
 //!
@@ -30,6 +32,7 @@ mod bounce;
 mod commit_watch;
 mod connect;
 pub mod control;
+pub mod delivery_log;
 mod dispatcher;
 mod held;
 mod inbox;
@@ -227,6 +230,7 @@ pub fn start(
         commits,
         signing.as_ref().map(signing::SigningPool::queue),
         held::path_in(&config.spool.directory),
+        delivery_log::DeliveryLog::new(&config.delivery_log, &config.spool.directory),
     );
     dispatcher.recover(recovered);
     dispatcher.restore_held();

@@ -124,6 +124,7 @@ pub(crate) fn run(
     loop {
         match jobs.pop_timeout(upstream.idle_timeout()) {
             Pop::Item(item) => {
+                let started = Instant::now();
                 // A bug in one delivery must not leave its job in flight forever: the
                 // recipients are deferred, the connection dropped, the worker goes on.
                 let report = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
@@ -141,6 +142,10 @@ pub(crate) fn run(
                             "4.3.0",
                         )
                     }
+                };
+                let report = Report {
+                    attempt_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+                    ..report
                 };
                 if context.reports.push(Input::Report(report)).is_err() {
                     break;
@@ -459,9 +464,10 @@ fn deliver_here(
     let report_outcomes = |results: &mut Vec<RecipientReport>,
                            recipients: &[tsubame_queue::RecipientIndex],
                            outcomes: Vec<RecipientOutcome>,
-                           remote: &str| {
+                           remote: &str,
+                           tls: Option<&str>| {
         for (recipient, outcome) in recipients.iter().zip(outcomes) {
-            let report = recipient_report(*recipient, &outcome, remote);
+            let report = recipient_report(*recipient, &outcome, remote, tls);
             results.push(with_signal(
                 upstream,
                 context,
@@ -485,6 +491,7 @@ fn deliver_here(
                 detail: "the recipient address cannot be sent in a RCPT command".to_string(),
                 status: "5.1.3".to_string(),
                 remote: None,
+                tls: None,
                 spill: false,
             });
             continue;
@@ -527,17 +534,17 @@ fn deliver_here(
         // and the lookup is a syscall or a DNS query per message.
         if upstream.config.kind.is_relay()
             && let Some(host) = upstream.config.host()
-            && let Some(outcomes) = send_on_cached(upstream, cached, host, account, outgoing)
+            && let Some((outcomes, tls)) = send_on_cached(upstream, cached, host, account, outgoing)
         {
-            report_outcomes(&mut results, &recipients, outcomes, host);
+            report_outcomes(&mut results, &recipients, outcomes, host, tls.as_deref());
             continue;
         }
         let outcome = targets(upstream, &domain).and_then(|targets| {
             send_to_first_reachable(upstream, cached, &targets, account, outgoing)
         });
         match outcome {
-            Ok((remote, result)) => {
-                report_outcomes(&mut results, &recipients, result, &remote);
+            Ok((remote, result, tls)) => {
+                report_outcomes(&mut results, &recipients, result, &remote, tls.as_deref());
             }
             Err(failure) => {
                 heed(upstream, context, &account_text, failure.signal);
@@ -548,6 +555,7 @@ fn deliver_here(
                         detail: failure.detail.clone(),
                         status: failure.status.to_string(),
                         remote: None,
+                        tls: None,
                         spill: failure.signal.defers(),
                     });
                 }
@@ -566,6 +574,8 @@ fn deliver_here(
         message: Arc::clone(&item.meta),
         upstream: upstream.index,
         recipients: results,
+        attempt_ms: 0,
+        message_id: tsubame_dkim::message_id(&body),
     }
 }
 
@@ -617,8 +627,9 @@ const TRIES_PER_ADDRESS: usize = 2;
 
 /// What one send on the open connection came to.
 enum Sent {
-    /// The transaction ran; its outcomes stand.
-    Outcomes(Vec<RecipientOutcome>),
+    /// The transaction ran; its outcomes stand. With the connection's TLS version and
+    /// cipher suite when it was encrypted.
+    Outcomes(Vec<RecipientOutcome>, Option<String>),
     /// A reused connection had been closed by the upstream before the content went out:
     /// nothing was delivered; the connection is dropped and a new one may be tried.
     Stale,
@@ -632,6 +643,8 @@ fn send_on_open(cached: &mut Option<Cached>, message: Message<'_>) -> Sent {
         return Sent::Stale;
     };
     let reused = open.messages_sent > 0;
+    // Asked before sending: a connection the transaction ends is gone after it.
+    let tls = open.connection.tls_summary();
     match open.connection.send(message) {
         Ok(result) => {
             open.messages_sent += 1;
@@ -652,7 +665,7 @@ fn send_on_open(cached: &mut Option<Cached>, message: Message<'_>) -> Sent {
             if stale {
                 Sent::Stale
             } else {
-                Sent::Outcomes(result.outcomes)
+                Sent::Outcomes(result.outcomes, tls)
             }
         }
         Err(error) => {
@@ -684,14 +697,14 @@ fn send_on_cached(
     target: &str,
     account: Option<&str>,
     message: Message<'_>,
-) -> Option<Vec<RecipientOutcome>> {
+) -> Option<(Vec<RecipientOutcome>, Option<String>)> {
     if !reusable(upstream, cached, |cached| {
         cached.target == target && cached.account.as_deref() == account
     }) {
         return None;
     }
     match send_on_open(cached, message) {
-        Sent::Outcomes(outcomes) => Some(outcomes),
+        Sent::Outcomes(outcomes, tls) => Some((outcomes, tls)),
         Sent::Stale | Sent::Refused(_) => None,
     }
 }
@@ -705,7 +718,7 @@ fn send_to_first_reachable(
     targets: &[Target],
     account: Option<&str>,
     message: Message<'_>,
-) -> Result<(String, Vec<RecipientOutcome>), GroupFailure> {
+) -> Result<(String, Vec<RecipientOutcome>, Option<String>), GroupFailure> {
     let mut last_error: Option<DeliveryError> = None;
     // Fetched when a session is first opened; fetched again after the upstream refused
     // an access token, once.
@@ -760,7 +773,9 @@ fn send_to_first_reachable(
                     }
                 }
                 match send_on_open(cached, message) {
-                    Sent::Outcomes(outcomes) => return Ok((target.name.clone(), outcomes)),
+                    Sent::Outcomes(outcomes, tls) => {
+                        return Ok((target.name.clone(), outcomes, tls));
+                    }
                     Sent::Stale => {
                         tracing::debug!(upstream = upstream.name(), %address, "reused connection had been closed; trying a new one");
                     }
@@ -843,6 +858,7 @@ fn recipient_report(
     recipient: tsubame_queue::RecipientIndex,
     outcome: &RecipientOutcome,
     remote: &str,
+    tls: Option<&str>,
 ) -> RecipientReport {
     let (outcome, reason_text, status) = match outcome {
         RecipientOutcome::Delivered { reply } => (
@@ -865,6 +881,7 @@ fn recipient_report(
         detail: reason_text,
         status,
         remote: Some(remote.to_string()),
+        tls: tls.map(str::to_string),
         spill: false,
     }
 }
@@ -953,9 +970,12 @@ fn report_all(
                 status: status.to_string(),
                 // Nobody answered: these outcomes are our own.
                 remote: None,
+                tls: None,
                 spill: false,
             })
             .collect(),
+        attempt_ms: 0,
+        message_id: None,
     }
 }
 

@@ -39,6 +39,100 @@ pub fn rfc5322_date(unix_ms: u64) -> String {
     )
 }
 
+/// `unix_ms` as an RFC 3339 date-time in UTC with milliseconds,
+/// `2026-11-26T06:30:37.123Z`: the delivery log's and `spool inspect`'s time stamps.
+pub fn rfc3339_ms(unix_ms: u64) -> String {
+    let seconds = unix_ms / MILLISECONDS_PER_SECOND;
+    let second_of_day = seconds % SECONDS_PER_DAY;
+    let date = CivilDate::from_days_since_epoch(seconds / SECONDS_PER_DAY);
+    format!(
+        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:03}Z",
+        date.year,
+        date.month,
+        date.day,
+        second_of_day / SECONDS_PER_HOUR,
+        second_of_day % SECONDS_PER_HOUR / SECONDS_PER_MINUTE,
+        second_of_day % SECONDS_PER_MINUTE,
+        unix_ms % MILLISECONDS_PER_SECOND
+    )
+}
+
+/// Parses an RFC 3339 date-time (`2026-11-26T06:30:37Z`, `…T15:30:37.5+09:00`, `t`
+/// and a space accepted for `T`) or a bare date (`2026-11-26`, midnight UTC) into Unix
+/// milliseconds. `None` for anything else, dates before 1970 included. Fractions
+/// beyond milliseconds are dropped; a leap second (`:60`) counts as the next second.
+pub fn parse_rfc3339_ms(text: &str) -> Option<u64> {
+    let bytes = text.as_bytes();
+    let number = |range: std::ops::Range<usize>| -> Option<u64> {
+        let digits = bytes.get(range)?;
+        if digits.is_empty() || !digits.iter().all(u8::is_ascii_digit) {
+            return None;
+        }
+        std::str::from_utf8(digits).ok()?.parse().ok()
+    };
+    if bytes.get(4) != Some(&b'-') || bytes.get(7) != Some(&b'-') {
+        return None;
+    }
+    let (year, month, day) = (number(0..4)?, number(5..7)?, number(8..10)?);
+    let days = CivilDate::days_since_epoch(year, month, day)?;
+    let mut unix_ms = days.checked_mul(SECONDS_PER_DAY * MILLISECONDS_PER_SECOND)?;
+    if bytes.len() == 10 {
+        return Some(unix_ms);
+    }
+    if !matches!(bytes.get(10), Some(b'T' | b't' | b' '))
+        || bytes.get(13) != Some(&b':')
+        || bytes.get(16) != Some(&b':')
+    {
+        return None;
+    }
+    let (hour, minute, second) = (number(11..13)?, number(14..16)?, number(17..19)?);
+    if hour > 23 || minute > 59 || second > 60 {
+        return None;
+    }
+    unix_ms +=
+        (hour * SECONDS_PER_HOUR + minute * SECONDS_PER_MINUTE + second) * MILLISECONDS_PER_SECOND;
+    let mut rest = bytes.get(19..)?;
+    if let Some(fraction) = rest.strip_prefix(b".") {
+        let digits = fraction
+            .iter()
+            .take_while(|byte| byte.is_ascii_digit())
+            .count();
+        if digits == 0 {
+            return None;
+        }
+        let mut milliseconds = 0;
+        for position in 0..3 {
+            let digit = fraction.get(position).filter(|_| position < digits);
+            milliseconds = milliseconds * 10 + digit.map_or(0, |digit| u64::from(digit - b'0'));
+        }
+        unix_ms += milliseconds;
+        rest = fraction.get(digits..)?;
+    }
+    match rest {
+        [b'Z' | b'z'] => Some(unix_ms),
+        [sign @ (b'+' | b'-'), h1, h2, b':', m1, m2] => {
+            let offset_text = [*h1, *h2, *m1, *m2];
+            if !offset_text.iter().all(u8::is_ascii_digit) {
+                return None;
+            }
+            let hours = u64::from(h1 - b'0') * 10 + u64::from(h2 - b'0');
+            let minutes = u64::from(m1 - b'0') * 10 + u64::from(m2 - b'0');
+            if hours > 23 || minutes > 59 {
+                return None;
+            }
+            let offset_ms =
+                (hours * SECONDS_PER_HOUR + minutes * SECONDS_PER_MINUTE) * MILLISECONDS_PER_SECOND;
+            // Local time = UTC + offset, so UTC = local - offset.
+            if *sign == b'+' {
+                unix_ms.checked_sub(offset_ms)
+            } else {
+                unix_ms.checked_add(offset_ms)
+            }
+        }
+        _ => None,
+    }
+}
+
 /// A proleptic Gregorian calendar date in UTC. The one calendar conversion of the
 /// workspace.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -92,9 +186,85 @@ impl CivilDate {
     }
 }
 
+impl CivilDate {
+    /// Days from 1970-01-01 to `year`-`month`-`day`; `None` for an impossible date
+    /// (30 February) or one before the epoch. The inverse of
+    /// [`CivilDate::from_days_since_epoch`] (Hinnant's days_from_civil).
+    pub fn days_since_epoch(year: u64, month: u64, day: u64) -> Option<u64> {
+        let leap =
+            year.is_multiple_of(4) && (!year.is_multiple_of(100) || year.is_multiple_of(400));
+        let month_days = match month {
+            1 | 3 | 5 | 7 | 8 | 10 | 12 => 31,
+            4 | 6 | 9 | 11 => 30,
+            2 if leap => 29,
+            2 => 28,
+            _ => return None,
+        };
+        if day == 0 || day > month_days {
+            return None;
+        }
+        // Years start on 1 March, as in `from_days_since_epoch`.
+        let year_from_march = if month <= 2 {
+            year.checked_sub(1)?
+        } else {
+            year
+        };
+        let cycle = year_from_march / 400;
+        let year_of_cycle = year_from_march % 400;
+        let month_from_march = if month > 2 { month - 3 } else { month + 9 };
+        let day_of_year = (153 * month_from_march + 2) / 5 + day - 1;
+        let day_of_cycle =
+            year_of_cycle * 365 + year_of_cycle / 4 - year_of_cycle / 100 + day_of_year;
+        (cycle * DAYS_PER_400_YEARS + day_of_cycle).checked_sub(DAYS_FROM_MARCH_0000_TO_EPOCH)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rfc3339_round_trips_and_parses_offsets() {
+        let table: &[(&str, Option<u64>)] = &[
+            ("1970-01-01", Some(0)),
+            ("1970-01-01T00:00:00.000Z", Some(0)),
+            ("2000-02-29T00:00:00Z", Some(951_782_400_000)),
+            ("2024-02-29T12:34:56.789Z", Some(1_709_210_096_789)),
+            ("2024-02-29 21:34:56.7891+09:00", Some(1_709_210_096_789)),
+            ("2024-02-29T07:34:56.789-05:00", Some(1_709_210_096_789)),
+            ("2100-03-01", Some(4_107_542_400_000)),
+            ("2023-02-29", None),
+            ("1969-12-31", None),
+            ("2024-13-01", None),
+            ("2024-01-01T24:00:00Z", None),
+            ("2024-01-01T00:00:00", None),
+            ("2024-01-01T00:00:00.Z", None),
+            ("2024-1-01", None),
+            ("yesterday", None),
+        ];
+        for &(text, expected) in table {
+            assert_eq!(parse_rfc3339_ms(text), expected, "{text}");
+        }
+        for unix_ms in [
+            0,
+            999,
+            951_782_400_000,
+            1_709_210_096_789,
+            253_402_300_799_999,
+        ] {
+            assert_eq!(parse_rfc3339_ms(&rfc3339_ms(unix_ms)), Some(unix_ms));
+        }
+        assert_eq!(rfc3339_ms(1_709_210_096_789), "2024-02-29T12:34:56.789Z");
+        // Every day to past 2500 converts back to itself.
+        for days in 0..200_000 {
+            let date = CivilDate::from_days_since_epoch(days);
+            assert_eq!(
+                CivilDate::days_since_epoch(date.year, date.month, date.day),
+                Some(days),
+                "{date:?}"
+            );
+        }
+    }
 
     #[test]
     fn dates_match_known_values() {

@@ -273,23 +273,9 @@ fn write_table(out: &mut impl Write, report: &ScanReport) -> std::io::Result<()>
     Ok(())
 }
 
-/// `2026-11-26T06:30:37.123Z`, computed without a date library (proleptic Gregorian,
-/// the days-to-civil algorithm).
+/// `2026-11-26T06:30:37.123Z`.
 pub(crate) fn format_unix_ms(unix_ms: u64) -> String {
-    const SECONDS_PER_DAY: u64 = 86_400;
-    let seconds = unix_ms / 1000;
-    let second_of_day = seconds % SECONDS_PER_DAY;
-    let date = tsubame_delivery::dsn::CivilDate::from_days_since_epoch(seconds / SECONDS_PER_DAY);
-    format!(
-        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:03}Z",
-        date.year,
-        date.month,
-        date.day,
-        second_of_day / 3600,
-        second_of_day / 60 % 60,
-        second_of_day % 60,
-        unix_ms % 1000
-    )
+    tsubame_delivery::dsn::rfc3339_ms(unix_ms)
 }
 
 #[cfg(test)]

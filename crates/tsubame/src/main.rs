@@ -5,6 +5,7 @@
 mod bench;
 mod dkim;
 mod inspect;
+mod log;
 mod oauth;
 mod queue;
 mod serve;
@@ -38,6 +39,8 @@ use clap::{Parser, Subcommand};
         tsubame queue list --spool ./spool\n  \
         tsubame trace --client 192.0.2.7                watch a device's SMTP conversation live\n  \
         tsubame spool inspect --spool ./spool --json\n  \
+        tsubame log search --recipient bob@example.com --status bounced\n  \
+        tsubame log export --csv --since 2026-11-01 > november.csv\n  \
         tsubame sink --listen 127.0.0.1:2526 --tempfail-rate 0.05\n  \
         tsubame bench --target 127.0.0.1:2525 -n 20000 -s 1024 -c 50\n  \
         tsubame bench --target 127.0.0.1:2525 --starttls --handshakes -n 5000\n  \
@@ -90,6 +93,10 @@ enum Command {
     /// DNS TXT record that publishes its public key; `dkim check` looks the record up
     /// and checks that it publishes the key.
     Dkim(dkim::DkimArgs),
+    /// The delivery log (one line per received, delivered, deferred, bounced or
+    /// expired recipient): `log search` prints the events that match, `log export
+    /// --csv` writes them as CSV. Reads the files offline.
+    Log(log::LogArgs),
     /// Look at a spool offline.
     Spool {
         #[command(subcommand)]
@@ -120,6 +127,7 @@ fn main() -> ExitCode {
         Command::User(args) => user::run(args),
         Command::Oauth(args) => oauth::run(args),
         Command::Dkim(args) => dkim::run(args),
+        Command::Log(args) => log::run(args),
         Command::Spool {
             command: SpoolCommand::Inspect(args),
         } => inspect::run(args),
