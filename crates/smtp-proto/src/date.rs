@@ -334,4 +334,23 @@ mod tests {
             }
         }
     }
+
+    proptest::proptest! {
+        #[test]
+        fn parsing_any_text_never_panics(text in "\\PC{0,40}") {
+            let _ = parse_rfc3339_ms(&text);
+        }
+
+        #[test]
+        fn near_misses_never_panic(
+            text in "[0-9]{4}-[0-9]{2}-[0-9]{2}([Tt ][0-9]{2}:[0-9]{2}:[0-9]{2}(\\.[0-9]{0,12})?([Zz]|[+-][0-9]{2}:[0-9]{2})?)?"
+        ) {
+            let _ = parse_rfc3339_ms(&text);
+        }
+
+        #[test]
+        fn what_is_written_parses_back(unix_ms in 0u64..253_402_300_799_999) {
+            proptest::prop_assert_eq!(parse_rfc3339_ms(&rfc3339_ms(unix_ms)), Some(unix_ms));
+        }
+    }
 }
