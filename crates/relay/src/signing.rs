@@ -42,6 +42,10 @@ const LIST_FIELDS: [&str; 2] = ["List-Unsubscribe", "List-Unsubscribe-Post"];
 /// The field that asks for one-click unsubscription (RFC 8058 section 3.1).
 const ONE_CLICK_FIELD: &[u8] = b"List-Unsubscribe-Post: List-Unsubscribe=One-Click\r\n";
 
+/// How long an idle signing thread waits before it waits again: a push or the queue's
+/// closing wakes it at once, so this only bounds one wait.
+const IDLE_WAIT: std::time::Duration = std::time::Duration::from_secs(3600);
+
 /// Messages a signing thread takes from its queue at once.
 const BATCH_MAX: usize = 64;
 
@@ -89,12 +93,14 @@ impl std::fmt::Debug for Signing {
 }
 
 /// The plain and the List-* signers of a `[[dkim]]` entry, each key file read once.
-fn build_signers(config: &DkimConfig) -> Result<(Signer, Signer), String> {
+/// Also returns a line per key for `check-config`: its DNS name, algorithm, size and file.
+fn build_signers(config: &DkimConfig) -> Result<(Signer, Signer, Vec<String>), String> {
     let mut pems = Vec::new();
     for key in config.key_list() {
         let pem = tsubame_dkim::read_key_pem(&key.key_file).map_err(|error| error.to_string())?;
         pems.push((key.selector, key.key_file, pem));
     }
+    let mut described = Vec::with_capacity(pems.len());
     let default = SignedHeaders::default();
     let names: Vec<String> = config
         .headers
@@ -124,7 +130,20 @@ fn build_signers(config: &DkimConfig) -> Result<(Signer, Signer), String> {
     let plain = build(&names)?;
     let mut listed_names = names.clone();
     listed_names.extend(LIST_FIELDS.map(String::from));
-    Ok((plain, build(&listed_names)?))
+    let listed = build(&listed_names)?;
+    for (selector, path, pem) in &pems {
+        // `build` parsed every key already; this cannot fail now.
+        if let Ok(key) = SigningKey::from_pem(pem, &path.display().to_string()) {
+            described.push(format!(
+                "{selector}._domainkey.{} ({}, {} bits, {})",
+                config.domain,
+                key.algorithm(),
+                key.bits(),
+                path.display()
+            ));
+        }
+    }
+    Ok((plain, listed, described))
 }
 
 impl Signing {
@@ -142,7 +161,7 @@ impl Signing {
         }
         let mut domains = Vec::with_capacity(config.dkim.len());
         for dkim in &config.dkim {
-            let (plain, listed) = build_signers(dkim)?;
+            let (plain, listed, _) = build_signers(dkim)?;
             domains.push(DomainSigners {
                 domain: dkim.domain.trim_end_matches('.').to_ascii_lowercase(),
                 plain,
@@ -186,20 +205,7 @@ impl Signing {
     pub fn describe(config: &Config) -> Result<Vec<String>, String> {
         let mut lines = Vec::new();
         for dkim in &config.dkim {
-            build_signers(dkim)?;
-            let mut keys = Vec::new();
-            for key in dkim.key_list() {
-                let loaded =
-                    SigningKey::from_pem_file(&key.key_file).map_err(|error| error.to_string())?;
-                keys.push(format!(
-                    "{}._domainkey.{} ({}, {} bits, {})",
-                    key.selector,
-                    dkim.domain,
-                    loaded.algorithm(),
-                    loaded.bits(),
-                    key.key_file.display()
-                ));
-            }
+            let (_, _, keys) = build_signers(dkim)?;
             lines.push(format!(
                 "dkim {} (and its subdomains): signs with {}, c={}",
                 dkim.domain,
@@ -378,7 +384,7 @@ fn run(
 ) {
     let mut batch = Vec::with_capacity(BATCH_MAX);
     loop {
-        match queue.pop_timeout(std::time::Duration::from_secs(3600)) {
+        match queue.pop_timeout(IDLE_WAIT) {
             Pop::Item(task) => batch.push(task),
             Pop::Timeout => continue,
             Pop::Closed => return,

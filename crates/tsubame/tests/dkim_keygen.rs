@@ -38,49 +38,37 @@ fn check_written(output: &Output, path: &Path, domain: &str, selector: &str, key
     assert!(!String::from_utf8_lossy(&output.stderr).contains(pem.lines().nth(1).unwrap()));
 }
 
+/// `tsubame dkim keygen` of an Ed25519 key for `domain`, selector ed2026, into `path`.
+fn keygen_ed25519(domain: &str, path: &str, extra: &[&str]) -> Output {
+    let mut arguments = vec![
+        "--domain",
+        domain,
+        "--selector",
+        "ed2026",
+        "--algorithm",
+        "ed25519",
+        "--out",
+        path,
+    ];
+    arguments.extend_from_slice(extra);
+    keygen(&arguments)
+}
+
 #[test]
 fn ed25519_key_is_written_0600_and_its_record_printed() {
     let directory = tempfile::tempdir().unwrap();
     let path = directory.path().join("ed.key");
     let path_text = path.to_str().unwrap();
-    let output = keygen(&[
-        "--domain",
-        "Example.COM.",
-        "--selector",
-        "ed2026",
-        "--algorithm",
-        "ed25519",
-        "--out",
-        path_text,
-    ]);
+    let output = keygen_ed25519("Example.COM.", path_text, &[]);
     check_written(&output, &path, "example.com", "ed2026", "ed25519");
 
     // Not replaced without --force; replaced with it.
     let before = std::fs::read(&path).unwrap();
-    let again = keygen(&[
-        "--domain",
-        "example.com",
-        "--selector",
-        "ed2026",
-        "--algorithm",
-        "ed25519",
-        "--out",
-        path_text,
-    ]);
+    let again = keygen_ed25519("example.com", path_text, &[]);
     assert_eq!(again.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&again.stderr).contains("--force"));
     assert_eq!(std::fs::read(&path).unwrap(), before);
-    let forced = keygen(&[
-        "--domain",
-        "example.com",
-        "--selector",
-        "ed2026",
-        "--algorithm",
-        "ed25519",
-        "--out",
-        path_text,
-        "--force",
-    ]);
+    let forced = keygen_ed25519("example.com", path_text, &["--force"]);
     check_written(&forced, &path, "example.com", "ed2026", "ed25519");
     assert_ne!(std::fs::read(&path).unwrap(), before);
 }
