@@ -87,13 +87,7 @@ fn message_arrives_byte_exact_at_aiosmtpd() {
         received[0].recipients(),
         vec!["rcpt@example.net".to_string()]
     );
-    assert!(
-        wait_until(DELIVERY_TIMEOUT, || server
-            .log()
-            .contains(&format!("delivered id={id}"))),
-        "no delivered line for {id}:\n{}",
-        server.log()
-    );
+    crate::assert_delivered_line(&server, &id, DELIVERY_TIMEOUT);
     assert!(wait_until(DELIVERY_TIMEOUT, || queued_messages(&server) == 0));
     server.stop();
 }

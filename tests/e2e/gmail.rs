@@ -486,13 +486,7 @@ fn a_device_mails_through_a_gmail_upstream_as_its_mapped_account() {
             Value::Null
         )]
     );
-    assert!(
-        wait_until(DELIVERY_TIMEOUT, || server
-            .log()
-            .contains(&format!("delivered id={id}"))),
-        "no delivered line for {id}:\n{}",
-        server.log()
-    );
+    crate::assert_delivered_line(&server, &id, DELIVERY_TIMEOUT);
     wait_until_queue_is_empty(&server);
     world.assert_no_secret_in(&server.log());
     server.stop();
@@ -538,13 +532,7 @@ fn a_refused_token_is_replaced_by_a_fresh_one_and_the_mail_goes_out_once() {
             (refresh_token, Value::from("at-2"), Value::Null),
         ]
     );
-    assert!(
-        wait_until(DELIVERY_TIMEOUT, || server
-            .log()
-            .contains(&format!("delivered id={id}"))),
-        "no delivered line for {id}:\n{}",
-        server.log()
-    );
+    crate::assert_delivered_line(&server, &id, DELIVERY_TIMEOUT);
     wait_until_queue_is_empty(&server);
     // Delivered in the first attempt, once: no deferral, no second copy, one MAIL.
     std::thread::sleep(Duration::from_secs(2));

@@ -67,6 +67,19 @@ pub fn send_from(address: SocketAddr, from: &str, parameters: &[&str], message: 
     data.queued_id()
 }
 
+/// Waits for the server's log to say message `id` was delivered; fails after `timeout`.
+#[track_caller]
+pub fn assert_delivered_line(
+    server: &tsubame_tests::server::Server,
+    id: &str,
+    timeout: std::time::Duration,
+) {
+    let logged = tsubame_tests::upstream::wait_until(timeout, || {
+        server.log().contains(&format!("delivered id={id}"))
+    });
+    assert!(logged, "no delivered line for {id}:\n{}", server.log());
+}
+
 /// Asserts the spool holds exactly the messages `ids` (in any order).
 #[track_caller]
 pub fn assert_spool_ids(spool: &Path, ids: &[&str]) {
