@@ -13,6 +13,7 @@
 //! No message content, no credentials: addresses, the upstream's reply text and our own
 //! explanations only.
 
+use std::borrow::Cow;
 use std::fs::{File, OpenOptions};
 use std::io::{BufWriter, Write};
 use std::os::unix::fs::OpenOptionsExt;
@@ -72,38 +73,50 @@ impl EventKind {
 }
 
 /// One line of the log. Field order is the line's order and the CSV export's columns.
+/// The text borrows (from the message and the attempt when written, from the line when
+/// read and it needs no unescaping), so an event costs no copy of its addresses.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Record {
+pub struct Record<'a> {
     /// RFC 3339, UTC, milliseconds: `2026-11-26T06:30:37.123Z`.
-    pub time: String,
+    #[serde(borrow)]
+    pub time: Cow<'a, str>,
     pub event: EventKind,
     /// The spool's message id, 16 hex digits.
-    pub id: String,
+    #[serde(borrow)]
+    pub id: Cow<'a, str>,
     /// The client's Message-ID header field, when known.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub message_id: Option<String>,
+    #[serde(borrow)]
+    pub message_id: Option<Cow<'a, str>>,
     /// The envelope sender; empty for `<>`.
-    pub sender: String,
-    pub recipient: String,
+    #[serde(borrow)]
+    pub sender: Cow<'a, str>,
+    #[serde(borrow)]
+    pub recipient: Cow<'a, str>,
     /// The upstream (route) the recipient goes through.
-    pub upstream: String,
+    #[serde(borrow)]
+    pub upstream: Cow<'a, str>,
     /// The host that answered, when one did.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub remote: Option<String>,
+    #[serde(borrow)]
+    pub remote: Option<Cow<'a, str>>,
     /// The upstream's reply (`550 5.1.1 no such user`) or our own explanation; absent
     /// for `received`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub reply: Option<String>,
+    #[serde(borrow)]
+    pub reply: Option<Cow<'a, str>>,
     /// What kind of failure, in plain words (`recipient unknown`); deferred, bounced
     /// and expired events only.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub category: Option<String>,
+    #[serde(borrow)]
+    pub category: Option<Cow<'a, str>>,
     /// 1 for the first attempt; 0 for `received`.
     pub attempt: u32,
     pub size_bytes: u64,
     /// TLS version and cipher suite of the upstream connection, when encrypted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub tls: Option<String>,
+    #[serde(borrow)]
+    pub tls: Option<Cow<'a, str>>,
     /// Milliseconds since the message was received.
     pub since_received_ms: u64,
     /// How long the attempt (the worker's job) took.
@@ -148,7 +161,7 @@ impl DeliveryLog {
     }
 
     /// Appends one event at `now_unix_ms`, rotating first if it is due.
-    pub fn write(&mut self, record: &Record, now_unix_ms: u64) {
+    pub fn write(&mut self, record: &Record<'_>, now_unix_ms: u64) {
         let mut line = match serde_json::to_vec(record) {
             Ok(line) => line,
             Err(error) => return self.failed("cannot encode an event", &error),
@@ -356,18 +369,18 @@ pub fn files_in_order(path: &Path) -> Vec<PathBuf> {
 mod tests {
     use super::*;
 
-    fn record(recipient: &str) -> Record {
+    fn record(recipient: &str) -> Record<'_> {
         Record {
-            time: "2026-11-26T06:30:37.123Z".to_string(),
+            time: "2026-11-26T06:30:37.123Z".into(),
             event: EventKind::Deferred,
-            id: "0123456789abcdef".to_string(),
+            id: "0123456789abcdef".into(),
             message_id: None,
-            sender: "a@example.com".to_string(),
-            recipient: recipient.to_string(),
-            upstream: "relay".to_string(),
-            remote: Some("smtp.example.net".to_string()),
-            reply: Some("451 4.3.0 try later".to_string()),
-            category: Some("other".to_string()),
+            sender: "a@example.com".into(),
+            recipient: recipient.into(),
+            upstream: "relay".into(),
+            remote: Some("smtp.example.net".into()),
+            reply: Some("451 4.3.0 try later".into()),
+            category: Some("other".into()),
             attempt: 1,
             size_bytes: 1234,
             tls: None,
@@ -385,17 +398,31 @@ mod tests {
         }
     }
 
-    fn read_all(path: &Path) -> Vec<Record> {
+    /// The recipient of every line in the log's files, oldest first; each line must
+    /// parse as a record.
+    fn read_all(path: &Path) -> Vec<String> {
         files_in_order(path)
             .iter()
             .flat_map(|file| {
                 std::fs::read_to_string(file)
                     .expect("read")
                     .lines()
-                    .map(|line| serde_json::from_str(line).expect("a JSON line"))
-                    .collect::<Vec<Record>>()
+                    .map(|line| {
+                        let record: Record<'_> = serde_json::from_str(line).expect("a JSON line");
+                        record.recipient.into_owned()
+                    })
+                    .collect::<Vec<String>>()
             })
             .collect()
+    }
+
+    #[test]
+    fn a_line_with_escapes_reads_back_equal() {
+        let mut written = record("J\u{f6}rg@example.com");
+        written.reply = Some("550 \"no\" \\ such\tuser \u{1F985}".into());
+        let line = serde_json::to_string(&written).expect("json");
+        let read: Record<'_> = serde_json::from_str(&line).expect("a JSON line");
+        assert_eq!(read, written);
     }
 
     #[test]
@@ -439,10 +466,7 @@ mod tests {
         for file in &rotated {
             assert!(std::fs::metadata(file).expect("metadata").len() <= 3 * line_bytes as u64);
         }
-        let recipients: Vec<String> = read_all(&path)
-            .into_iter()
-            .map(|record| record.recipient)
-            .collect();
+        let recipients: Vec<String> = read_all(&path);
         let expected: Vec<String> = (0..10)
             .map(|index| format!("r{index:02}@example.com"))
             .collect();

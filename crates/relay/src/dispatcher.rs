@@ -4,6 +4,7 @@
 //! records, reclaims spool segments and answers the control socket. Everything that
 //! changes queue state happens here, so none of it needs a lock.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -264,36 +265,37 @@ impl Dispatcher {
             return;
         };
         let record = Record {
-            time: tsubame_delivery::dsn::rfc3339_ms(now_ms),
+            time: tsubame_delivery::dsn::rfc3339_ms(now_ms).into(),
             event,
-            id: message.id.to_string(),
+            id: message.id.to_string().into(),
             message_id: facts
                 .as_ref()
-                .and_then(|facts| facts.message_id.map(str::to_string)),
-            sender: message.mail_from.clone(),
-            recipient: message
-                .recipients
-                .get(recipient.0 as usize)
-                .cloned()
-                .unwrap_or_default(),
-            upstream: self
-                .upstreams
-                .get(upstream)
-                .map_or("?", |upstream| upstream.name())
-                .to_string(),
+                .and_then(|facts| facts.message_id.map(Cow::Borrowed)),
+            sender: Cow::Borrowed(&message.mail_from),
+            recipient: Cow::Borrowed(
+                message
+                    .recipients
+                    .get(recipient.0 as usize)
+                    .map_or("", String::as_str),
+            ),
+            upstream: Cow::Borrowed(
+                self.upstreams
+                    .get(upstream)
+                    .map_or("?", |upstream| upstream.name()),
+            ),
             remote: facts
                 .as_ref()
-                .and_then(|facts| facts.remote.map(str::to_string)),
-            reply: facts.as_ref().map(|facts| facts.reply.to_string()),
+                .and_then(|facts| facts.remote.map(Cow::Borrowed)),
+            reply: facts.as_ref().map(|facts| Cow::Borrowed(facts.reply)),
             category: facts
                 .as_ref()
                 .and_then(|facts| facts.category)
-                .map(|category| category.as_str().to_string()),
+                .map(|category| Cow::Borrowed(category.as_str())),
             attempt: facts.as_ref().map_or(0, |facts| facts.attempt),
             size_bytes: message.body_size_bytes,
             tls: facts
                 .as_ref()
-                .and_then(|facts| facts.tls.map(str::to_string)),
+                .and_then(|facts| facts.tls.map(Cow::Borrowed)),
             since_received_ms: now_ms.saturating_sub(message.received_at_unix_ms),
             attempt_ms: facts.as_ref().and_then(|facts| facts.attempt_ms),
         };

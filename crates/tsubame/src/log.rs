@@ -1,6 +1,7 @@
 //! `tsubame log`: search the delivery log (`<spool>/delivery.log` and its rotated
 //! files, oldest first) or export it as CSV. Works offline, on the files alone.
 
+use std::borrow::Cow;
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -137,7 +138,7 @@ fn parse_until(text: &str) -> Result<u64, String> {
 }
 
 impl Filters {
-    fn accepts(&self, record: &Record) -> bool {
+    fn accepts(&self, record: &Record<'_>) -> bool {
         let same = |wanted: &Option<String>, actual: &str| {
             wanted.as_deref().is_none_or(|wanted| {
                 let wanted = wanted.trim();
@@ -225,7 +226,7 @@ pub fn run(args: LogArgs) -> anyhow::Result<ExitCode> {
 fn each_record(
     path: &Path,
     filters: &Filters,
-    mut emit: impl FnMut(&Record, &str) -> std::io::Result<()>,
+    mut emit: impl FnMut(&Record<'_>, &str) -> std::io::Result<()>,
 ) -> anyhow::Result<()> {
     let files = files_in_order(path);
     if files.is_empty() {
@@ -257,7 +258,7 @@ fn each_record(
 }
 
 /// `2026-11-26T06:30:37.123Z bounced   0123456789abcdef a@example.com -> b@example.net via relay (attempt 1): 550 5.1.1 no such user [recipient unknown]`
-fn plain_line(record: &Record) -> String {
+fn plain_line(record: &Record<'_>) -> String {
     let sender = if record.sender.is_empty() {
         "<>"
     } else {
@@ -304,16 +305,16 @@ const CSV_HEADER: [&str; 15] = [
 ];
 
 /// A record's fields in [`CSV_HEADER`]'s order; absent ones empty.
-fn csv_fields(record: &Record) -> [String; 15] {
-    let text = |value: &Option<String>| value.clone().unwrap_or_default();
+fn csv_fields(record: &Record<'_>) -> [String; 15] {
+    let text = |value: &Option<Cow<'_, str>>| value.as_deref().unwrap_or_default().to_string();
     [
-        record.time.clone(),
+        record.time.to_string(),
         record.event.as_str().to_string(),
-        record.id.clone(),
+        record.id.to_string(),
         text(&record.message_id),
-        record.sender.clone(),
-        record.recipient.clone(),
-        record.upstream.clone(),
+        record.sender.to_string(),
+        record.recipient.to_string(),
+        record.upstream.to_string(),
         text(&record.remote),
         text(&record.reply),
         text(&record.category),
@@ -389,16 +390,16 @@ mod tests {
     #[test]
     fn filters_match_addresses_case_insensitively_and_the_null_sender() {
         let record = Record {
-            time: "2026-11-26T06:30:37.123Z".to_string(),
+            time: "2026-11-26T06:30:37.123Z".into(),
             event: EventKind::Bounced,
-            id: "0123456789abcdef".to_string(),
+            id: "0123456789abcdef".into(),
             message_id: None,
-            sender: String::new(),
-            recipient: "Bob@Example.com".to_string(),
-            upstream: "relay".to_string(),
+            sender: "".into(),
+            recipient: "Bob@Example.com".into(),
+            upstream: "relay".into(),
             remote: None,
-            reply: Some("550 5.1.1 no such user".to_string()),
-            category: Some("recipient unknown".to_string()),
+            reply: Some("550 5.1.1 no such user".into()),
+            category: Some("recipient unknown".into()),
             attempt: 1,
             size_bytes: 10,
             tls: None,
