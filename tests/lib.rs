@@ -2863,15 +2863,22 @@ pub mod oauth {
             self.directory.path().join("public.pem")
         }
 
-        /// Writes the JSON key file Google would issue for this key (mode 0600) and
-        /// returns its path.
+        /// What a token endpoint peer needs to check this key's assertions: the public
+        /// key file, the key id and the service account's address.
+        pub fn peer_option(&self, client_email: &str) -> Option<(PathBuf, String, String)> {
+            Some((
+                self.public_key_path(),
+                self.key_id.clone(),
+                client_email.to_string(),
+            ))
+        }
+
+        /// The JSON key file Google would issue for this key.
         #[track_caller]
-        pub fn write_key_file(&self, client_email: &str, token_uri: &str) -> PathBuf {
-            use std::io::Write;
-            use std::os::unix::fs::OpenOptionsExt;
+        pub fn key_file_json(&self, client_email: &str, token_uri: &str) -> String {
             let private_key = std::fs::read_to_string(self.directory.path().join("key.pem"))
                 .unwrap_or_else(|error| panic!("key.pem: {error}"));
-            let json = serde_json::json!({
+            serde_json::json!({
                 "type": "service_account",
                 "project_id": "tsubame-test",
                 "private_key_id": self.key_id,
@@ -2882,7 +2889,17 @@ pub mod oauth {
                 "token_uri": token_uri,
                 "auth_provider_x509_cert_url": "https://www.googleapis.com/oauth2/v1/certs",
                 "universe_domain": "googleapis.com",
-            });
+            })
+            .to_string()
+        }
+
+        /// Writes the JSON key file Google would issue for this key (mode 0600) and
+        /// returns its path.
+        #[track_caller]
+        pub fn write_key_file(&self, client_email: &str, token_uri: &str) -> PathBuf {
+            use std::io::Write;
+            use std::os::unix::fs::OpenOptionsExt;
+            let json = self.key_file_json(client_email, token_uri);
             let path = self.directory.path().join("service-account.json");
             std::fs::OpenOptions::new()
                 .write(true)
@@ -2890,7 +2907,7 @@ pub mod oauth {
                 .truncate(true)
                 .mode(0o600)
                 .open(&path)
-                .and_then(|mut file| file.write_all(json.to_string().as_bytes()))
+                .and_then(|mut file| file.write_all(json.as_bytes()))
                 .unwrap_or_else(|error| panic!("{}: {error}", path.display()));
             path
         }

@@ -165,14 +165,14 @@ fn https_with_a_verified_certificate() {
     use rustls_pki_types::CertificateDer;
     use rustls_pki_types::pem::PemObject;
 
-    let ca = support::TestCa::generate();
+    let ca = support::TestPki::new();
     let client_secret = throwaway_secret("GOCSPX");
     let refresh_token = throwaway_secret("1//refresh");
     let peer = TokenEndpoint::start(&PeerOptions {
         client_id: CLIENT_ID.into(),
         client_secret: client_secret.clone(),
         refresh_token: refresh_token.clone(),
-        tls: Some(ca.server()),
+        tls: Some((ca.certificate(), ca.key())),
         ..PeerOptions::default()
     });
     assert_eq!(peer.token_endpoint().url().scheme(), "https");

@@ -168,109 +168,15 @@ impl Drop for TokenEndpoint {
     }
 }
 
-/// A throwaway 2048-bit RSA key made with `openssl genpkey`, and its public half.
-#[derive(Debug)]
-pub struct ServiceAccountKey {
-    directory: TempDir,
-    pub key_id: String,
-}
+/// The e2e tests' service-account key (a throwaway RSA key made with openssl).
+// Not every test binary that includes this module uses each re-export.
+#[allow(unused_imports)]
+pub use tsubame_tests::oauth::ServiceAccountKey;
 
-fn openssl(directory: &Path, arguments: &[&str]) {
-    let output = Command::new("openssl")
-        .current_dir(directory)
-        .args(arguments)
-        .output()
-        .unwrap_or_else(|error| panic!("openssl is missing ({error}): apt-get install openssl"));
-    assert!(
-        output.status.success(),
-        "openssl {arguments:?} failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-}
-
-impl ServiceAccountKey {
-    #[track_caller]
-    pub fn generate(key_id: &str) -> ServiceAccountKey {
-        let directory = tempfile::Builder::new()
-            .prefix("tsubame-oauth-key-")
-            .tempdir()
-            .unwrap();
-        openssl(
-            directory.path(),
-            &[
-                "genpkey",
-                "-algorithm",
-                "RSA",
-                "-pkeyopt",
-                "rsa_keygen_bits:2048",
-                "-out",
-                "key.pem",
-            ],
-        );
-        openssl(
-            directory.path(),
-            &["pkey", "-in", "key.pem", "-pubout", "-out", "public.pem"],
-        );
-        ServiceAccountKey {
-            directory,
-            key_id: key_id.to_string(),
-        }
-    }
-
-    pub fn public_key_path(&self) -> PathBuf {
-        self.directory.path().join("public.pem")
-    }
-
-    /// What [`PeerOptions::service_account`] needs to check this key's assertions.
-    pub fn peer_option(&self, client_email: &str) -> Option<(PathBuf, String, String)> {
-        Some((
-            self.public_key_path(),
-            self.key_id.clone(),
-            client_email.to_string(),
-        ))
-    }
-
-    /// The JSON key file Google would issue for this key.
-    pub fn key_file_json(&self, client_email: &str, token_uri: &str) -> String {
-        let private_key = std::fs::read_to_string(self.directory.path().join("key.pem")).unwrap();
-        serde_json::json!({
-            "type": "service_account",
-            "project_id": "tsubame-test",
-            "private_key_id": self.key_id,
-            "private_key": private_key,
-            "client_email": client_email,
-            "client_id": "100000000000000000000",
-            "auth_uri": "https://accounts.google.com/o/oauth2/auth",
-            "token_uri": token_uri,
-            "auth_provider_x509_cert_url": "https://www.googleapis.com/oauth2/v1/certs",
-            "universe_domain": "googleapis.com",
-        })
-        .to_string()
-    }
-
-    /// Writes the key file (mode 0600) and returns its path.
-    pub fn write_key_file(&self, client_email: &str, token_uri: &str) -> PathBuf {
-        use std::os::unix::fs::OpenOptionsExt;
-        let path = self.directory.path().join("service-account.json");
-        let mut file = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&path)
-            .unwrap();
-        file.write_all(self.key_file_json(client_email, token_uri).as_bytes())
-            .unwrap();
-        path
-    }
-}
-
-/// A random-looking string for a throwaway test secret.
-pub fn throwaway_secret(prefix: &str) -> String {
-    use std::hash::{BuildHasher, RandomState};
-    let value = RandomState::new().hash_one(std::time::SystemTime::now());
-    format!("{prefix}-{value:016x}")
-}
+/// A secret made up for one test run.
+// Not every test binary that includes this module uses each re-export.
+#[allow(unused_imports)]
+pub use tsubame_tests::oauth::throwaway_secret;
 
 /// One GET like a browser's: returns the status code and the Location header.
 pub fn browser_get(url: &url::Url) -> (u16, Option<String>, String) {
@@ -302,90 +208,7 @@ pub fn browser_get(url: &url::Url) -> (u16, Option<String>, String) {
     (status, location, response)
 }
 
-/// A throwaway CA and a server certificate for 127.0.0.1 it signed (P-256 keys, made
-/// with `openssl`).
-#[derive(Debug)]
-pub struct TestCa {
-    directory: TempDir,
-}
-
-impl TestCa {
-    #[track_caller]
-    pub fn generate() -> TestCa {
-        let directory = tempfile::Builder::new()
-            .prefix("tsubame-oauth-ca-")
-            .tempdir()
-            .unwrap();
-        let path = directory.path();
-        std::fs::write(
-            path.join("server.ext"),
-            "subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\n\
-             keyUsage=digitalSignature\nextendedKeyUsage=serverAuth\n",
-        )
-        .unwrap();
-        let key = [
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-        ];
-        let mut ca = vec!["req", "-x509"];
-        ca.extend(key);
-        ca.extend([
-            "-keyout",
-            "ca.key",
-            "-out",
-            "ca.pem",
-            "-days",
-            "2",
-            "-subj",
-            "/CN=tsubame oauth test CA",
-        ]);
-        openssl(path, &ca);
-        let mut request = vec!["req"];
-        request.extend(key);
-        request.extend([
-            "-keyout",
-            "server.key",
-            "-out",
-            "server.csr",
-            "-subj",
-            "/CN=127.0.0.1",
-        ]);
-        openssl(path, &request);
-        openssl(
-            path,
-            &[
-                "x509",
-                "-req",
-                "-in",
-                "server.csr",
-                "-CA",
-                "ca.pem",
-                "-CAkey",
-                "ca.key",
-                "-CAcreateserial",
-                "-out",
-                "server.pem",
-                "-days",
-                "2",
-                "-extfile",
-                "server.ext",
-            ],
-        );
-        TestCa { directory }
-    }
-
-    pub fn ca(&self) -> PathBuf {
-        self.directory.path().join("ca.pem")
-    }
-
-    /// The server's (certificate, key) PEM files.
-    pub fn server(&self) -> (PathBuf, PathBuf) {
-        (
-            self.directory.path().join("server.pem"),
-            self.directory.path().join("server.key"),
-        )
-    }
-}
+/// A throwaway CA and a server certificate for 127.0.0.1.
+// Not every test binary that includes this module uses each re-export.
+#[allow(unused_imports)]
+pub use tsubame_tests::pki::TestPki;
