@@ -52,6 +52,10 @@ pub enum ControlRequest {
     List {
         #[serde(default)]
         filter: Filter,
+        /// A page of the matching messages, in id order: skip `offset`, return at most
+        /// `limit` (at most `LIST_PAGE_MAX`). Without a limit, every match.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        page: Option<Page>,
     },
     Show {
         id: String,
@@ -67,6 +71,17 @@ pub enum ControlRequest {
         ids: Vec<String>,
     },
 }
+
+/// A page of a listing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Page {
+    #[serde(default)]
+    pub offset: usize,
+    pub limit: usize,
+}
+
+/// Most messages in one page of `list`.
+pub const LIST_PAGE_MAX: usize = 1000;
 
 /// What `apply` does to each message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -164,6 +179,9 @@ pub enum ControlResponse {
     #[serde(rename = "ok")]
     Messages {
         messages: Vec<MessageSummary>,
+        /// For a paged `list`: how many messages match in all.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        total: Option<usize>,
     },
     Flushed {
         recipients: usize,
@@ -436,7 +454,8 @@ mod tests {
         assert_eq!(
             list,
             ControlRequest::List {
-                filter: Filter::default()
+                filter: Filter::default(),
+                page: None,
             }
         );
         let apply = ControlRequest::Apply {

@@ -39,7 +39,7 @@ const FILE_MODE: u32 = 0o600;
 const SAME_SECOND_ROTATIONS_MAX: u32 = 1000;
 
 /// What happened, as the log's `event` field says it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum EventKind {
     /// The dispatcher queued the message for this recipient.

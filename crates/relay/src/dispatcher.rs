@@ -19,12 +19,14 @@ use tsubame_spool::{Envelope, MessageId, Spool, SpooledMessage};
 
 use crate::commit_watch::CommitWatch;
 use crate::control::{
-    Action, ControlRequest, ControlResponse, IDS_PER_REQUEST_MAX, MessageSummary, RecipientSummary,
+    Action, ControlRequest, ControlResponse, IDS_PER_REQUEST_MAX, LIST_PAGE_MAX, MessageSummary,
+    RecipientSummary,
 };
 use crate::delivery_log::{DeliveryLog, EventKind, Record};
 use crate::inbox::{Inbox, Pop};
 use crate::job::{MessageMeta, RecipientReport, Report, WorkItem};
 use crate::routing::{RouteInput, Router};
+use crate::stats::{QueueDepth, RelayStats, RouteLabel};
 use crate::upstream::Upstream;
 use crate::{bounce, now_unix_ms};
 
@@ -168,6 +170,8 @@ pub(crate) struct Dispatcher {
     held_path: std::path::PathBuf,
     /// The delivery log, when it is on.
     delivery_log: Option<DeliveryLog>,
+    /// Counters for `/metrics`.
+    stats: Arc<RelayStats>,
 }
 
 /// What an attempt's event says beyond the message and recipient.
@@ -225,6 +229,12 @@ impl Dispatcher {
                 "delivery is on hold (--hold): mail is accepted and queued, nothing is sent"
             );
         }
+        let stats = Arc::new(RelayStats::new(
+            upstreams
+                .iter()
+                .map(|upstream| upstream.name().to_string())
+                .collect(),
+        ));
         Self {
             scheduler,
             spool,
@@ -248,7 +258,26 @@ impl Dispatcher {
             held: std::collections::HashSet::new(),
             held_path,
             delivery_log,
+            stats,
         }
+    }
+
+    /// The counters this dispatcher keeps, for `/metrics`.
+    pub fn stats(&self) -> Arc<RelayStats> {
+        Arc::clone(&self.stats)
+    }
+
+    /// Publishes the queue's size (after each round of work).
+    fn publish_queue_depth(&self) {
+        let counts = self.scheduler.counts();
+        self.stats.set_queue(QueueDepth {
+            messages: self.messages.len() as u64,
+            held_messages: self.held.len() as u64,
+            ready: counts.ready as u64,
+            in_flight: counts.in_flight as u64,
+            deferred: counts.deferred as u64,
+            held: counts.held as u64,
+        });
     }
 
     /// Writes one event to the delivery log, when it is on.
@@ -261,6 +290,20 @@ impl Dispatcher {
         facts: Option<AttemptFacts<'_>>,
         now_ms: u64,
     ) {
+        let address = message
+            .recipients
+            .get(recipient.0 as usize)
+            .map_or("", String::as_str);
+        let (_, rule) = self
+            .router
+            .route_and_rule(&RouteInput::of(message, address));
+        let route = rule.map_or(RouteLabel::Default, RouteLabel::Rule);
+        self.stats.count((event, route, upstream));
+        if event == EventKind::Delivered {
+            self.stats.delivered_after(Duration::from_millis(
+                now_ms.saturating_sub(message.received_at_unix_ms),
+            ));
+        }
         let Some(log) = self.delivery_log.as_mut() else {
             return;
         };
@@ -272,12 +315,7 @@ impl Dispatcher {
                 .as_ref()
                 .and_then(|facts| facts.message_id.map(Cow::Borrowed)),
             sender: Cow::Borrowed(&message.mail_from),
-            recipient: Cow::Borrowed(
-                message
-                    .recipients
-                    .get(recipient.0 as usize)
-                    .map_or("", String::as_str),
-            ),
+            recipient: Cow::Borrowed(address),
             upstream: Cow::Borrowed(
                 self.upstreams
                     .get(upstream)
@@ -433,6 +471,7 @@ impl Dispatcher {
                 self.dispatch(now);
             }
             self.maybe_reclaim();
+            self.publish_queue_depth();
             if let Some(log) = self.delivery_log.as_mut() {
                 log.tick();
             }
@@ -1042,21 +1081,43 @@ impl Dispatcher {
 
     fn control(&mut self, request: ControlRequest) -> ControlResponse {
         match request {
-            ControlRequest::List { filter } => {
+            ControlRequest::List { filter, page } => {
                 let now_ms = now_unix_ms();
-                let mut messages: Vec<MessageSummary> = self
-                    .messages
-                    .values()
+                // Ids are zero-padded hex, so the keys' order is the ids' order.
+                let mut keys: Vec<MessageKey> = self.messages.keys().copied().collect();
+                keys.sort_unstable();
+                let matching = keys
+                    .iter()
+                    .filter_map(|key| self.messages.get(key))
                     .map(|entry| self.summary(entry))
-                    .filter(|summary| filter.matches(summary, now_ms))
-                    .collect();
-                messages.sort_by(|a, b| a.id.cmp(&b.id));
-                ControlResponse::Messages { messages }
+                    .filter(|summary| filter.matches(summary, now_ms));
+                match page {
+                    None => ControlResponse::Messages {
+                        messages: matching.collect(),
+                        total: None,
+                    },
+                    Some(page) => {
+                        let limit = page.limit.min(LIST_PAGE_MAX);
+                        let mut total = 0usize;
+                        let mut messages = Vec::with_capacity(limit);
+                        for summary in matching {
+                            if total >= page.offset && messages.len() < limit {
+                                messages.push(summary);
+                            }
+                            total += 1;
+                        }
+                        ControlResponse::Messages {
+                            messages,
+                            total: Some(total),
+                        }
+                    }
+                }
             }
             ControlRequest::Show { id } => match self.find(&id) {
                 Ok(key) => match self.messages.get(&key) {
                     Some(entry) => ControlResponse::Messages {
                         messages: vec![self.summary(entry)],
+                        total: None,
                     },
                     None => ControlResponse::error(format!("message {id} is not queued")),
                 },

@@ -43,6 +43,7 @@ pub mod quota;
 mod reclaim;
 mod routing;
 mod signing;
+pub mod stats;
 pub mod tokens;
 mod upstream;
 mod worker;
@@ -101,6 +102,7 @@ pub struct Relay {
     quotas: Arc<quota::QuotaBook>,
     /// The signing pool, when messages get added fields.
     signing: Option<signing::SigningPool>,
+    stats: Arc<stats::RelayStats>,
 }
 
 /// How often shutdown looks whether a busy worker has finished its job.
@@ -234,6 +236,7 @@ pub fn start(
     );
     dispatcher.recover(recovered);
     dispatcher.restore_held();
+    let stats = dispatcher.stats();
     if let Some(pool) = &signing {
         let queue = pool.queue();
         if !to_sign.is_empty() {
@@ -265,6 +268,7 @@ pub fn start(
         control: Some(control),
         quotas,
         signing,
+        stats,
     })
 }
 
@@ -364,6 +368,11 @@ fn load_quotas(config: &Config, upstreams: &[Arc<upstream::Upstream>]) -> quota:
 }
 
 impl Relay {
+    /// The engine's counters, for `/metrics`.
+    pub fn stats(&self) -> Arc<stats::RelayStats> {
+        Arc::clone(&self.stats)
+    }
+
     /// The server's handoff: queues a message once it is durable. Never blocks.
     pub fn handoff(&self) -> Arc<dyn Fn(SpooledMessage) + Send + Sync> {
         if let Some(pool) = &self.signing {

@@ -358,12 +358,20 @@ impl EventLoop {
                 continue;
             }
             if let Err(admission) = self.shared.admit(peer.ip()) {
+                self.shared
+                    .stats
+                    .connections_refused
+                    .fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(client = %peer, ?admission, "connection refused by limit");
                 let mut refusal = Vec::new();
                 admission.reply().write_to(&mut refusal);
                 let _ = stream.write(&refusal);
                 continue;
             }
+            self.shared
+                .stats
+                .connections_accepted
+                .fetch_add(1, Ordering::Relaxed);
             let _ = stream.set_nodelay(true);
             let Some(listener) = self.shared.listeners.get(listener_index).cloned() else {
                 self.shared.release(peer.ip());
@@ -491,7 +499,9 @@ impl EventLoop {
                 break;
             }
             let received = receive(connection, scratch);
-            report_handshake(connection, observer, traced);
+            if report_handshake(connection, observer, traced) {
+                shared.stats.tls_handshakes.fetch_add(1, Ordering::Relaxed);
+            }
             let read = match received {
                 Ok(0) => {
                     connection.closing = true;
@@ -509,6 +519,12 @@ impl EventLoop {
                     // Worth an administrator's eye: an old device that offers only
                     // TLS 1.0, or a certificate the client refuses.
                     tracing::info!(client = %connection.peer, %error, "TLS failed");
+                    if !connection.tls_reported {
+                        shared
+                            .stats
+                            .tls_handshake_failures
+                            .fetch_add(1, Ordering::Relaxed);
+                    }
                     if traced {
                         observer.line(
                             connection.peer,
@@ -632,6 +648,7 @@ impl EventLoop {
                 let next = guard.after_failure(client.ip(), Some(&username), now);
                 drop(guard);
                 let locked = matches!(next, Decision::Locked { .. });
+                shared.stats.login_failures.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(%client, user = ?username, reason, locked, "login failed");
                 connection.session.login_failed(
                     replies::AUTH_INVALID,
@@ -642,6 +659,7 @@ impl EventLoop {
             Outcome::LockedOut => {
                 drop(guard);
                 tracing::warn!(%client, user = ?username, "login refused: too many failed logins");
+                shared.stats.login_lockouts.fetch_add(1, Ordering::Relaxed);
                 connection.session.login_failed(
                     replies::LOCKED_OUT,
                     &mut connection.output,
@@ -1022,13 +1040,14 @@ fn flush_tls(tls: &mut ServerConnection, stream: &mut TcpStream) -> io::Result<(
     Ok(())
 }
 
-/// Tells the session (and a watcher) once the TLS handshake has completed.
-fn report_handshake(connection: &mut Connection, observer: &dyn Observer, traced: bool) {
+/// Tells the session (and a watcher) once the TLS handshake has completed; true the
+/// one time it does.
+fn report_handshake(connection: &mut Connection, observer: &dyn Observer, traced: bool) -> bool {
     let Some(tls) = connection.tls.as_deref() else {
-        return;
+        return false;
     };
     if connection.tls_reported || tls.is_handshaking() {
-        return;
+        return false;
     }
     connection.tls_reported = true;
     let version = match tls.protocol_version() {
@@ -1052,6 +1071,7 @@ fn report_handshake(connection: &mut Connection, observer: &dyn Observer, traced
     connection
         .session
         .tls_established(TlsInfo { version, cipher });
+    true
 }
 
 /// Sends a watched session's new commands and replies to the observer, in order.

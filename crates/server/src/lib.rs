@@ -19,7 +19,7 @@ pub mod tls;
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
@@ -79,6 +79,42 @@ pub(crate) struct Shared {
     /// Connections open over all loops. Invariant: equals the sum of `per_ip`.
     pub connections: AtomicUsize,
     pub per_ip: Mutex<HashMap<IpAddr, usize>>,
+    pub stats: Arc<ServerStats>,
+}
+
+/// What the event loops count, for `/metrics`. Monotonic counters since the start,
+/// added to with relaxed atomics (one add per connection or handshake, never per byte).
+#[derive(Debug, Default)]
+pub struct ServerStats {
+    /// Connections admitted.
+    pub connections_accepted: AtomicU64,
+    /// Connections refused by `max_connections` or `max_connections_per_ip`.
+    pub connections_refused: AtomicU64,
+    /// TLS handshakes completed (STARTTLS or implicit TLS).
+    pub tls_handshakes: AtomicU64,
+    /// TLS handshakes that failed.
+    pub tls_handshake_failures: AtomicU64,
+    /// Logins refused: a wrong password or an unknown user.
+    pub login_failures: AtomicU64,
+    /// Logins refused because the address or account is locked out after failures.
+    pub login_lockouts: AtomicU64,
+}
+
+/// A running server's counters and its open connections, for `/metrics`.
+#[derive(Debug, Clone)]
+pub struct StatsHandle {
+    shared: Arc<Shared>,
+}
+
+impl StatsHandle {
+    pub fn counters(&self) -> &ServerStats {
+        &self.shared.stats
+    }
+
+    /// Connections open now, over every loop.
+    pub fn open_connections(&self) -> usize {
+        self.shared.connections.load(Ordering::Relaxed)
+    }
 }
 
 impl std::fmt::Debug for Shared {
@@ -157,6 +193,13 @@ impl RunningServer {
         ShutdownHandle {
             shared: Arc::clone(&self.shared),
             wakers: self.wakers.clone(),
+        }
+    }
+
+    /// The counters, readable while the server runs.
+    pub fn stats(&self) -> StatsHandle {
+        StatsHandle {
+            shared: Arc::clone(&self.shared),
         }
     }
 
@@ -318,6 +361,7 @@ pub fn start(
         shutdown: AtomicBool::new(false),
         connections: AtomicUsize::new(0),
         per_ip: Mutex::new(HashMap::new()),
+        stats: Arc::new(ServerStats::default()),
     });
     let mut wakers = Vec::new();
     let mut threads = Vec::new();

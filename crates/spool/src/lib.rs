@@ -331,12 +331,48 @@ impl Spool {
         self.inner.subscribe(subscriber);
     }
 
+    /// How long the commits' syncs took so far: one observation per group commit.
+    pub fn sync_latency(&self) -> tsubame_metrics::HistogramSnapshot {
+        self.inner.shared.sync_latency.snapshot()
+    }
+
+    /// The segment files in the spool directory now: how many, and the bytes they
+    /// occupy on disk (allocated blocks, so a preallocated spare counts in full).
+    pub fn disk_usage(&self) -> std::io::Result<DiskUsage> {
+        use std::os::unix::fs::MetadataExt;
+        let mut usage = DiskUsage::default();
+        for entry in std::fs::read_dir(self.inner.shared.directory())? {
+            let entry = entry?;
+            let name = entry.file_name();
+            if name
+                .to_str()
+                .and_then(format::parse_segment_file_name)
+                .is_none()
+            {
+                continue;
+            }
+            // A segment reclaimed between the listing and this look is simply not counted.
+            if let Ok(metadata) = entry.metadata() {
+                usage.segments += 1;
+                usage.bytes += metadata.blocks().saturating_mul(512);
+            }
+        }
+        Ok(usage)
+    }
+
     /// Stops the committer after a final sync (its notice is published before this
     /// returns) and removes the unused spare segment. Appends after this fail with
     /// [`SpoolError::Io`] of kind `BrokenPipe`. Also happens when the last clone is dropped.
     pub fn shutdown(&self) {
         self.inner.shutdown();
     }
+}
+
+/// What [`Spool::disk_usage`] found.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DiskUsage {
+    pub segments: u64,
+    pub bytes: u64,
 }
 
 /// A message body lent straight out of the spool: derefs to the bytes inside a read-only

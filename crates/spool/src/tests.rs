@@ -277,6 +277,38 @@ fn many_appends_span_several_segments() {
 }
 
 #[test]
+fn syncs_are_timed_and_disk_usage_counts_the_segment_files() {
+    let directory = tempfile::tempdir().unwrap();
+    let (spool, _) = Spool::open(directory.path(), options(SMALL_SEGMENT_BYTES)).unwrap();
+    let waiter = CommitWaiter::subscribe(&spool);
+    assert_eq!(spool.sync_latency().count, 0);
+    append_durably(&spool, &waiter, 0, 40, 300);
+    let latency = spool.sync_latency();
+    // At least one commit covered the appends; each is one observation.
+    assert!(latency.count >= 1 && latency.count <= 40, "{latency:?}");
+    assert!(latency.sum_secs > 0.0, "{latency:?}");
+    // A file that is not a segment is not counted.
+    std::fs::write(directory.path().join("delivery.log"), vec![b'x'; 100_000]).unwrap();
+    let usage = spool.disk_usage().unwrap();
+    let files = segment_files(directory.path());
+    assert_eq!(usage.segments, files.len() as u64);
+    assert!(
+        files.len() >= 3,
+        "40 messages of 300 bytes fill several 4 KiB segments"
+    );
+    // Allocated blocks: each segment occupies at least its preallocated size.
+    assert!(
+        usage.bytes >= files.len() as u64 * SMALL_SEGMENT_BYTES,
+        "{usage:?}"
+    );
+    assert!(
+        usage.bytes < 100_000 + files.len() as u64 * SMALL_SEGMENT_BYTES * 2,
+        "{usage:?}"
+    );
+    spool.shutdown();
+}
+
+#[test]
 fn second_open_is_refused_while_locked() {
     let directory = tempfile::tempdir().unwrap();
     let (spool, _) = Spool::open(directory.path(), SpoolOptions::default()).unwrap();

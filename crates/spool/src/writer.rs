@@ -75,6 +75,8 @@ pub(crate) struct Shared {
     pub(crate) bodies: Bodies,
     /// Held for a whole reclaim pass, so that two passes never delete the same segments.
     reclaim_pass: Mutex<()>,
+    /// How long each commit's msync took (one per group commit, whatever its size).
+    pub(crate) sync_latency: tsubame_metrics::Histogram,
     /// Holds the exclusive `flock` on `LOCK` for as long as the spool is open.
     _lock_file: File,
     /// Test hook: segment creation fails with `DiskFull` while set.
@@ -148,6 +150,10 @@ struct DirtyRange {
 }
 
 impl Shared {
+    pub(crate) fn directory(&self) -> &Path {
+        &self.directory
+    }
+
     fn lock_state(&self) -> MutexGuard<'_, WriterState> {
         // A panic while the lock was held cannot leave a half-copied record behind that a
         // commit would cover: the sequence number is taken after the copy. So the state
@@ -681,8 +687,11 @@ fn run_committer(shared: Arc<Shared>) {
             }
         };
         if batch.through_sequence > durable_sequence {
+            let sync_start = Instant::now();
             let result = sync_ranges(&shared, &batch.ranges);
-            last_sync_end = Some(Instant::now());
+            let sync_end = Instant::now();
+            shared.sync_latency.record(sync_end - sync_start);
+            last_sync_end = Some(sync_end);
             if result.is_err() {
                 shared.seal_poisoned_active();
             }
@@ -850,6 +859,7 @@ pub(crate) fn open(
         last_id: AtomicU64::new(last_id),
         bodies: Bodies::new(directory.to_owned(), next_segment_number),
         reclaim_pass: Mutex::new(()),
+        sync_latency: tsubame_metrics::Histogram::latency(),
         _lock_file: lock_file,
         #[cfg(test)]
         fail_segment_creation: AtomicBool::new(false),

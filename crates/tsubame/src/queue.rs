@@ -102,7 +102,7 @@ struct Selection {
 }
 
 /// `90`, `90s`, `30m`, `6h`, `2d` → seconds.
-fn parse_age(text: &str) -> Result<u64, String> {
+pub(crate) fn parse_age(text: &str) -> Result<u64, String> {
     let text = text.trim();
     let (number, unit) = match text.char_indices().last() {
         Some((at, unit)) if unit.is_ascii_alphabetic() => (&text[..at], unit),
@@ -142,6 +142,7 @@ pub fn run(args: QueueArgs) -> anyhow::Result<ExitCode> {
         QueueCommand::List { filter } => {
             let request = ControlRequest::List {
                 filter: filter.filter(),
+                page: None,
             };
             return answer(&directory, &request, args.json);
         }
@@ -181,8 +182,8 @@ pub fn run(args: QueueArgs) -> anyhow::Result<ExitCode> {
         );
     }
     let ids = if selection.ids.is_empty() {
-        match request(&directory, &ControlRequest::List { filter })? {
-            ControlResponse::Messages { messages } => {
+        match request(&directory, &ControlRequest::List { filter, page: None })? {
+            ControlResponse::Messages { messages, .. } => {
                 messages.into_iter().map(|message| message.id).collect()
             }
             ControlResponse::Error { message } => anyhow::bail!(message),
@@ -274,7 +275,7 @@ fn answer(directory: &Path, request: &ControlRequest, json: bool) -> anyhow::Res
             Ok(ExitCode::from(crate::EXIT_ERROR))
         }
         _ if json => Ok(ExitCode::SUCCESS),
-        ControlResponse::Messages { messages } => {
+        ControlResponse::Messages { messages, .. } => {
             print_messages(&messages);
             Ok(ExitCode::SUCCESS)
         }
