@@ -29,7 +29,7 @@ fn send_one(server: &Server, recipient: &str, subject: &str) -> String {
 }
 
 /// The log's lines as JSON, in order.
-fn events(path: &Path) -> Vec<Value> {
+pub(crate) fn events(path: &Path) -> Vec<Value> {
     std::fs::read_to_string(path)
         .unwrap_or_default()
         .lines()

@@ -8,6 +8,7 @@
 // set-up steps (temporary directories, fixtures) are the right tool here.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod admin;
 mod basic;
 mod bench;
 mod cli;

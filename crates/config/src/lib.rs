@@ -53,6 +53,8 @@ pub struct Config {
     #[serde(default)]
     pub delivery_log: DeliveryLogConfig,
     #[serde(default)]
+    pub admin: AdminConfig,
+    #[serde(default)]
     pub delivery: DeliveryConfig,
     /// Named upstreams; `mx` (direct delivery) exists without being configured.
     #[serde(default, rename = "upstream")]
@@ -313,6 +315,81 @@ impl DeliveryLogConfig {
     }
 }
 
+/// `[admin]`: the admin HTTP server (`/metrics`, `/api/…`, the web page). Off by
+/// default.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    pub enabled: bool,
+    /// Where it listens. Invariant after validation: a loopback address, or
+    /// `token_file` is set.
+    pub address: std::net::SocketAddr,
+    /// A file holding the bearer token every request must carry
+    /// (`Authorization: Bearer TOKEN`); required when `address` is not loopback. Read
+    /// at start; at least [`ADMIN_TOKEN_BYTES_MIN`] bytes after trimming.
+    pub token_file: Option<PathBuf>,
+}
+
+/// Shortest admin token: 128 bits of hex.
+pub const ADMIN_TOKEN_BYTES_MIN: usize = 32;
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            address: std::net::SocketAddr::from(([127, 0, 0, 1], 8025)),
+            token_file: None,
+        }
+    }
+}
+
+impl AdminConfig {
+    fn validate(&self) -> Result<(), (&'static str, String)> {
+        if self.enabled && !self.address.ip().is_loopback() && self.token_file.is_none() {
+            // The `[admin]` line: "address" would find the first listener's.
+            return Err((
+                "admin",
+                format!(
+                    "the admin server on {} (not loopback) needs token_file: anyone who reaches it could read the log and delete mail",
+                    self.address
+                ),
+            ));
+        }
+        if self
+            .token_file
+            .as_ref()
+            .is_some_and(|path| path.as_os_str().is_empty())
+        {
+            return Err(("token_file", "token_file must name a file".to_string()));
+        }
+        Ok(())
+    }
+
+    /// Reads the bearer token from `token_file` (`None` when none is configured). The
+    /// error names the file, never its content.
+    pub fn read_token(&self) -> Result<Option<Secret>, String> {
+        let Some(path) = &self.token_file else {
+            return Ok(None);
+        };
+        let text = std::fs::read_to_string(path)
+            .map_err(|error| format!("admin token_file {}: {error}", path.display()))?;
+        let token = text.trim();
+        if token.len() < ADMIN_TOKEN_BYTES_MIN {
+            return Err(format!(
+                "admin token_file {}: the token must be at least {ADMIN_TOKEN_BYTES_MIN} characters (e.g. `openssl rand -hex 32`)",
+                path.display()
+            ));
+        }
+        if token.chars().any(|c| !c.is_ascii_graphic()) {
+            return Err(format!(
+                "admin token_file {}: the token must be one word of printable ASCII",
+                path.display()
+            ));
+        }
+        Ok(Some(Secret::new(token.to_string())))
+    }
+}
+
 /// A configuration error with its place in the file.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -429,6 +506,7 @@ impl Config {
         }
         self.rate_limits.validate()?;
         self.delivery_log.validate()?;
+        self.admin.validate()?;
         listener::validate_login_guard(&self.login_guard)?;
         if self.spool.segment_size_bytes < SEGMENT_SIZE_BYTES_MIN {
             return Err((
@@ -789,6 +867,17 @@ impl Config {
             ));
         } else {
             out.push_str("delivery log off\n");
+        }
+        if self.admin.enabled {
+            out.push_str(&format!(
+                "admin HTTP on http://{} ({})\n",
+                self.admin.address,
+                if self.admin.token_file.is_some() {
+                    "bearer token required"
+                } else {
+                    "no token: loopback only"
+                }
+            ));
         }
         for (index, route) in self.routes.iter().enumerate() {
             let mut conditions = Vec::new();
@@ -1310,6 +1399,56 @@ upstream = "mx"
                 .default_upstream,
             "mx"
         );
+    }
+
+    #[test]
+    fn the_admin_server_is_off_by_default_and_needs_a_token_off_loopback() {
+        let base = "[[listener]]\naddress = \"127.0.0.1:25\"\n";
+        let config = Config::parse(base, "test.toml").expect("defaults");
+        assert!(!config.admin.enabled);
+        assert_eq!(config.admin.address.to_string(), "127.0.0.1:8025");
+        assert!(!config.summary().contains("admin"));
+        let on = format!("{base}[admin]\nenabled = true\n");
+        let config = Config::parse(&on, "test.toml").expect("loopback without a token");
+        assert!(
+            config
+                .summary()
+                .contains("admin HTTP on http://127.0.0.1:8025 (no token: loopback only)")
+        );
+        let open = format!("{base}[admin]\nenabled = true\naddress = \"0.0.0.0:8025\"\n");
+        let error = Config::parse(&open, "test.toml").expect_err("0.0.0.0 without a token");
+        let text = error.to_string();
+        assert!(text.contains("test.toml:3"), "{text}");
+        assert!(text.contains("needs token_file"), "{text}");
+        let ipv6 = format!("{base}[admin]\nenabled = true\naddress = \"[::1]:8025\"\n");
+        assert!(Config::parse(&ipv6, "test.toml").is_ok());
+        // Off, a public address needs nothing: it is never bound.
+        let off = format!("{base}[admin]\naddress = \"0.0.0.0:8025\"\n");
+        assert!(Config::parse(&off, "test.toml").is_ok());
+
+        let directory = tempfile::tempdir().expect("tempdir");
+        let path = directory.path().join("token");
+        let with_token = |path: &Path| AdminConfig {
+            enabled: true,
+            address: "0.0.0.0:8025".parse().expect("address"),
+            token_file: Some(path.to_path_buf()),
+        };
+        let short = "0123456789abcdef0123456789abcde"; // 31 characters
+        std::fs::write(&path, format!("{short}\n")).expect("write");
+        let error = with_token(&path).read_token().expect_err("31 characters");
+        assert!(error.contains("at least 32 characters"), "{error}");
+        assert!(!error.contains(short), "the error shows the token: {error}");
+        std::fs::write(&path, format!("{short}f\n")).expect("write");
+        let token = with_token(&path).read_token().expect("32 characters");
+        assert_eq!(
+            token.map(|t| t.expose().to_string()),
+            Some(format!("{short}f"))
+        );
+        std::fs::write(&path, "0123456789abcdef 0123456789abcdef").expect("write");
+        assert!(with_token(&path).read_token().is_err(), "two words");
+        let missing = with_token(&directory.path().join("absent")).read_token();
+        assert!(missing.is_err_and(|error| error.contains("absent")));
+        assert!(matches!(AdminConfig::default().read_token(), Ok(None)));
     }
 
     #[test]

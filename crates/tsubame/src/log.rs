@@ -98,7 +98,7 @@ struct Filters {
     until: Option<u64>,
 }
 
-fn parse_event(text: &str) -> Result<EventKind, String> {
+pub(crate) fn parse_event(text: &str) -> Result<EventKind, String> {
     EventKind::ALL
         .into_iter()
         .find(|event| event.as_str().eq_ignore_ascii_case(text))
@@ -108,7 +108,7 @@ fn parse_event(text: &str) -> Result<EventKind, String> {
         })
 }
 
-fn parse_category(text: &str) -> Result<FailureCategory, String> {
+pub(crate) fn parse_category(text: &str) -> Result<FailureCategory, String> {
     FailureCategory::ALL
         .into_iter()
         .find(|category| category.as_str().eq_ignore_ascii_case(text.trim()))
@@ -121,13 +121,13 @@ fn parse_category(text: &str) -> Result<FailureCategory, String> {
         })
 }
 
-fn parse_since(text: &str) -> Result<u64, String> {
+pub(crate) fn parse_since(text: &str) -> Result<u64, String> {
     parse_rfc3339_ms(text).ok_or_else(|| {
         "expected an RFC 3339 time (2026-11-26T09:30:00Z) or a date (2026-11-26)".to_string()
     })
 }
 
-fn parse_until(text: &str) -> Result<u64, String> {
+pub(crate) fn parse_until(text: &str) -> Result<u64, String> {
     let start = parse_since(text)?;
     // A bare date means the whole day.
     Ok(if text.len() == 10 {
@@ -138,7 +138,40 @@ fn parse_until(text: &str) -> Result<u64, String> {
 }
 
 impl Filters {
-    fn accepts(&self, record: &Record<'_>) -> bool {
+    fn query(&self) -> LogQuery {
+        LogQuery {
+            sender: self.sender.clone(),
+            recipient: self.recipient.clone(),
+            status: self.status,
+            category: self.category,
+            since: self.since,
+            until: self.until,
+            ..LogQuery::default()
+        }
+    }
+}
+
+/// Which events a search or export wants; every condition given must hold. Shared by
+/// `tsubame log` and the admin server's `/api/log`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct LogQuery {
+    /// The envelope sender, exactly (case-insensitive; "<>" for the null sender).
+    pub sender: Option<String>,
+    /// The recipient, exactly (case-insensitive).
+    pub recipient: Option<String>,
+    /// Part of the sender or the recipient (case-insensitive): the web page's search.
+    pub address: Option<String>,
+    /// The spool message id (16 hex digits).
+    pub id: Option<String>,
+    pub status: Option<EventKind>,
+    pub category: Option<FailureCategory>,
+    /// Unix milliseconds, inclusive.
+    pub since: Option<u64>,
+    pub until: Option<u64>,
+}
+
+impl LogQuery {
+    pub fn accepts(&self, record: &Record<'_>) -> bool {
         let same = |wanted: &Option<String>, actual: &str| {
             wanted.as_deref().is_none_or(|wanted| {
                 let wanted = wanted.trim();
@@ -147,6 +180,21 @@ impl Filters {
             })
         };
         if !same(&self.sender, &record.sender) || !same(&self.recipient, &record.recipient) {
+            return false;
+        }
+        if let Some(part) = &self.address {
+            let part = part.trim().to_ascii_lowercase();
+            if !record.sender.to_ascii_lowercase().contains(&part)
+                && !record.recipient.to_ascii_lowercase().contains(&part)
+            {
+                return false;
+            }
+        }
+        if self
+            .id
+            .as_deref()
+            .is_some_and(|id| !id.trim().eq_ignore_ascii_case(&record.id))
+        {
             return false;
         }
         if self.status.is_some_and(|status| status != record.event) {
@@ -197,7 +245,7 @@ pub fn run(args: LogArgs) -> anyhow::Result<ExitCode> {
             json,
         } => {
             let path = source.log_path()?;
-            each_record(&path, &filters, |record, line| {
+            each_record(&path, &filters.query(), |record, line| {
                 if json {
                     out.write_all(line.as_bytes())?;
                     out.write_all(b"\n")
@@ -211,7 +259,7 @@ pub fn run(args: LogArgs) -> anyhow::Result<ExitCode> {
         } => {
             let path = source.log_path()?;
             write_csv_row(&mut out, &CSV_HEADER)?;
-            each_record(&path, &filters, |record, _| {
+            each_record(&path, &filters.query(), |record, _| {
                 write_csv_row(&mut out, &csv_fields(record))
             })?;
         }
@@ -220,24 +268,41 @@ pub fn run(args: LogArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// Calls `emit` with each record of the log at `path` that `filters` accepts, and its
+/// Calls `emit` with each record of the log at `path` that `query` accepts, and its
 /// line, oldest file first. Lines that are not events (a torn last line after a crash)
 /// are skipped and counted on standard error.
 fn each_record(
     path: &Path,
-    filters: &Filters,
-    mut emit: impl FnMut(&Record<'_>, &str) -> std::io::Result<()>,
+    query: &LogQuery,
+    emit: impl FnMut(&Record<'_>, &str) -> std::io::Result<()>,
 ) -> anyhow::Result<()> {
     let files = files_in_order(path);
     if files.is_empty() {
         anyhow::bail!("no delivery log at {}", path.display());
     }
+    let skipped = scan_files(&files, query, emit)?;
+    if skipped > 0 {
+        eprintln!("tsubame: skipped {skipped} lines that are not delivery events");
+    }
+    Ok(())
+}
+
+/// Calls `emit` with each record of `files` (oldest first) that `query` accepts, and
+/// its line; returns how many lines were not events. A file that vanished since it was
+/// listed (rotated away by retention) is skipped.
+pub(crate) fn scan_files(
+    files: &[PathBuf],
+    query: &LogQuery,
+    mut emit: impl FnMut(&Record<'_>, &str) -> std::io::Result<()>,
+) -> anyhow::Result<u64> {
     let mut skipped = 0u64;
     for file in files {
-        let reader = BufReader::new(
-            std::fs::File::open(&file).with_context(|| format!("{}", file.display()))?,
-        );
-        for line in reader.lines() {
+        let opened = match std::fs::File::open(file) {
+            Ok(opened) => opened,
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(error) => return Err(error).with_context(|| format!("{}", file.display())),
+        };
+        for line in BufReader::new(opened).lines() {
             let line = line.with_context(|| format!("reading {}", file.display()))?;
             if line.trim().is_empty() {
                 continue;
@@ -246,15 +311,12 @@ fn each_record(
                 skipped += 1;
                 continue;
             };
-            if filters.accepts(&record) {
+            if query.accepts(&record) {
                 emit(&record, &line)?;
             }
         }
     }
-    if skipped > 0 {
-        eprintln!("tsubame: skipped {skipped} lines that are not delivery events");
-    }
-    Ok(())
+    Ok(skipped)
 }
 
 /// `2026-11-26T06:30:37.123Z bounced   0123456789abcdef a@example.com -> b@example.net via relay (attempt 1): 550 5.1.1 no such user [recipient unknown]`
@@ -286,7 +348,7 @@ fn plain_line(record: &Record<'_>) -> String {
     line
 }
 
-const CSV_HEADER: [&str; 15] = [
+pub(crate) const CSV_HEADER: [&str; 15] = [
     "time",
     "event",
     "id",
@@ -305,7 +367,7 @@ const CSV_HEADER: [&str; 15] = [
 ];
 
 /// A record's fields in [`CSV_HEADER`]'s order; absent ones empty.
-fn csv_fields(record: &Record<'_>) -> [String; 15] {
+pub(crate) fn csv_fields(record: &Record<'_>) -> [String; 15] {
     let text = |value: &Option<Cow<'_, str>>| value.as_deref().unwrap_or_default().to_string();
     [
         record.time.to_string(),
@@ -332,7 +394,10 @@ fn csv_fields(record: &Record<'_>) -> [String; 15] {
 /// One RFC 4180 record: fields separated by commas, a field with a comma, a double
 /// quote, CR or LF enclosed in double quotes with its quotes doubled (§2.6, §2.7), and
 /// CRLF at the end (§2.1).
-fn write_csv_row<W: Write, S: AsRef<str>>(out: &mut W, fields: &[S]) -> std::io::Result<()> {
+pub(crate) fn write_csv_row<W: Write, S: AsRef<str>>(
+    out: &mut W,
+    fields: &[S],
+) -> std::io::Result<()> {
     for (position, field) in fields.iter().enumerate() {
         if position > 0 {
             out.write_all(b",")?;
@@ -406,18 +471,29 @@ mod tests {
             since_received_ms: 1,
             attempt_ms: Some(1),
         };
-        let filters = |recipient: &str, sender: &str, category: &str| Filters {
+        let filters = |recipient: &str, sender: &str, category: &str| LogQuery {
             sender: Some(sender.to_string()),
             recipient: Some(recipient.to_string()),
             status: Some(EventKind::Bounced),
             category: Some(parse_category(category).expect("category")),
             since: parse_since("2026-11-26").ok(),
             until: parse_until("2026-11-26").ok(),
+            ..LogQuery::default()
         };
         assert!(filters("bob@example.com", "<>", "Recipient Unknown").accepts(&record));
         assert!(!filters("bob@example.org", "<>", "recipient unknown").accepts(&record));
         assert!(!filters("bob@example.com", "a@example.com", "recipient unknown").accepts(&record));
         assert!(!filters("bob@example.com", "<>", "dns").accepts(&record));
+        // The web page's search: part of either address; the message id.
+        let part = |address: &str, id: Option<&str>| LogQuery {
+            address: Some(address.to_string()),
+            id: id.map(str::to_string),
+            ..LogQuery::default()
+        };
+        assert!(part("EXAMPLE.COM", None).accepts(&record));
+        assert!(part("bob@", Some("0123456789ABCDEF")).accepts(&record));
+        assert!(!part("alice", None).accepts(&record));
+        assert!(!part("bob", Some("0123456789abcdee")).accepts(&record));
         let csv_row = csv(&csv_fields(&record));
         assert_eq!(
             csv_row,

@@ -2,6 +2,7 @@
 //! an exit code. The work lives in the library crates.
 #![forbid(unsafe_code)]
 
+mod admin;
 mod bench;
 mod dkim;
 mod inspect;

@@ -62,6 +62,15 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         );
     }
     raise_open_file_limit(config.limits.max_connections);
+    // Read before anything starts, so a bad token file stops the start with its reason.
+    let admin_token = if config.admin.enabled {
+        config
+            .admin
+            .read_token()
+            .map_err(|message| anyhow::anyhow!(message))?
+    } else {
+        None
+    };
     // Installed before anything is announced, so a SIGTERM that follows the "listening"
     // line at once is a graceful stop, not the default action (death by signal).
     let mut signals = signal_hook::iterator::Signals::new([
@@ -140,6 +149,28 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         observer: traces.observer(),
     };
     let server = tsubame_server::start(Arc::clone(&config), spool.clone(), hooks)?;
+    let admin = if config.admin.enabled {
+        let sources = crate::admin::Sources {
+            server: server.stats(),
+            relay: relay.stats(),
+            spool: spool.clone(),
+            spool_directory: directory.clone(),
+            log_path: config
+                .delivery_log
+                .enabled
+                .then(|| config.delivery_log.path_in(&directory)),
+            started: std::time::SystemTime::now(),
+        };
+        let admin = crate::admin::start(config.admin.address, admin_token, sources)?;
+        tracing::info!(
+            address = %admin.local_address,
+            token = config.admin.token_file.is_some(),
+            "admin HTTP listening: /metrics, /api, /healthz and the web page"
+        );
+        Some(admin)
+    } else {
+        None
+    };
     let shutdown = server.shutdown_handle();
     std::thread::Builder::new()
         .name("signals".to_string())
@@ -160,6 +191,9 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
     // then the traces; then let deliveries in progress finish (bounded); then the final
     // sync.
     server.wait();
+    if let Some(admin) = admin {
+        admin.stop();
+    }
     traces.stop();
     relay.shutdown(std::time::Duration::from_secs(
         config.delivery.shutdown_timeout_secs,
