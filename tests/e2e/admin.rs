@@ -544,8 +544,20 @@ fn the_web_page_finds_a_message_and_downloads_its_csv_in_chromium() {
         "playwright-core is not installed in tests/peers/browser: scripts/test installs it (npm ci)"
     );
     let upstream = Aiosmtpd::start(&[]);
-    let server = start(upstream.port(), ADMIN_ON);
+    // Mail for stuck.example goes to an upstream where nothing listens: it stays queued.
+    let stuck_route = format!(
+        "[[upstream]]\nname = \"dead\"\nkind = \"smtp\"\nhost = \"127.0.0.1\"\nport = {}\ntls = \"none\"\n\
+         [[route]]\nrecipient_domains = [\"stuck.example\"]\nupstream = \"dead\"\n{ADMIN_ON}",
+        free_port()
+    );
+    let server = start(upstream.port(), &stuck_route);
     let url = admin_url(&server);
+    let stuck = send(
+        &server,
+        "sender@example.com",
+        &["held-one@stuck.example"],
+        &message("held-one@stuck.example", "stuck"),
+    );
     let wanted = "page-reader@example.net";
     let id = send(
         &server,
@@ -571,6 +583,7 @@ fn the_web_page_finds_a_message_and_downloads_its_csv_in_chromium() {
         "url": format!("{url}/"),
         "address": "page-reader@",
         "download_dir": downloads.path(),
+        "hold_address": "held-one@stuck",
     });
     let finished = run(
         Command::new(node).arg(&driver).arg(job.to_string()),
@@ -639,6 +652,25 @@ fn the_web_page_finds_a_message_and_downloads_its_csv_in_chromium() {
         lines.iter().any(|line| line.contains(",delivered,")),
         "{csv}"
     );
+    // The Hold button of a queued message: the page shows it held, and it is.
+    assert!(
+        page["queued_before"]
+            .as_str()
+            .is_some_and(|text| text.starts_with("In the queue: held-one@stuck.example: ")),
+        "{page:#}"
+    );
+    assert_eq!(
+        page["queued_after"].as_str(),
+        Some("In the queue (held): held-one@stuck.example: deferred"),
+        "{page:#}"
+    );
+    assert_eq!(
+        page["status_after_hold"].as_str(),
+        Some(format!("Message {stuck} held.").as_str()),
+        "{page:#}"
+    );
+    let shown = one(get(format!("{url}/api/queue/{stuck}"), "json"));
+    assert_eq!(shown["body"]["message"]["held"], true, "{shown}");
     // No script errors. The one failed load expected is the queue lookup of the
     // delivered message, which is rightly 404 (the page says "Not in the queue").
     let expected_404 = format!("/api/queue/{id}");

@@ -71,6 +71,19 @@ try {
   result.download_name = download.suggestedFilename();
   result.download_path = path.join(job.download_dir, result.download_name);
   await download.saveAs(result.download_path);
+
+  if (job.hold_address) {
+    // A message still queued: open it and press Hold.
+    await page.fill("#address", job.hold_address);
+    await page.click("#search");
+    await page.locator("#results tbody tr", { hasText: job.hold_address }).first().click();
+    await page.locator("#detail-actions").waitFor({ state: "visible" });
+    result.queued_before = await page.locator("#detail-queue").innerText();
+    await page.click("#detail-actions button[data-action=hold]");
+    await page.waitForFunction(() => document.getElementById("detail-queue").textContent.includes("(held)"));
+    result.queued_after = await page.locator("#detail-queue").innerText();
+    result.status_after_hold = await page.locator("#status-line").innerText();
+  }
   result.ok = true;
 } catch (error) {
   result.ok = false;

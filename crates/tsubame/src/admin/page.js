@@ -107,6 +107,8 @@ async function search(append) {
 
 async function showMessage(id) {
   $("detail").hidden = false;
+  $("detail").dataset.id = id;
+  $("detail-actions").hidden = true;
   $("detail-id").textContent = id;
   const body = $("detail-events").querySelector("tbody");
   body.replaceChildren();
@@ -134,11 +136,32 @@ async function showMessage(id) {
       const states = message.recipients.map((r) => r.address + ": " + r.state).join(", ");
       $("detail-queue").textContent =
         "In the queue" + (message.held ? " (held)" : "") + ": " + states;
+      $("detail-actions").hidden = false;
     }
   } catch (error) {
     $("detail-queue").textContent = error.message;
   }
   $("detail").scrollIntoView();
+}
+
+// Flush, hold, release or delete the message shown, then show it again.
+async function queueAction(action) {
+  const id = $("detail").dataset.id;
+  if (action === "delete" && !confirm("Delete message " + id + " without delivering it?")) {
+    return;
+  }
+  try {
+    const response = await fetch("api/queue/" + encodeURIComponent(id) + "/" + action, {
+      method: "POST",
+      headers: headers(),
+    });
+    const body = await response.json();
+    say(response.ok ? "Message " + id + " " + body.result + "." : body.error, !response.ok);
+  } catch (error) {
+    say(error.message, true);
+  }
+  refreshCounts();
+  showMessage(id);
 }
 
 async function downloadCsv() {
@@ -181,6 +204,9 @@ document.addEventListener("DOMContentLoaded", () => {
   });
   $("more").addEventListener("click", () => search(true));
   $("csv").addEventListener("click", downloadCsv);
+  for (const button of $("detail-actions").querySelectorAll("button")) {
+    button.addEventListener("click", () => queueAction(button.dataset.action));
+  }
   $("detail-close").addEventListener("click", () => {
     $("detail").hidden = true;
   });
