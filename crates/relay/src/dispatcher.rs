@@ -76,6 +76,24 @@ pub(crate) enum Command {
     Shutdown {
         deadline: Instant,
     },
+    /// A configuration reload: put `plan` in force; answer with the number of queued
+    /// recipients moved off retired upstreams.
+    Reload(Box<ReloadPlan>, Sender<usize>),
+}
+
+/// What a reload changes in the dispatcher (built by `Relay::reload`, which has already
+/// checked the configuration and started the new upstreams' workers).
+pub(crate) struct ReloadPlan {
+    /// The whole table: the old upstreams at their indexes (retired ones too: their
+    /// in-flight jobs still report), then the added ones.
+    pub upstreams: Vec<Arc<Upstream>>,
+    /// The added upstreams' indexes and job queues, in index order, each index one past
+    /// the table's end at the time: new scheduler routes.
+    pub added: Vec<(usize, Arc<Inbox<WorkItem>>)>,
+    /// Upstreams removed or replaced: no new jobs; their queued recipients move.
+    pub retired: Vec<usize>,
+    /// Routes names to the indexes of the upstreams in force.
+    pub router: Router,
 }
 
 impl std::fmt::Debug for Command {
@@ -85,6 +103,12 @@ impl std::fmt::Debug for Command {
             Self::Recovered(message, _) => write!(f, "Recovered({})", message.id),
             Self::Control(request, _) => write!(f, "Control({request:?})"),
             Self::Shutdown { .. } => f.write_str("Shutdown"),
+            Self::Reload(plan, _) => write!(
+                f,
+                "Reload(added {}, retired {})",
+                plan.added.len(),
+                plan.retired.len()
+            ),
         }
     }
 }
@@ -137,6 +161,10 @@ pub(crate) struct Dispatcher {
     /// workers end.
     pub job_queues: Vec<Arc<Inbox<WorkItem>>>,
     pub router: Router,
+    /// Upstreams a reload removed or replaced (indexes into `upstreams`): their queues
+    /// are closed and no recipient is routed to them; recipients still there when their
+    /// job completes move to the router's choice.
+    retired: std::collections::HashSet<usize>,
     pub inbox: Arc<Inbox<Input>>,
     /// Our name: Reporting-MTA of bounces and the HELO recorded for them.
     pub hostname: String,
@@ -231,6 +259,7 @@ impl Dispatcher {
             upstreams,
             job_queues,
             router,
+            retired: std::collections::HashSet::new(),
             inbox,
             hostname,
             messages: HashMap::new(),
@@ -545,7 +574,116 @@ impl Dispatcher {
                 let _ = reply.send(response);
             }
             Command::Shutdown { deadline } => self.begin_shutdown(deadline),
+            Command::Reload(plan, reply) => {
+                let rerouted = self.reload(*plan);
+                let _ = reply.send(rerouted);
+            }
         }
+    }
+
+    /// Puts a reloaded configuration's upstreams and routes in force (see
+    /// [`ReloadPlan`]) and moves the queued recipients of retired upstreams; returns how
+    /// many moved now (those in flight move when their job completes).
+    fn reload(&mut self, plan: ReloadPlan) -> usize {
+        let ReloadPlan {
+            upstreams,
+            added,
+            retired,
+            router,
+        } = plan;
+        for (index, queue) in added {
+            let limits = upstreams
+                .get(index)
+                .map(|upstream| upstream.route_limits())
+                .unwrap_or_default();
+            match self.scheduler.add_route(limits) {
+                // The table and the scheduler's routes grow together, only here.
+                Ok(RouteId(route)) if route as usize == index => {}
+                Ok(route) => {
+                    tracing::error!(
+                        index,
+                        ?route,
+                        "scheduler route out of step with the upstream table"
+                    );
+                    debug_assert!(false, "scheduler route out of step with the table");
+                }
+                Err(error) => {
+                    tracing::error!(index, %error, "scheduler refused a reloaded upstream")
+                }
+            }
+            self.job_queues.push(queue);
+        }
+        self.upstreams = upstreams;
+        self.router = router;
+        for index in retired {
+            if let Some(queue) = self.job_queues.get(index) {
+                // Jobs already queued there still run; the workers end after them.
+                queue.close();
+            }
+            self.retired.insert(index);
+        }
+        let keys: Vec<MessageKey> = self.messages.keys().copied().collect();
+        let mut moved = 0;
+        for key in keys {
+            moved += self.reroute_retired(key, None);
+        }
+        moved
+    }
+
+    /// Moves the pending recipients of message `key` that are on a retired upstream (only
+    /// those in `only`, when given) to the upstream the router names now, keeping their
+    /// attempts and retry time. In-flight ones stay until their job completes. Returns
+    /// how many moved.
+    fn reroute_retired(&mut self, key: MessageKey, only: Option<&[RecipientIndex]>) -> usize {
+        if self.retired.is_empty() {
+            return 0;
+        }
+        let Some(entry) = self.messages.get(&key) else {
+            return 0;
+        };
+        let meta = Arc::clone(&entry.meta);
+        let candidates: Vec<usize> = entry
+            .recipients
+            .iter()
+            .enumerate()
+            .filter(|(index, status)| {
+                self.retired.contains(&status.upstream)
+                    && !matches!(
+                        status.state,
+                        RecipientPhase::Delivered | RecipientPhase::Failed
+                    )
+                    && only.is_none_or(|only| only.contains(&RecipientIndex(*index as u32)))
+            })
+            .map(|(index, _)| index)
+            .collect();
+        let mut moved = 0;
+        for index in candidates {
+            let Some(address) = meta.message.recipients.get(index) else {
+                continue;
+            };
+            let upstream = self.route(&meta.message, address);
+            let recipient = RecipientIndex(index as u32);
+            match self
+                .scheduler
+                .reroute(key, recipient, RouteId(upstream as u32))
+            {
+                Ok(true) => {
+                    moved += 1;
+                    if let Some(status) = self
+                        .messages
+                        .get_mut(&key)
+                        .and_then(|entry| entry.recipients.get_mut(index))
+                    {
+                        status.upstream = upstream;
+                    }
+                }
+                Ok(false) => {}
+                Err(error) => {
+                    tracing::error!(id = %meta.message.id, %error, "cannot move a recipient off a retired upstream")
+                }
+            }
+        }
+        moved
     }
 
     fn accept(&mut self, message: SpooledMessage, in_memory: Option<Arc<[u8]>>) {
@@ -601,6 +739,9 @@ impl Dispatcher {
     /// Hands out every job the scheduler allows now.
     fn dispatch(&mut self, now: Timestamp) {
         for (route, upstream) in self.upstreams.iter().enumerate() {
+            if self.retired.contains(&route) {
+                continue;
+            }
             let max_recipients = upstream.config.max_recipients_per_transaction;
             loop {
                 let job = match self
@@ -775,6 +916,17 @@ impl Dispatcher {
             self.journal(id, recipient.recipient, kind, now_ms, &recipient.detail);
         }
         self.events(events, now);
+        if self.retired.contains(&report.upstream) {
+            let completed: Vec<RecipientIndex> = report
+                .recipients
+                .iter()
+                .map(|recipient| recipient.recipient)
+                .collect();
+            let moved = self.reroute_retired(MessageKey(id.0), Some(&completed));
+            if moved > 0 {
+                tracing::info!(%id, recipients = moved, "deferred recipients moved off a retired upstream");
+            }
+        }
     }
 
     fn journal(
