@@ -25,6 +25,7 @@ mod login_limits;
 mod quota;
 mod relay;
 mod relay_services;
+mod reload;
 mod sink;
 mod smuggling;
 mod spool;
