@@ -1435,3 +1435,220 @@ impl Dispatcher {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::job::RecipientReport;
+    use tsubame_config::Config;
+    use tsubame_queue::{SchedulerConfig, Timestamp};
+    use tsubame_spool::SpoolOptions;
+
+    const UPSTREAMS: &str = r#"
+[[listener]]
+address = "127.0.0.1:2525"
+
+[[upstream]]
+name = "a"
+kind = "smtp"
+host = "127.0.0.1"
+port = 2601
+tls = "none"
+
+[[upstream]]
+name = "b"
+kind = "smtp"
+host = "127.0.0.1"
+port = 2602
+tls = "none"
+
+[[upstream]]
+name = "old"
+kind = "smtp"
+host = "127.0.0.1"
+port = 2603
+tls = "none"
+"#;
+
+    fn config(default_upstream: &str, routes: &str) -> Config {
+        Config::parse(
+            &format!("[delivery]\ndefault_upstream = \"{default_upstream}\"\n{UPSTREAMS}{routes}"),
+            "test",
+        )
+        .unwrap()
+    }
+
+    fn index_in(upstreams: &[Arc<Upstream>]) -> impl Fn(&str) -> Option<usize> + '_ {
+        |name| {
+            upstreams
+                .iter()
+                .position(|upstream| upstream.name() == name)
+        }
+    }
+
+    /// A dispatcher on a fresh spool with upstreams a, b, old (and mx), `default`
+    /// and `routes` as given.
+    fn dispatcher(directory: &std::path::Path, config: &Config) -> Dispatcher {
+        let upstreams =
+            crate::upstream::build_table(config, "relay.test", &Default::default()).unwrap();
+        let router = Router::new(config, index_in(&upstreams));
+        let scheduler = Scheduler::new(SchedulerConfig {
+            routes: upstreams.iter().map(|u| u.route_limits()).collect(),
+            ..SchedulerConfig::default()
+        })
+        .unwrap();
+        let (spool, _) = Spool::open(directory, SpoolOptions::default()).unwrap();
+        let job_queues = upstreams.iter().map(|_| Arc::default()).collect();
+        Dispatcher::new(
+            scheduler,
+            spool,
+            upstreams,
+            job_queues,
+            router,
+            Arc::default(),
+            "relay.test".to_string(),
+            RetrySchedule::default(),
+            false,
+            Arc::default(),
+            None,
+            directory.join("held.json"),
+            None,
+        )
+    }
+
+    /// Appends a message for `recipients` to the spool and hands it to the dispatcher.
+    fn accept(dispatcher: &mut Dispatcher, recipients: &[&str]) -> MessageKey {
+        let recipients: Vec<String> = recipients.iter().map(|r| r.to_string()).collect();
+        let client_address = std::net::SocketAddr::from(([127, 0, 0, 1], 40000));
+        let envelope = Envelope {
+            received_at_unix_ms: now_unix_ms(),
+            client_address,
+            helo: "client.test",
+            authenticated_user: None,
+            mail_from: "sender@example.com",
+            mail_parameters: "",
+            recipients: &recipients,
+        };
+        let receipt = dispatcher
+            .spool
+            .append_message(&envelope, b"Subject: t\r\n\r\nbody\r\n")
+            .unwrap();
+        let message = SpooledMessage {
+            id: receipt.id,
+            location: receipt.location,
+            received_at_unix_ms: envelope.received_at_unix_ms,
+            client_address: client_address.to_string(),
+            helo: "client.test".to_string(),
+            authenticated_user: None,
+            mail_from: "sender@example.com".to_string(),
+            mail_parameters: String::new(),
+            recipient_states: vec![tsubame_spool::RecipientState::default(); recipients.len()],
+            recipients,
+            body_size_bytes: 20,
+            state: tsubame_spool::MessageState::Queued,
+            added_fields: None,
+        };
+        dispatcher.accept(message, None);
+        MessageKey(receipt.id.0)
+    }
+
+    fn upstream_of(dispatcher: &Dispatcher, key: MessageKey, recipient: usize) -> usize {
+        dispatcher.messages[&key].recipients[recipient].upstream
+    }
+
+    #[test]
+    fn a_reload_moves_queued_recipients_off_a_retired_upstream_and_in_flight_ones_after_their_attempt()
+     {
+        let directory = tempfile::tempdir().unwrap();
+        let routes = "[[route]]\nrecipient_domains = [\"stuck.example\"]\nupstream = \"old\"\n";
+        let before = config("a", routes);
+        let mut dispatcher = dispatcher(directory.path(), &before);
+        let (a, b, old) = (0, 1, 2);
+
+        // In flight on `old`: handed to its queue.
+        let in_flight = accept(&mut dispatcher, &["x@stuck.example", "y@example.net"]);
+        dispatcher.dispatch(timestamp(now_unix_ms()));
+        let item = dispatcher.job_queues[old]
+            .take_where(|_| true)
+            .pop()
+            .unwrap();
+        // Queued on `old`, not handed out (as if the upstream were at its limit).
+        dispatcher.hold = true;
+        let queued = accept(&mut dispatcher, &["z@stuck.example"]);
+        assert_eq!(upstream_of(&dispatcher, queued, 0), old);
+        // Stays where it is: its upstream is not retired.
+        assert_eq!(upstream_of(&dispatcher, in_flight, 1), a);
+
+        // The new configuration drops `old` and its route; the rest goes to b.
+        let after = config("b", "");
+        let table = dispatcher.upstreams.clone();
+        let moved = dispatcher.reload(ReloadPlan {
+            router: Router::new(&after, |name| {
+                (name != "old").then(|| index_in(&table)(name)).flatten()
+            }),
+            upstreams: table.clone(),
+            added: Vec::new(),
+            retired: vec![old],
+        });
+        assert_eq!(
+            moved, 1,
+            "the queued recipient moves now, the one in flight later"
+        );
+        assert_eq!(upstream_of(&dispatcher, queued, 0), b);
+        assert_eq!(dispatcher.scheduler.ready_count(RouteId(b as u32)), 1);
+        assert_eq!(upstream_of(&dispatcher, in_flight, 0), old);
+        assert_eq!(
+            upstream_of(&dispatcher, in_flight, 1),
+            a,
+            "unchanged upstream: stays"
+        );
+        assert!(
+            dispatcher.job_queues[old].push(item_clone(&item)).is_err(),
+            "a retired upstream's queue takes no new jobs"
+        );
+
+        // The attempt on `old` is deferred: the recipient moves to b, its attempt counted.
+        dispatcher.report(Report {
+            job: item.job,
+            message: Arc::clone(&item.meta),
+            upstream: old,
+            recipients: vec![RecipientReport {
+                recipient: RecipientIndex(0),
+                outcome: Outcome::Deferred,
+                detail: "421 try later".to_string(),
+                status: "4.0.0".to_string(),
+                remote: None,
+                tls: None,
+                spill: false,
+            }],
+            attempt_ms: 1,
+            message_id: None,
+        });
+        assert_eq!(upstream_of(&dispatcher, in_flight, 0), b);
+        assert_eq!(dispatcher.messages[&in_flight].recipients[0].attempts, 1);
+        dispatcher.scheduler.check_invariants().unwrap();
+        // Once due, it is handed to b's queue, and nothing more to the retired one.
+        dispatcher.hold = false;
+        // Past any first retry delay (5 minutes, jitter included), within the maximum age.
+        let later = Timestamp::from_unix_ms(now_unix_ms() + 2 * 3600 * 1000);
+        let events = dispatcher.scheduler.advance(later);
+        assert!(events.is_empty(), "{events:?}");
+        dispatcher.dispatch(later);
+        assert_eq!(dispatcher.job_queues[old].take_where(|_| true).len(), 0);
+        let at_b = dispatcher.job_queues[b].take_where(|_| true);
+        let keys: Vec<u64> = at_b.iter().map(|item| item.meta.message.id.0).collect();
+        assert!(
+            keys.contains(&in_flight.0) && keys.contains(&queued.0),
+            "{keys:?}"
+        );
+        dispatcher.spool.shutdown();
+    }
+
+    fn item_clone(item: &WorkItem) -> WorkItem {
+        WorkItem {
+            job: item.job,
+            meta: Arc::clone(&item.meta),
+            recipients: item.recipients.clone(),
+        }
+    }
+}
