@@ -254,6 +254,14 @@ pub fn start(
         context,
         workers: Arc::clone(&workers),
         signing: signing.as_ref().map(signing::SigningPool::current),
+        quotas_at_start: upstreams_at_start
+            .iter()
+            .filter_map(|upstream| {
+                upstream
+                    .quota_limits()
+                    .map(|limits| (upstream.name().to_string(), limits))
+            })
+            .collect(),
         table: std::sync::Mutex::new(ReloadTable {
             upstreams: upstreams_at_start,
             retired: std::collections::HashSet::new(),
@@ -344,6 +352,9 @@ struct Reloader {
     signing: Option<Arc<std::sync::RwLock<Arc<signing::Signing>>>>,
     /// Locked for a whole reload: reloads do not overlap.
     table: std::sync::Mutex<ReloadTable>,
+    /// The daily quotas counted, by upstream name: fixed at start (the quota book and
+    /// its file are keyed by them).
+    quotas_at_start: std::collections::HashMap<String, quota::QuotaLimits>,
 }
 
 /// Reloads delivery's configuration from another thread (the signal thread).
@@ -435,6 +446,14 @@ impl ReloadHandle {
                 .route_limits()
                 .validate()
                 .map_err(|error| format!("upstream {:?}: {error}", upstream.name()))?;
+        }
+        for upstream in &added {
+            if upstream.quota_limits() != reloader.quotas_at_start.get(upstream.name()).copied() {
+                tracing::warn!(
+                    upstream = upstream.name(),
+                    "daily quota settings change only at restart; the quotas counted at start stay in use"
+                );
+            }
         }
         // Checked: from here on the new configuration goes in force.
         let mut threads = Vec::new();
