@@ -330,6 +330,12 @@ pub struct ReloadSummary {
     pub rerouted: usize,
 }
 
+/// Most entries the upstream table may reach, retired ones included: a changed upstream
+/// takes a new entry (its old one stays while jobs may report against it), so each
+/// reload can add a few. Far above any real number of upstreams times reloads between
+/// restarts; beyond it a reload is refused and a restart starts the table afresh.
+pub const UPSTREAM_TABLE_ENTRIES_MAX: usize = 4096;
+
 /// Longest a reload waits for the dispatcher to take the new table: it handles its
 /// inbox within a batch (milliseconds), so this only bounds a stuck dispatcher.
 const RELOAD_REPLY_TIMEOUT: Duration = Duration::from_secs(10);
@@ -455,6 +461,11 @@ impl ReloadHandle {
                 );
             }
         }
+        if next_index > UPSTREAM_TABLE_ENTRIES_MAX {
+            return Err(format!(
+                "the upstream table would hold {next_index} entries (retired ones included), more than {UPSTREAM_TABLE_ENTRIES_MAX}; restart to apply this configuration"
+            ));
+        }
         // Checked: from here on the new configuration goes in force.
         let mut threads = Vec::new();
         let mut added_queues = Vec::with_capacity(added.len());
@@ -490,11 +501,14 @@ impl ReloadHandle {
             retired: retired.clone(),
             router,
         };
-        if self
+        if let Err(Input::Command(Command::Reload(plan, _))) = self
             .inbox
             .push(Input::Command(Command::Reload(Box::new(plan), reply)))
-            .is_err()
         {
+            // The new workers end once their queues are closed.
+            for (_, jobs) in &plan.added {
+                jobs.close();
+            }
             return Err("delivery is shutting down".into());
         }
         table.upstreams = whole;
