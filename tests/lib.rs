@@ -592,6 +592,8 @@ pub mod server {
         spool: PathBuf,
         /// Everything the server wrote to stderr so far, ANSI escapes removed.
         log: Arc<Mutex<String>>,
+        /// The configuration file the server was started with (`--config`), if any.
+        config: Option<PathBuf>,
         /// Holds the config file and, when the test gave none, the spool directory.
         _scratch: TempDir,
     }
@@ -613,11 +615,13 @@ pub mod server {
                 .unwrap_or_else(|error| panic!("cannot create a temporary directory: {error}"));
             let mut command = Command::new(crate::binary::tsubame());
             command.arg("serve");
+            let mut config_path = None;
             if let Some(config) = &options.config {
                 let path = scratch.path().join("tsubame.toml");
                 std::fs::write(&path, config)
                     .unwrap_or_else(|error| panic!("cannot write {}: {error}", path.display()));
-                command.arg("--config").arg(path);
+                command.arg("--config").arg(&path);
+                config_path = Some(path);
             }
             let spool = match (&options.spool, &options.current_directory) {
                 (Some(spool), _) => spool.clone(),
@@ -681,6 +685,7 @@ pub mod server {
                                 address,
                                 spool,
                                 log,
+                                config: config_path,
                                 _scratch: scratch,
                             });
                         }
@@ -721,6 +726,23 @@ pub mod server {
 
         pub fn pid(&self) -> u32 {
             self.child.id()
+        }
+
+        /// Replaces the configuration file the server started with (for a SIGHUP
+        /// reload); fails the test when it started without one.
+        #[track_caller]
+        pub fn rewrite_config(&self, toml: &str) {
+            let path = self
+                .config
+                .as_ref()
+                .unwrap_or_else(|| panic!("the server was started without --config"));
+            // Written beside and renamed, as an editor or a deployment tool does: the
+            // server never reads half a file.
+            let partial = path.with_extension("toml.partial");
+            std::fs::write(&partial, toml)
+                .unwrap_or_else(|error| panic!("cannot write {}: {error}", partial.display()));
+            std::fs::rename(&partial, path)
+                .unwrap_or_else(|error| panic!("cannot replace {}: {error}", path.display()));
         }
 
         /// What the server logged so far.

@@ -21,7 +21,7 @@ use crate::delivery_log::events as log_events;
 /// Long enough for deliveries and the log's flush (1 s) on a loaded machine.
 const EVENTS_TIMEOUT: Duration = Duration::from_secs(30);
 
-const ADMIN_ON: &str = "[admin]\nenabled = true\naddress = \"127.0.0.1:0\"\n";
+pub(crate) const ADMIN_ON: &str = "[admin]\nenabled = true\naddress = \"127.0.0.1:0\"\n";
 
 /// A delivering server whose upstream is `127.0.0.1:port`, with the admin server on a
 /// free loopback port and `extra` appended to its configuration.
@@ -34,7 +34,7 @@ fn start(port: u16, extra: &str) -> Server {
 }
 
 /// `http://ADDRESS` of the admin server, from its start-up line.
-fn admin_url(server: &Server) -> String {
+pub(crate) fn admin_url(server: &Server) -> String {
     let found = || {
         server
             .log()
@@ -69,7 +69,7 @@ fn http(requests: Vec<Value>) -> Vec<Value> {
     results.as_array().cloned().unwrap_or_default()
 }
 
-fn get(url: String, parse: &str) -> Value {
+pub(crate) fn get(url: String, parse: &str) -> Value {
     json!({ "method": "GET", "url": url, "parse": parse })
 }
 
@@ -78,7 +78,7 @@ fn post(url: String) -> Value {
 }
 
 /// One request's result.
-fn one(request: Value) -> Value {
+pub(crate) fn one(request: Value) -> Value {
     http(vec![request]).remove(0)
 }
 
@@ -90,7 +90,7 @@ fn count(events: &[Value], event: &str) -> usize {
 }
 
 /// The value of the sample `name` with exactly `labels`, from parsed metrics.
-fn sample(samples: &Value, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+pub(crate) fn sample(samples: &Value, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
     samples.as_array()?.iter().find_map(|sample| {
         let wanted: serde_json::Map<String, Value> = labels
             .iter()

@@ -26,6 +26,7 @@ mod login_limits;
 mod quota;
 mod relay;
 mod relay_services;
+mod reload;
 mod sink;
 mod smuggling;
 mod spool;

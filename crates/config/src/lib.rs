@@ -9,6 +9,7 @@ pub mod delivery;
 pub mod dkim;
 pub mod listener;
 pub mod oauth;
+mod reload;
 pub mod users;
 
 use std::path::{Path, PathBuf};

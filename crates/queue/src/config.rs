@@ -187,17 +187,31 @@ impl SchedulerConfig {
             return Err(Error::InvalidConfig("more routes than a RouteId can name"));
         }
         for route in &self.routes {
-            if route.max_concurrent == 0 {
-                return Err(Error::InvalidConfig("route max_concurrent must be >= 1"));
-            }
-            if let Some(rate) = route.rate_per_second
-                && (!rate.is_finite() || rate <= 0.0)
-            {
-                return Err(Error::InvalidConfig(
-                    "route rate_per_second must be finite and positive",
-                ));
-            }
+            validate_route(route)?;
         }
         Ok(())
     }
+}
+
+impl RouteLimits {
+    /// Checks the limits as [`Scheduler::new`](crate::Scheduler::new) and
+    /// [`Scheduler::add_route`](crate::Scheduler::add_route) do.
+    pub fn validate(&self) -> Result<(), Error> {
+        validate_route(self)
+    }
+}
+
+/// Checks one route's limits (at start, and for a route added by a reload).
+fn validate_route(route: &RouteLimits) -> Result<(), Error> {
+    if route.max_concurrent == 0 {
+        return Err(Error::InvalidConfig("route max_concurrent must be >= 1"));
+    }
+    if let Some(rate) = route.rate_per_second
+        && (!rate.is_finite() || rate <= 0.0)
+    {
+        return Err(Error::InvalidConfig(
+            "route rate_per_second must be finite and positive",
+        ));
+    }
+    Ok(())
 }

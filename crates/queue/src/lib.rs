@@ -644,6 +644,62 @@ impl Scheduler {
         }
     }
 
+    /// Adds a route with `limits` (a configuration reload brought a new or changed
+    /// upstream) and returns its id: the next index after the existing routes, which
+    /// keep theirs.
+    pub fn add_route(&mut self, limits: RouteLimits) -> Result<RouteId, Error> {
+        limits.validate()?;
+        let Ok(id) = u32::try_from(self.routes.len()) else {
+            return Err(Error::InvalidConfig("more routes than a RouteId can name"));
+        };
+        self.routes.push(RouteState {
+            bucket: limits.rate_per_second.map(TokenBucket::new),
+            limits,
+            ready: VecDeque::new(),
+            ready_live: 0,
+            in_flight_jobs: 0,
+        });
+        Ok(RouteId(id))
+    }
+
+    /// Moves a pending recipient to `route`, keeping its attempts and its state: a
+    /// ready one is queued on the new route, a deferred one stays due when it was, a
+    /// held one stays held. Returns `false` and changes nothing for a recipient in
+    /// flight (move it once its job completes) or final.
+    pub fn reroute(
+        &mut self,
+        message: MessageKey,
+        recipient: RecipientIndex,
+        route: RouteId,
+    ) -> Result<bool, Error> {
+        self.route_position(route)?;
+        let Some(entry) = self
+            .messages
+            .get_mut(&message)
+            .and_then(|m| m.recipient_mut(recipient))
+        else {
+            return Err(Error::UnknownMessage(message));
+        };
+        let old_route = entry.route;
+        match entry.state {
+            RecipientState::InFlight(_) | RecipientState::Final => Ok(false),
+            RecipientState::Deferred { .. } | RecipientState::Held { .. } => {
+                // The retry heap and the held set do not name the route: it is read
+                // from the entry when the recipient becomes ready.
+                entry.route = route;
+                Ok(true)
+            }
+            RecipientState::Ready => {
+                entry.route = route;
+                self.uncount(old_route, RecipientState::Ready);
+                // A fresh generation makes the old route's queue entry stale.
+                self.place_ready(message, recipient);
+                self.compact_ready_queues();
+                Ok(true)
+            }
+        }
+    }
+
     /// Forgets a message (queue delete). Its in-flight jobs may still be completed; their
     /// outcomes are ignored. No event is reported for it. Returns how many recipients
     /// were still pending.

@@ -810,3 +810,89 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn an_added_route_takes_the_next_id_and_hands_out_jobs() {
+    let mut s = scheduler(vec![unlimited(1)]);
+    let added = s.add_route(unlimited(2)).unwrap();
+    assert_eq!(added, RouteId(1));
+    s.insert(MessageKey(1), at(0), &rcpts(1, 1), at(0)).unwrap();
+    let job = s.next_job(added, at(0), 10).unwrap().unwrap();
+    assert_eq!(job.route, added);
+    assert_eq!(s.in_flight(added), 1);
+    s.check_invariants().unwrap();
+    assert_eq!(
+        s.add_route(unlimited(0)),
+        Err(Error::InvalidConfig("route max_concurrent must be >= 1"))
+    );
+}
+
+#[test]
+fn reroute_moves_ready_deferred_and_held_recipients_and_keeps_attempts() {
+    let mut s = scheduler(vec![unlimited(5), unlimited(5)]);
+    let (old, new) = (RouteId(0), RouteId(1));
+    // Message 1: recipient 0 ready, recipient 1 deferred after one attempt.
+    s.insert(MessageKey(1), at(0), &rcpts(0, 2), at(0)).unwrap();
+    let job = s.next_job(old, at(0), 1).unwrap().unwrap();
+    let deferred = job.recipients[0].recipient;
+    s.complete(job.id, deferred, Outcome::Deferred, at(0))
+        .unwrap();
+    let ready = RecipientIndex(1 - deferred.0);
+    // Message 2: held.
+    s.insert(MessageKey(2), at(0), &rcpts(0, 1), at(0)).unwrap();
+    s.hold(MessageKey(2)).unwrap();
+    // Message 3: in flight.
+    s.insert(MessageKey(3), at(0), &rcpts(0, 1), at(0)).unwrap();
+    s.flush_message(MessageKey(1)).unwrap();
+    s.reroute(MessageKey(1), deferred, new).unwrap();
+    s.check_invariants().unwrap();
+
+    // Put the deferred one back in the heap to see its due time kept: defer it again.
+    let mut s2 = scheduler(vec![unlimited(5), unlimited(5)]);
+    s2.insert(MessageKey(9), at(0), &rcpts(0, 1), at(0))
+        .unwrap();
+    let job = s2.next_job(old, at(0), 1).unwrap().unwrap();
+    s2.complete(job.id, RecipientIndex(0), Outcome::Deferred, at(0))
+        .unwrap();
+    assert_eq!(s2.reroute(MessageKey(9), RecipientIndex(0), new), Ok(true));
+    assert!(
+        s2.next_job(new, at(0), 1).unwrap().is_none(),
+        "still deferred"
+    );
+    let due = s2.next_wakeup().unwrap();
+    assert!(s2.advance(due).is_empty());
+    let job = s2.next_job(new, due, 1).unwrap().unwrap();
+    assert_eq!(job.recipients[0].attempt, 2, "attempts kept");
+    s2.check_invariants().unwrap();
+
+    assert_eq!(s.reroute(MessageKey(1), ready, new), Ok(true));
+    assert_eq!(s.reroute(MessageKey(2), RecipientIndex(0), new), Ok(true));
+    let in_flight = s.next_job(old, at(0), 1).unwrap().unwrap();
+    assert_eq!(in_flight.message, MessageKey(3));
+    assert_eq!(
+        s.reroute(MessageKey(3), RecipientIndex(0), new),
+        Ok(false),
+        "in flight: moved when its job completes"
+    );
+    s.check_invariants().unwrap();
+    assert_eq!(s.ready_count(old), 0);
+    assert_eq!(s.ready_count(new), 2);
+    let job = s.next_job(new, at(0), 10).unwrap().unwrap();
+    assert_eq!(job.message, MessageKey(1));
+    assert_eq!(job.recipients.len(), 2);
+    s.release(MessageKey(2), at(0)).unwrap();
+    assert_eq!(
+        s.ready_count(new),
+        1,
+        "the held one comes back on the new route"
+    );
+    assert_eq!(
+        s.reroute(MessageKey(7), RecipientIndex(0), new),
+        Err(Error::UnknownMessage(MessageKey(7)))
+    );
+    assert_eq!(
+        s.reroute(MessageKey(2), RecipientIndex(0), RouteId(5)),
+        Err(Error::UnknownRoute(RouteId(5)))
+    );
+    s.check_invariants().unwrap();
+}

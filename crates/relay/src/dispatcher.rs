@@ -78,6 +78,24 @@ pub(crate) enum Command {
     Shutdown {
         deadline: Instant,
     },
+    /// A configuration reload: put `plan` in force; answer with the number of queued
+    /// recipients moved off retired upstreams.
+    Reload(Box<ReloadPlan>, Sender<usize>),
+}
+
+/// What a reload changes in the dispatcher (built by `Relay::reload`, which has already
+/// checked the configuration and started the new upstreams' workers).
+pub(crate) struct ReloadPlan {
+    /// The whole table: the old upstreams at their indexes (retired ones too: their
+    /// in-flight jobs still report), then the added ones.
+    pub upstreams: Vec<Arc<Upstream>>,
+    /// The added upstreams' indexes and job queues, in index order, each index one past
+    /// the table's end at the time: new scheduler routes.
+    pub added: Vec<(usize, Arc<Inbox<WorkItem>>)>,
+    /// Upstreams removed or replaced: no new jobs; their queued recipients move.
+    pub retired: Vec<usize>,
+    /// Routes names to the indexes of the upstreams in force.
+    pub router: Router,
 }
 
 impl std::fmt::Debug for Command {
@@ -87,6 +105,12 @@ impl std::fmt::Debug for Command {
             Self::Recovered(message, _) => write!(f, "Recovered({})", message.id),
             Self::Control(request, _) => write!(f, "Control({request:?})"),
             Self::Shutdown { .. } => f.write_str("Shutdown"),
+            Self::Reload(plan, _) => write!(
+                f,
+                "Reload(added {}, retired {})",
+                plan.added.len(),
+                plan.retired.len()
+            ),
         }
     }
 }
@@ -139,6 +163,10 @@ pub(crate) struct Dispatcher {
     /// workers end.
     pub job_queues: Vec<Arc<Inbox<WorkItem>>>,
     pub router: Router,
+    /// Upstreams a reload removed or replaced (indexes into `upstreams`): their queues
+    /// are closed and no recipient is routed to them; recipients still there when their
+    /// job completes move to the router's choice.
+    retired: std::collections::HashSet<usize>,
     pub inbox: Arc<Inbox<Input>>,
     /// Our name: Reporting-MTA of bounces and the HELO recorded for them.
     pub hostname: String,
@@ -241,6 +269,7 @@ impl Dispatcher {
             upstreams,
             job_queues,
             router,
+            retired: std::collections::HashSet::new(),
             inbox,
             hostname,
             messages: HashMap::new(),
@@ -584,7 +613,122 @@ impl Dispatcher {
                 let _ = reply.send(response);
             }
             Command::Shutdown { deadline } => self.begin_shutdown(deadline),
+            Command::Reload(plan, reply) => {
+                let rerouted = self.reload(*plan);
+                let _ = reply.send(rerouted);
+            }
         }
+    }
+
+    /// Puts a reloaded configuration's upstreams and routes in force (see
+    /// [`ReloadPlan`]) and moves the queued recipients of retired upstreams; returns how
+    /// many moved now (those in flight move when their job completes).
+    fn reload(&mut self, plan: ReloadPlan) -> usize {
+        let ReloadPlan {
+            upstreams,
+            added,
+            retired,
+            router,
+        } = plan;
+        for (index, queue) in added {
+            let limits = upstreams
+                .get(index)
+                .map(|upstream| upstream.route_limits())
+                .unwrap_or_default();
+            match self.scheduler.add_route(limits) {
+                // The table and the scheduler's routes grow together, only here.
+                Ok(RouteId(route)) if route as usize == index => {}
+                Ok(route) => {
+                    tracing::error!(
+                        index,
+                        ?route,
+                        "scheduler route out of step with the upstream table"
+                    );
+                    debug_assert!(false, "scheduler route out of step with the table");
+                }
+                Err(error) => {
+                    tracing::error!(index, %error, "scheduler refused a reloaded upstream")
+                }
+            }
+            self.job_queues.push(queue);
+        }
+        self.stats.set_upstream_names(
+            upstreams
+                .iter()
+                .map(|upstream| upstream.name().to_string())
+                .collect(),
+        );
+        self.upstreams = upstreams;
+        self.router = router;
+        for index in retired {
+            if let Some(queue) = self.job_queues.get(index) {
+                // Jobs already queued there still run; the workers end after them.
+                queue.close();
+            }
+            self.retired.insert(index);
+        }
+        let keys: Vec<MessageKey> = self.messages.keys().copied().collect();
+        let mut moved = 0;
+        for key in keys {
+            moved += self.reroute_retired(key, None);
+        }
+        moved
+    }
+
+    /// Moves the pending recipients of message `key` that are on a retired upstream (only
+    /// those in `only`, when given) to the upstream the router names now, keeping their
+    /// attempts and retry time. In-flight ones stay until their job completes. Returns
+    /// how many moved.
+    fn reroute_retired(&mut self, key: MessageKey, only: Option<&[RecipientIndex]>) -> usize {
+        if self.retired.is_empty() {
+            return 0;
+        }
+        let Some(entry) = self.messages.get(&key) else {
+            return 0;
+        };
+        let meta = Arc::clone(&entry.meta);
+        let candidates: Vec<usize> = entry
+            .recipients
+            .iter()
+            .enumerate()
+            .filter(|(index, status)| {
+                self.retired.contains(&status.upstream)
+                    && !matches!(
+                        status.state,
+                        RecipientPhase::Delivered | RecipientPhase::Failed
+                    )
+                    && only.is_none_or(|only| only.contains(&RecipientIndex(*index as u32)))
+            })
+            .map(|(index, _)| index)
+            .collect();
+        let mut moved = 0;
+        for index in candidates {
+            let Some(address) = meta.message.recipients.get(index) else {
+                continue;
+            };
+            let upstream = self.route(&meta.message, address);
+            let recipient = RecipientIndex(index as u32);
+            match self
+                .scheduler
+                .reroute(key, recipient, RouteId(upstream as u32))
+            {
+                Ok(true) => {
+                    moved += 1;
+                    if let Some(status) = self
+                        .messages
+                        .get_mut(&key)
+                        .and_then(|entry| entry.recipients.get_mut(index))
+                    {
+                        status.upstream = upstream;
+                    }
+                }
+                Ok(false) => {}
+                Err(error) => {
+                    tracing::error!(id = %meta.message.id, %error, "cannot move a recipient off a retired upstream")
+                }
+            }
+        }
+        moved
     }
 
     fn accept(&mut self, message: SpooledMessage, in_memory: Option<Arc<[u8]>>) {
@@ -640,6 +784,9 @@ impl Dispatcher {
     /// Hands out every job the scheduler allows now.
     fn dispatch(&mut self, now: Timestamp) {
         for (route, upstream) in self.upstreams.iter().enumerate() {
+            if self.retired.contains(&route) {
+                continue;
+            }
             let max_recipients = upstream.config.max_recipients_per_transaction;
             loop {
                 let job = match self
@@ -814,6 +961,17 @@ impl Dispatcher {
             self.journal(id, recipient.recipient, kind, now_ms, &recipient.detail);
         }
         self.events(events, now);
+        if self.retired.contains(&report.upstream) {
+            let completed: Vec<RecipientIndex> = report
+                .recipients
+                .iter()
+                .map(|recipient| recipient.recipient)
+                .collect();
+            let moved = self.reroute_retired(MessageKey(id.0), Some(&completed));
+            if moved > 0 {
+                tracing::info!(%id, recipients = moved, "deferred recipients moved off a retired upstream");
+            }
+        }
     }
 
     fn journal(
@@ -1341,6 +1499,223 @@ impl Dispatcher {
                     last_reply: status.last_detail.clone(),
                 })
                 .collect(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::job::RecipientReport;
+    use tsubame_config::Config;
+    use tsubame_queue::{SchedulerConfig, Timestamp};
+    use tsubame_spool::SpoolOptions;
+
+    const UPSTREAMS: &str = r#"
+[[listener]]
+address = "127.0.0.1:2525"
+
+[[upstream]]
+name = "a"
+kind = "smtp"
+host = "127.0.0.1"
+port = 2601
+tls = "none"
+
+[[upstream]]
+name = "b"
+kind = "smtp"
+host = "127.0.0.1"
+port = 2602
+tls = "none"
+
+[[upstream]]
+name = "old"
+kind = "smtp"
+host = "127.0.0.1"
+port = 2603
+tls = "none"
+"#;
+
+    fn config(default_upstream: &str, routes: &str) -> Config {
+        Config::parse(
+            &format!("[delivery]\ndefault_upstream = \"{default_upstream}\"\n{UPSTREAMS}{routes}"),
+            "test",
+        )
+        .unwrap()
+    }
+
+    fn index_in(upstreams: &[Arc<Upstream>]) -> impl Fn(&str) -> Option<usize> + '_ {
+        |name| {
+            upstreams
+                .iter()
+                .position(|upstream| upstream.name() == name)
+        }
+    }
+
+    /// A dispatcher on a fresh spool with upstreams a, b, old (and mx), `default`
+    /// and `routes` as given.
+    fn dispatcher(directory: &std::path::Path, config: &Config) -> Dispatcher {
+        let upstreams =
+            crate::upstream::build_table(config, "relay.test", &Default::default()).unwrap();
+        let router = Router::new(config, index_in(&upstreams));
+        let scheduler = Scheduler::new(SchedulerConfig {
+            routes: upstreams.iter().map(|u| u.route_limits()).collect(),
+            ..SchedulerConfig::default()
+        })
+        .unwrap();
+        let (spool, _) = Spool::open(directory, SpoolOptions::default()).unwrap();
+        let job_queues = upstreams.iter().map(|_| Arc::default()).collect();
+        Dispatcher::new(
+            scheduler,
+            spool,
+            upstreams,
+            job_queues,
+            router,
+            Arc::default(),
+            "relay.test".to_string(),
+            RetrySchedule::default(),
+            false,
+            Arc::default(),
+            None,
+            directory.join("held.json"),
+            None,
+        )
+    }
+
+    /// Appends a message for `recipients` to the spool and hands it to the dispatcher.
+    fn accept(dispatcher: &mut Dispatcher, recipients: &[&str]) -> MessageKey {
+        let recipients: Vec<String> = recipients.iter().map(|r| r.to_string()).collect();
+        let client_address = std::net::SocketAddr::from(([127, 0, 0, 1], 40000));
+        let envelope = Envelope {
+            received_at_unix_ms: now_unix_ms(),
+            client_address,
+            helo: "client.test",
+            authenticated_user: None,
+            mail_from: "sender@example.com",
+            mail_parameters: "",
+            recipients: &recipients,
+        };
+        let receipt = dispatcher
+            .spool
+            .append_message(&envelope, b"Subject: t\r\n\r\nbody\r\n")
+            .unwrap();
+        let message = SpooledMessage {
+            id: receipt.id,
+            location: receipt.location,
+            received_at_unix_ms: envelope.received_at_unix_ms,
+            client_address: client_address.to_string(),
+            helo: "client.test".to_string(),
+            authenticated_user: None,
+            mail_from: "sender@example.com".to_string(),
+            mail_parameters: String::new(),
+            recipient_states: vec![tsubame_spool::RecipientState::default(); recipients.len()],
+            recipients,
+            body_size_bytes: 20,
+            state: tsubame_spool::MessageState::Queued,
+            added_fields: None,
+        };
+        dispatcher.accept(message, None);
+        MessageKey(receipt.id.0)
+    }
+
+    fn upstream_of(dispatcher: &Dispatcher, key: MessageKey, recipient: usize) -> usize {
+        dispatcher.messages[&key].recipients[recipient].upstream
+    }
+
+    #[test]
+    fn a_reload_moves_queued_recipients_off_a_retired_upstream_and_in_flight_ones_after_their_attempt()
+     {
+        let directory = tempfile::tempdir().unwrap();
+        let routes = "[[route]]\nrecipient_domains = [\"stuck.example\"]\nupstream = \"old\"\n";
+        let before = config("a", routes);
+        let mut dispatcher = dispatcher(directory.path(), &before);
+        let (a, b, old) = (0, 1, 2);
+
+        // In flight on `old`: handed to its queue.
+        let in_flight = accept(&mut dispatcher, &["x@stuck.example", "y@example.net"]);
+        dispatcher.dispatch(timestamp(now_unix_ms()));
+        let item = dispatcher.job_queues[old]
+            .take_where(|_| true)
+            .pop()
+            .unwrap();
+        // Queued on `old`, not handed out (as if the upstream were at its limit).
+        dispatcher.hold = true;
+        let queued = accept(&mut dispatcher, &["z@stuck.example"]);
+        assert_eq!(upstream_of(&dispatcher, queued, 0), old);
+        // Stays where it is: its upstream is not retired.
+        assert_eq!(upstream_of(&dispatcher, in_flight, 1), a);
+
+        // The new configuration drops `old` and its route; the rest goes to b.
+        let after = config("b", "");
+        let table = dispatcher.upstreams.clone();
+        let moved = dispatcher.reload(ReloadPlan {
+            router: Router::new(&after, |name| {
+                (name != "old").then(|| index_in(&table)(name)).flatten()
+            }),
+            upstreams: table.clone(),
+            added: Vec::new(),
+            retired: vec![old],
+        });
+        assert_eq!(
+            moved, 1,
+            "the queued recipient moves now, the one in flight later"
+        );
+        assert_eq!(upstream_of(&dispatcher, queued, 0), b);
+        assert_eq!(dispatcher.scheduler.ready_count(RouteId(b as u32)), 1);
+        assert_eq!(upstream_of(&dispatcher, in_flight, 0), old);
+        assert_eq!(
+            upstream_of(&dispatcher, in_flight, 1),
+            a,
+            "unchanged upstream: stays"
+        );
+        assert!(
+            dispatcher.job_queues[old].push(item_clone(&item)).is_err(),
+            "a retired upstream's queue takes no new jobs"
+        );
+
+        // The attempt on `old` is deferred: the recipient moves to b, its attempt counted.
+        dispatcher.report(Report {
+            job: item.job,
+            message: Arc::clone(&item.meta),
+            upstream: old,
+            recipients: vec![RecipientReport {
+                recipient: RecipientIndex(0),
+                outcome: Outcome::Deferred,
+                detail: "421 try later".to_string(),
+                status: "4.0.0".to_string(),
+                remote: None,
+                tls: None,
+                spill: false,
+            }],
+            attempt_ms: 1,
+            message_id: None,
+        });
+        assert_eq!(upstream_of(&dispatcher, in_flight, 0), b);
+        assert_eq!(dispatcher.messages[&in_flight].recipients[0].attempts, 1);
+        dispatcher.scheduler.check_invariants().unwrap();
+        // Once due, it is handed to b's queue, and nothing more to the retired one.
+        dispatcher.hold = false;
+        // Past any first retry delay (5 minutes, jitter included), within the maximum age.
+        let later = Timestamp::from_unix_ms(now_unix_ms() + 2 * 3600 * 1000);
+        let events = dispatcher.scheduler.advance(later);
+        assert!(events.is_empty(), "{events:?}");
+        dispatcher.dispatch(later);
+        assert_eq!(dispatcher.job_queues[old].take_where(|_| true).len(), 0);
+        let at_b = dispatcher.job_queues[b].take_where(|_| true);
+        let keys: Vec<u64> = at_b.iter().map(|item| item.meta.message.id.0).collect();
+        assert!(
+            keys.contains(&in_flight.0) && keys.contains(&queued.0),
+            "{keys:?}"
+        );
+        dispatcher.spool.shutdown();
+    }
+
+    fn item_clone(item: &WorkItem) -> WorkItem {
+        WorkItem {
+            job: item.job,
+            meta: Arc::clone(&item.meta),
+            recipients: item.recipients.clone(),
         }
     }
 }

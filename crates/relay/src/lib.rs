@@ -56,7 +56,7 @@ use tsubame_config::Config;
 use tsubame_queue::{RetrySchedule, Scheduler, SchedulerConfig};
 use tsubame_spool::{Spool, SpooledMessage};
 
-use crate::dispatcher::{Command, Dispatcher, Input};
+use crate::dispatcher::{Command, Dispatcher, Input, ReloadPlan};
 use crate::inbox::Inbox;
 use crate::job::WorkItem;
 use crate::worker::WorkerContext;
@@ -97,7 +97,9 @@ pub struct RelayOptions {
 pub struct Relay {
     inbox: Arc<Inbox<Input>>,
     dispatcher: Option<std::thread::JoinHandle<()>>,
-    workers: Vec<std::thread::JoinHandle<()>>,
+    /// Every delivery thread, those a reload started too.
+    workers: Arc<std::sync::Mutex<Vec<std::thread::JoinHandle<()>>>>,
+    reloader: Arc<Reloader>,
     control: Option<control::ControlServer>,
     quotas: Arc<quota::QuotaBook>,
     /// The signing pool, when messages get added fields.
@@ -163,39 +165,22 @@ pub fn start(
     let context = Arc::new(WorkerContext {
         spool: spool.clone(),
         reports: Arc::clone(&inbox),
-        upstreams: upstreams.clone(),
+        upstreams: Arc::new(upstream::ActiveUpstreams::new(upstreams.clone())),
         quotas: Arc::clone(&quotas),
     });
     let mut job_queues = Vec::with_capacity(upstreams.len());
     let mut workers = Vec::new();
     for upstream in &upstreams {
-        // The scheduler never has more than 2 × max_connections jobs in flight per
-        // upstream (upstream::JOBS_PER_CONNECTION), so this queue never holds more.
-        let jobs: Arc<Inbox<WorkItem>> = Arc::new(Inbox::default());
-        job_queues.push(Arc::clone(&jobs));
-        let worker_count = if upstream.used {
-            upstream.config.max_connections
-        } else {
-            0
-        };
-        for number in 0..worker_count {
-            let upstream = Arc::clone(upstream);
-            let jobs = Arc::clone(&jobs);
-            let context = Arc::clone(&context);
-            let thread = std::thread::Builder::new()
-                .name(format!("deliver-{}-{number}", upstream.name()))
-                .spawn(move || worker::run(upstream, jobs, context))
-                .map_err(RelayError::Thread)?;
-            workers.push(thread);
-        }
+        job_queues
+            .push(start_workers(upstream, &context, &mut workers).map_err(RelayError::Thread)?);
     }
-    drop(context);
 
     let commits = Arc::new(commit_watch::CommitWatch::default());
     {
         let commits = Arc::clone(&commits);
         spool.subscribe(Box::new(move |notice| commits.on_notice(notice)));
     }
+    let signing_profiles_loaded = signing.is_some();
     let signing = match signing {
         Some(signing) => Some(
             signing::SigningPool::start(
@@ -219,6 +204,9 @@ pub fn start(
                     .iter()
                     .all(|state| state.final_outcome.is_some())
         });
+    let upstreams_at_start = upstreams.clone();
+    let options_hostname = options.hostname.clone();
+    let options_tokens = options.tokens.clone();
     let mut dispatcher = Dispatcher::new(
         scheduler,
         spool,
@@ -261,15 +249,294 @@ pub fn start(
             path: control::socket_path(&config.spool.directory),
             source,
         })?;
+    let workers = Arc::new(std::sync::Mutex::new(workers));
+    debug_assert_eq!(signing_profiles_loaded, signing.is_some());
+    let reloader = Arc::new(Reloader {
+        hostname: options_hostname,
+        tokens: options_tokens,
+        context,
+        workers: Arc::clone(&workers),
+        signing: signing.as_ref().map(signing::SigningPool::current),
+        quotas_at_start: upstreams_at_start
+            .iter()
+            .filter_map(|upstream| {
+                upstream
+                    .quota_limits()
+                    .map(|limits| (upstream.name().to_string(), limits))
+            })
+            .collect(),
+        table: std::sync::Mutex::new(ReloadTable {
+            upstreams: upstreams_at_start,
+            retired: std::collections::HashSet::new(),
+        }),
+    });
     Ok(Relay {
         inbox,
         dispatcher: Some(dispatcher),
         workers,
+        reloader,
         control: Some(control),
         quotas,
         signing,
         stats,
     })
+}
+
+/// Starts `upstream`'s delivery threads (none for an upstream nothing routes to) and
+/// returns the job queue they take from.
+fn start_workers(
+    upstream: &Arc<upstream::Upstream>,
+    context: &Arc<WorkerContext>,
+    workers: &mut Vec<std::thread::JoinHandle<()>>,
+) -> std::io::Result<Arc<Inbox<WorkItem>>> {
+    // The scheduler never has more than 2 × max_connections jobs in flight per
+    // upstream (upstream::JOBS_PER_CONNECTION), so this queue never holds more.
+    let jobs: Arc<Inbox<WorkItem>> = Arc::new(Inbox::default());
+    let worker_count = if upstream.used {
+        upstream.config.max_connections
+    } else {
+        0
+    };
+    for number in 0..worker_count {
+        let upstream = Arc::clone(upstream);
+        let thread_jobs = Arc::clone(&jobs);
+        let context = Arc::clone(context);
+        let spawned = std::thread::Builder::new()
+            .name(format!("deliver-{}-{number}", upstream.name()))
+            .spawn(move || worker::run(upstream, thread_jobs, context));
+        match spawned {
+            Ok(thread) => workers.push(thread),
+            Err(error) => {
+                // The threads already started end once their queue is closed.
+                jobs.close();
+                return Err(error);
+            }
+        }
+    }
+    Ok(jobs)
+}
+
+/// What a configuration reload changed in delivery, for the log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReloadSummary {
+    /// Upstreams in force (the built-in `mx` included).
+    pub upstreams: usize,
+    /// Upstreams whose settings did not change: same queue, same workers.
+    pub kept: usize,
+    /// New upstreams, and changed ones (a changed upstream is a new one that replaces
+    /// the old).
+    pub added: usize,
+    /// Removed and replaced upstreams: no new jobs; their workers end after the jobs
+    /// they have.
+    pub retired: usize,
+    /// Queued recipients moved off retired upstreams now (those being sent move once
+    /// their attempt ends, if it is deferred).
+    pub rerouted: usize,
+}
+
+/// Most entries the upstream table may reach, retired ones included: a changed upstream
+/// takes a new entry (its old one stays while jobs may report against it), so each
+/// reload can add a few. Far above any real number of upstreams times reloads between
+/// restarts; beyond it a reload is refused and a restart starts the table afresh.
+pub const UPSTREAM_TABLE_ENTRIES_MAX: usize = 4096;
+
+/// Longest a reload waits for the dispatcher to take the new table: it handles its
+/// inbox within a batch (milliseconds), so this only bounds a stuck dispatcher.
+const RELOAD_REPLY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The whole upstream table as the dispatcher has it, and which entries are retired.
+#[derive(Debug)]
+struct ReloadTable {
+    upstreams: Vec<Arc<upstream::Upstream>>,
+    retired: std::collections::HashSet<usize>,
+}
+
+/// What a reload needs from the start; shared by [`Relay`] and its [`ReloadHandle`]s.
+#[derive(Debug)]
+struct Reloader {
+    hostname: String,
+    tokens: tokens::TokenSources,
+    context: Arc<WorkerContext>,
+    workers: Arc<std::sync::Mutex<Vec<std::thread::JoinHandle<()>>>>,
+    /// The signing pool's profiles and keys, when there is a pool.
+    signing: Option<Arc<std::sync::RwLock<Arc<signing::Signing>>>>,
+    /// Locked for a whole reload: reloads do not overlap.
+    table: std::sync::Mutex<ReloadTable>,
+    /// The daily quotas counted, by upstream name: fixed at start (the quota book and
+    /// its file are keyed by them).
+    quotas_at_start: std::collections::HashMap<String, quota::QuotaLimits>,
+}
+
+/// Reloads delivery's configuration from another thread (the signal thread).
+#[derive(Debug, Clone)]
+pub struct ReloadHandle {
+    inbox: Arc<Inbox<Input>>,
+    reloader: Arc<Reloader>,
+}
+
+impl ReloadHandle {
+    /// Checks `config` as [`start`] would (upstream table, passwords, TLS settings, routes,
+    /// DKIM keys) and only then puts its upstreams, routes and DKIM settings in force.
+    /// Upstreams are matched by name: an unchanged one keeps its queue and workers; a
+    /// new or changed one gets new ones; a removed or replaced one takes no new jobs,
+    /// and its queued recipients go where the new routes say. On an error nothing
+    /// changed.
+    ///
+    /// The retry schedule, maximum age, quotas' limits, signing threads and whether
+    /// signing runs at all are fixed at start (the caller keeps their old values).
+    pub fn reload(&self, config: &Config) -> Result<ReloadSummary, String> {
+        let reloader = &*self.reloader;
+        let mut table = reloader
+            .table
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let fresh = upstream::build_table(config, &reloader.hostname, &reloader.tokens)
+            .map_err(|error| error.to_string())?;
+        // Which old upstream each fresh one keeps, by name among those in force.
+        let mut kept = Vec::with_capacity(fresh.len());
+        for upstream in &fresh {
+            let old = table.upstreams.iter().find(|old| {
+                old.name() == upstream.name()
+                    && !table.retired.contains(&old.index)
+                    && old.same_settings(upstream)
+            });
+            kept.push(old.cloned());
+        }
+        let mut active = Vec::with_capacity(fresh.len());
+        let mut added = Vec::new();
+        let mut next_index = table.upstreams.len();
+        for (upstream, old) in fresh.into_iter().zip(kept) {
+            match old {
+                Some(old) => active.push(old),
+                None => {
+                    let upstream = match Arc::try_unwrap(upstream) {
+                        Ok(upstream) => Arc::new(upstream.at_index(next_index)),
+                        // Nothing else holds a freshly built upstream.
+                        Err(_) => return Err("internal error: a new upstream is shared".into()),
+                    };
+                    next_index += 1;
+                    added.push(Arc::clone(&upstream));
+                    active.push(upstream);
+                }
+            }
+        }
+        let retired: Vec<usize> = table
+            .upstreams
+            .iter()
+            .filter(|old| {
+                !table.retired.contains(&old.index)
+                    && !active.iter().any(|upstream| upstream.index == old.index)
+            })
+            .map(|old| old.index)
+            .collect();
+        let router = routing::Router::new(config, |name| {
+            active
+                .iter()
+                .find(|upstream| upstream.name() == name)
+                .map(|upstream| upstream.index)
+        });
+        let signing = match &reloader.signing {
+            Some(_) => Some(signing::Signing::build(config, router.clone())?),
+            None => {
+                let wanted = !config.dkim.is_empty()
+                    || config
+                        .routes
+                        .iter()
+                        .any(|route| route.list_unsubscribe.is_some());
+                if wanted {
+                    tracing::warn!(
+                        "DKIM signing and List-Unsubscribe fields start only at restart: this process started without them"
+                    );
+                }
+                None
+            }
+        };
+        for upstream in &added {
+            upstream
+                .route_limits()
+                .validate()
+                .map_err(|error| format!("upstream {:?}: {error}", upstream.name()))?;
+        }
+        for upstream in &added {
+            if upstream.quota_limits() != reloader.quotas_at_start.get(upstream.name()).copied() {
+                tracing::warn!(
+                    upstream = upstream.name(),
+                    "daily quota settings change only at restart; the quotas counted at start stay in use"
+                );
+            }
+        }
+        if next_index > UPSTREAM_TABLE_ENTRIES_MAX {
+            return Err(format!(
+                "the upstream table would hold {next_index} entries (retired ones included), more than {UPSTREAM_TABLE_ENTRIES_MAX}; restart to apply this configuration"
+            ));
+        }
+        // Checked: from here on the new configuration goes in force.
+        let mut threads = Vec::new();
+        let mut added_queues = Vec::with_capacity(added.len());
+        for upstream in &added {
+            match start_workers(upstream, &reloader.context, &mut threads) {
+                Ok(jobs) => added_queues.push((upstream.index, jobs)),
+                Err(error) => {
+                    for (_, jobs) in &added_queues {
+                        jobs.close();
+                    }
+                    return Err(format!("cannot start a delivery thread: {error}"));
+                }
+            }
+        }
+        reloader
+            .workers
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .extend(threads);
+        let mut whole = table.upstreams.clone();
+        whole.extend(added.iter().cloned());
+        let summary = ReloadSummary {
+            upstreams: active.len(),
+            kept: active.len() - added.len(),
+            added: added.len(),
+            retired: retired.len(),
+            rerouted: 0,
+        };
+        let (reply, answer) = crossbeam_channel::bounded(1);
+        let plan = ReloadPlan {
+            upstreams: whole.clone(),
+            added: added_queues,
+            retired: retired.clone(),
+            router,
+        };
+        if let Err(Input::Command(Command::Reload(plan, _))) = self
+            .inbox
+            .push(Input::Command(Command::Reload(Box::new(plan), reply)))
+        {
+            // The new workers end once their queues are closed.
+            for (_, jobs) in &plan.added {
+                jobs.close();
+            }
+            return Err("delivery is shutting down".into());
+        }
+        table.upstreams = whole;
+        table.retired.extend(retired);
+        reloader.context.upstreams.replace(active);
+        if let (Some(current), Some(signing)) = (&reloader.signing, signing) {
+            *current
+                .write()
+                .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(signing);
+        }
+        let rerouted = match answer.recv_timeout(RELOAD_REPLY_TIMEOUT) {
+            Ok(rerouted) => rerouted,
+            Err(_) => {
+                tracing::warn!(
+                    "the dispatcher has not confirmed the reload yet; it applies it when it gets to it"
+                );
+                0
+            }
+        };
+        Ok(ReloadSummary {
+            rerouted,
+            ..summary
+        })
+    }
 }
 
 /// Reads the DKIM keys of `config` as [`start`] does and describes each signing domain;
@@ -373,6 +640,14 @@ impl Relay {
         Arc::clone(&self.stats)
     }
 
+    /// A handle for configuration reloads (SIGHUP).
+    pub fn reload_handle(&self) -> ReloadHandle {
+        ReloadHandle {
+            inbox: Arc::clone(&self.inbox),
+            reloader: Arc::clone(&self.reloader),
+        }
+    }
+
     /// The server's handoff: queues a message once it is durable. Never blocks.
     pub fn handoff(&self) -> Arc<dyn Fn(SpooledMessage) + Send + Sync> {
         if let Some(pool) = &self.signing {
@@ -414,7 +689,13 @@ impl Relay {
         }
         // The job queues are closed: idle workers end at once, busy ones after their
         // job. Wait for them only until the deadline.
-        for worker in self.workers.drain(..) {
+        let workers: Vec<std::thread::JoinHandle<()>> = std::mem::take(
+            &mut *self
+                .workers
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        );
+        for worker in workers {
             while !worker.is_finished() && Instant::now() < deadline {
                 std::thread::sleep(WORKER_EXIT_POLL_INTERVAL);
             }

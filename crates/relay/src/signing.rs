@@ -25,8 +25,8 @@
 //! fields. The signing domain is the route's `dkim_domain`, else the most specific
 //! `[[dkim]]` domain covering the From header's domain.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, PoisonError, RwLock};
 
 use tsubame_config::{Config, DkimConfig};
 use tsubame_dkim::{SignedHeaders, Signer, SignerKey, SigningKey};
@@ -159,6 +159,12 @@ impl Signing {
         if config.dkim.is_empty() && !any_list {
             return Ok(None);
         }
+        Self::build(config, router).map(Some)
+    }
+
+    /// Loads every `[[dkim]]` key, even when there are none (a reload of a running
+    /// pool: it then adds nothing to any message).
+    pub fn build(config: &Config, router: Router) -> Result<Self, String> {
         let mut domains = Vec::with_capacity(config.dkim.len());
         for dkim in &config.dkim {
             let (plain, listed, _) = build_signers(dkim)?;
@@ -188,7 +194,7 @@ impl Signing {
                 }),
             })
             .collect();
-        Ok(Some(Signing {
+        Ok(Signing {
             entries: config.dkim.clone(),
             domains,
             routes,
@@ -197,7 +203,7 @@ impl Signing {
                 ..Profile::default()
             },
             router,
-        }))
+        })
     }
 
     /// Checks the configured keys by loading them, as at start: `tsubame check-config`.
@@ -311,6 +317,9 @@ pub(crate) struct Task {
 #[derive(Debug)]
 pub(crate) struct SigningPool {
     queue: Arc<Inbox<Task>>,
+    /// What the threads sign with; a reload replaces it (key rotation, new routes).
+    /// Each thread takes the current one per batch.
+    current: Arc<RwLock<Arc<Signing>>>,
     /// Set by `stop`: threads finish the message they are on, not their batch.
     stopping: Arc<AtomicBool>,
     threads: Vec<std::thread::JoinHandle<()>>,
@@ -323,7 +332,8 @@ impl SigningPool {
         spool: Spool,
         dispatcher: Arc<Inbox<Input>>,
     ) -> std::io::Result<Self> {
-        let signing = Arc::new(signing);
+        let domains: Vec<String> = signing.domains.iter().map(|d| d.domain.clone()).collect();
+        let current = Arc::new(RwLock::new(Arc::new(signing)));
         let queue: Arc<Inbox<Task>> = Arc::new(Inbox::default());
         let stopping = Arc::new(AtomicBool::new(false));
         let count = if threads == 0 {
@@ -333,7 +343,7 @@ impl SigningPool {
         };
         let mut handles = Vec::with_capacity(count);
         for number in 0..count {
-            let signing = Arc::clone(&signing);
+            let current = Arc::clone(&current);
             let queue = Arc::clone(&queue);
             let spool = spool.clone();
             let dispatcher = Arc::clone(&dispatcher);
@@ -341,12 +351,13 @@ impl SigningPool {
             handles.push(
                 std::thread::Builder::new()
                     .name(format!("sign-{number}"))
-                    .spawn(move || run(&signing, &queue, &spool, &dispatcher, &stopping))?,
+                    .spawn(move || run(&current, &queue, &spool, &dispatcher, &stopping))?,
             );
         }
-        tracing::info!(threads = count, domains = ?signing.domains.iter().map(|d| &d.domain).collect::<Vec<_>>(), "DKIM signing pool started");
+        tracing::info!(threads = count, ?domains, "DKIM signing pool started");
         Ok(Self {
             queue,
+            current,
             stopping,
             threads: handles,
         })
@@ -354,6 +365,11 @@ impl SigningPool {
 
     pub fn queue(&self) -> Arc<Inbox<Task>> {
         Arc::clone(&self.queue)
+    }
+
+    /// Where a reload puts the new keys and profiles (see [`SigningPool::current`]).
+    pub fn current(&self) -> Arc<RwLock<Arc<Signing>>> {
+        Arc::clone(&self.current)
     }
 
     /// No more messages: those waiting are left in the spool (the next start signs and
@@ -376,7 +392,7 @@ impl SigningPool {
 }
 
 fn run(
-    signing: &Signing,
+    current: &RwLock<Arc<Signing>>,
     queue: &Inbox<Task>,
     spool: &Spool,
     dispatcher: &Inbox<Input>,
@@ -390,6 +406,8 @@ fn run(
             Pop::Closed => return,
         }
         queue.drain_into(&mut batch, BATCH_MAX - 1);
+        let signing = Arc::clone(&current.read().unwrap_or_else(PoisonError::into_inner));
+        let signing = &*signing;
         for task in batch.drain(..) {
             let Task {
                 mut message,

@@ -105,6 +105,15 @@ impl RelayStats {
         self.held_recipients.store(depth.held, Ordering::Relaxed);
     }
 
+    /// Records a new upstream table (a reload appends upstreams; retired ones keep
+    /// their index and name).
+    pub(crate) fn set_upstream_names(&self, names: Vec<String>) {
+        *self
+            .upstream_names
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = names;
+    }
+
     /// Every count so far, with the upstream's name, sorted for stable output.
     pub fn events(&self) -> Vec<(EventKind, RouteLabel, String, u64)> {
         let counts: Vec<(EventKey, u64)> = self

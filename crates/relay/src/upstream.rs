@@ -59,6 +59,38 @@ impl Upstream {
         &self.config.name
     }
 
+    /// The same upstream at another place in the table (a reload appends it).
+    pub fn at_index(self, index: usize) -> Self {
+        Self { index, ..self }
+    }
+
+    /// Whether `fresh` (built from a reloaded configuration) would deliver exactly as
+    /// this one does, so this one, with its queue and workers, can stay: the same
+    /// settings, EHLO name, use and login (a password file's contents included).
+    pub fn same_settings(&self, fresh: &Upstream) -> bool {
+        let same_login = match (&self.login, &fresh.login) {
+            (Login::None, Login::None) => true,
+            (
+                Login::Password(Credentials::Password {
+                    username: old_name,
+                    password: old_password,
+                }),
+                Login::Password(Credentials::Password {
+                    username: new_name,
+                    password: new_password,
+                }),
+            ) => old_name == new_name && old_password.expose() == new_password.expose(),
+            // Token sources are built once at start ([[oauth]] changes only at
+            // restart), so the upstream's settings decide.
+            (Login::Bearer { .. }, Login::Bearer { .. }) => true,
+            _ => false,
+        };
+        same_login
+            && self.config == fresh.config
+            && self.helo_name == fresh.helo_name
+            && self.used == fresh.used
+    }
+
     /// Jobs in flight may be twice the connections: each worker finds its next job
     /// already queued when it finishes one, instead of reporting and sleeping until the
     /// dispatcher hands it another (measured: one wake-up less per message).
@@ -161,6 +193,33 @@ impl Upstream {
         {
             source.rejected(username, token);
         }
+    }
+}
+
+/// The upstreams in force (retired ones left out), for looking one up by name (an
+/// upstream's `fallback`). A reload replaces the list; a lookup clones an `Arc`.
+#[derive(Debug)]
+pub(crate) struct ActiveUpstreams(std::sync::RwLock<Arc<Vec<Arc<Upstream>>>>);
+
+impl ActiveUpstreams {
+    pub fn new(upstreams: Vec<Arc<Upstream>>) -> Self {
+        Self(std::sync::RwLock::new(Arc::new(upstreams)))
+    }
+
+    pub fn find(&self, name: &str) -> Option<Arc<Upstream>> {
+        self.0
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .iter()
+            .find(|upstream| upstream.name() == name)
+            .cloned()
+    }
+
+    pub fn replace(&self, upstreams: Vec<Arc<Upstream>>) {
+        *self
+            .0
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(upstreams);
     }
 }
 

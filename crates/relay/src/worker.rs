@@ -34,8 +34,8 @@ pub(crate) struct WorkerContext {
     pub spool: Spool,
     /// The dispatcher's inbox, for reports.
     pub reports: Arc<Inbox<Input>>,
-    /// Every upstream, for sending through an upstream's `fallback`.
-    pub upstreams: Vec<Arc<Upstream>>,
+    /// The upstreams in force, for sending through an upstream's `fallback`.
+    pub upstreams: Arc<crate::upstream::ActiveUpstreams>,
     /// Daily quotas per upstream account, shared by all workers.
     pub quotas: Arc<QuotaBook>,
 }
@@ -255,13 +255,10 @@ fn spill(
     if waiting.is_empty() {
         return false;
     }
-    let Some(fallback) = context
-        .upstreams
-        .iter()
-        .find(|other| other.name() == fallback_name)
-    else {
+    let Some(fallback) = context.upstreams.find(fallback_name) else {
         return false;
     };
+    let fallback = &*fallback;
     tracing::info!(
         id = %item.meta.message.id,
         upstream = upstream.name(),

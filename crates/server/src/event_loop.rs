@@ -21,7 +21,7 @@ use tsubame_spool::{
 use crate::conversation::{Direction, Observer};
 use crate::login::{LoginDone, LoginJob, Outcome};
 use crate::session::{Event, Session, SessionContext, TlsInfo, Waiting, replies};
-use crate::{Listener, ServerError, Shared};
+use crate::{Listener, Policy, ServerError, Shared};
 
 /// Pending connections the kernel queues per listener. Bursts of hundreds of clients
 /// connecting at once (load tests, notification systems) must not see refused SYNs.
@@ -144,6 +144,9 @@ struct Connection {
     id: u64,
     stream: TcpStream,
     peer: SocketAddr,
+    /// The policy the connection was accepted under; it keeps it to the end.
+    policy: Arc<Policy>,
+    /// This connection's listener in `policy`.
     listener: Arc<Listener>,
     may_relay: bool,
     session: Session,
@@ -179,6 +182,9 @@ pub(crate) struct EventLoop {
     poll: Poll,
     waker: Arc<Waker>,
     shared: Arc<Shared>,
+    /// The policy new connections get: `shared`'s as of `policy_generation`.
+    policy: Arc<Policy>,
+    policy_generation: u64,
     listeners: Vec<(TcpListener, usize)>,
     connections: Slab<Connection>,
     notices: Receiver<CommitNotice>,
@@ -222,10 +228,14 @@ impl EventLoop {
                 }
             }));
         let (login_replies, logins) = crossbeam_channel::unbounded();
+        let policy_generation = shared.policy_generation.load(Ordering::Acquire);
+        let policy = shared.current_policy();
         Ok(Self {
             poll,
             waker,
             shared,
+            policy,
+            policy_generation,
             listeners: own_listeners,
             connections: Slab::new(),
             notices,
@@ -237,6 +247,16 @@ impl EventLoop {
             next_connection_id: 0,
             listening: true,
         })
+    }
+
+    /// Takes the shared policy when a reload replaced it: one atomic load per poll
+    /// iteration, the lock only after a reload.
+    fn refresh_policy(&mut self) {
+        let generation = self.shared.policy_generation.load(Ordering::Acquire);
+        if generation != self.policy_generation {
+            self.policy = self.shared.current_policy();
+            self.policy_generation = generation;
+        }
     }
 
     pub fn waker(&self) -> Arc<Waker> {
@@ -263,6 +283,7 @@ impl EventLoop {
                 tracing::error!(%error, "event loop poll failed; stopping this loop");
                 break;
             }
+            self.refresh_policy();
             for event in events.iter() {
                 match event.token() {
                     WAKER_TOKEN => {
@@ -357,7 +378,7 @@ impl EventLoop {
                 let _ = stream.write(&refusal);
                 continue;
             }
-            if let Err(admission) = self.shared.admit(peer.ip()) {
+            if let Err(admission) = self.shared.admit(peer.ip(), &self.policy.config.limits) {
                 self.shared
                     .stats
                     .connections_refused
@@ -373,7 +394,8 @@ impl EventLoop {
                 .connections_accepted
                 .fetch_add(1, Ordering::Relaxed);
             let _ = stream.set_nodelay(true);
-            let Some(listener) = self.shared.listeners.get(listener_index).cloned() else {
+            let policy = Arc::clone(&self.policy);
+            let Some(listener) = policy.listeners.get(listener_index).cloned() else {
                 self.shared.release(peer.ip());
                 continue;
             };
@@ -427,6 +449,7 @@ impl EventLoop {
                 id: self.next_connection_id,
                 stream,
                 peer,
+                policy,
                 listener,
                 may_relay,
                 session: Session::new(peer),
@@ -486,7 +509,8 @@ impl EventLoop {
             return;
         };
         let listener = Arc::clone(&connection.listener);
-        let context = session_context(shared, &listener, connection.may_relay);
+        let policy = Arc::clone(&connection.policy);
+        let context = session_context(shared, &policy, &listener, connection.may_relay);
         let observer = &*shared.observer;
         let traced = observer.watching(connection.peer.ip(), connection.session.login());
         connection.session.set_traced(traced);
@@ -629,9 +653,10 @@ impl EventLoop {
         let client = connection.peer;
         let now = Timestamp::from_unix_ms(now_unix_ms());
         let listener = Arc::clone(&connection.listener);
-        let context = session_context(shared, &listener, connection.may_relay);
+        let policy = Arc::clone(&connection.policy);
+        let context = session_context(shared, &policy, &listener, connection.may_relay);
         let start = connection.output.len();
-        let mut guard = shared
+        let mut guard = policy
             .login_guard
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
@@ -884,7 +909,8 @@ impl EventLoop {
             return;
         }
         let listener = Arc::clone(&connection.listener);
-        let context = session_context(&self.shared, &listener, connection.may_relay);
+        let policy = Arc::clone(&connection.policy);
+        let context = session_context(&self.shared, &policy, &listener, connection.may_relay);
         let start = connection.output.len();
         match &notice.result {
             Ok(()) => {
@@ -919,13 +945,14 @@ impl EventLoop {
     }
 
     fn sweep_timeouts(&mut self, now: Instant) {
-        let limits = &self.shared.config.limits;
-        let command_timeout = Duration::from_secs(limits.command_timeout_secs);
-        let block_timeout = Duration::from_secs(limits.data_block_timeout_secs);
-        let total_timeout = Duration::from_secs(limits.data_total_timeout_secs);
         let mut expired = Vec::new();
         let mut abandoned = Vec::new();
         for (key, connection) in &self.connections {
+            // Each connection's own limits: a reload does not shorten a running session.
+            let limits = &connection.policy.config.limits;
+            let command_timeout = Duration::from_secs(limits.command_timeout_secs);
+            let block_timeout = Duration::from_secs(limits.data_block_timeout_secs);
+            let total_timeout = Duration::from_secs(limits.data_total_timeout_secs);
             let idle = now.saturating_duration_since(connection.last_activity);
             if connection.closing {
                 // Its last replies could not be written: the client stopped reading.
@@ -986,16 +1013,17 @@ fn now_unix_ms() -> u64 {
 
 fn session_context<'a>(
     shared: &'a Shared,
+    policy: &'a Policy,
     listener: &'a Listener,
     may_relay: bool,
 ) -> SessionContext<'a> {
     SessionContext {
         hostname: &shared.hostname,
-        limits: &shared.config.limits,
+        limits: &policy.config.limits,
         may_relay,
         listener: &listener.config,
-        users: &shared.config.users,
-        rates: &shared.rates,
+        users: &policy.config.users,
+        rates: &policy.rates,
         now_unix_ms: now_unix_ms(),
         stamp_received: true,
     }
@@ -1118,7 +1146,8 @@ fn start_login(
         return;
     };
     let now = Instant::now();
-    let decision = shared
+    let decision = connection
+        .policy
         .login_guard
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -1155,6 +1184,7 @@ fn start_login(
         token,
         connection_id: connection.id,
         credentials,
+        config: Arc::clone(&connection.policy.config),
         answer_at,
         reply: replies.clone(),
         waker: Arc::clone(waker),
@@ -1212,11 +1242,12 @@ fn after_process(
     let received_at_unix_ms = now_unix_ms();
     let user = connection.session.login();
     let recipients = u32::try_from(parts.recipients.len()).unwrap_or(u32::MAX);
-    if let Err(reply) =
-        shared
-            .rates
-            .count_message(connection.peer.ip(), user, recipients, received_at_unix_ms)
-    {
+    if let Err(reply) = connection.policy.rates.count_message(
+        connection.peer.ip(),
+        user,
+        recipients,
+        received_at_unix_ms,
+    ) {
         tracing::info!(client = %connection.peer, user = ?user, reply = %reply.text, "message refused by a rate limit");
         connection
             .session

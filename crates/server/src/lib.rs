@@ -20,7 +20,7 @@ pub mod tls;
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::thread::JoinHandle;
 
 use tsubame_config::{Config, ListenerConfig};
@@ -51,18 +51,49 @@ pub enum ServerError {
     },
     #[error("{0}")]
     Policy(#[from] tsubame_policy::Error),
+    #[error("{reason}")]
+    Reload { reason: String },
 }
 
 /// A listener's settings and its certificate.
 #[derive(Debug)]
 pub(crate) struct Listener {
     pub config: ListenerConfig,
-    pub tls: Option<ReloadableTls>,
+    /// Shared by every [`Policy`] generation: a configuration reload keeps the listener's
+    /// socket and certificate files (those change only at restart); SIGHUP reloads the
+    /// certificate in place.
+    pub tls: Option<Arc<ReloadableTls>>,
+}
+
+/// What a connection's session is judged by: the configuration, the listeners' policy
+/// (relay networks, auth requirements), the rate limits and the login guard. Replaced
+/// as a whole by a reload; a connection keeps the one it was accepted under, so a
+/// session in progress finishes on the rules it started with.
+pub(crate) struct Policy {
+    pub config: Arc<Config>,
+    /// By the index of the listener in the configuration. Invariant: as many as the
+    /// bound listeners, in the same order, in every generation.
+    pub listeners: Vec<Arc<Listener>>,
+    pub login_guard: Arc<Mutex<LoginGuard>>,
+    pub rates: Arc<RatePolicy>,
+}
+
+impl std::fmt::Debug for Policy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Policy")
+            .field("listeners", &self.listeners.len())
+            .field("users", &self.config.users.len())
+            .finish_non_exhaustive()
+    }
 }
 
 /// State every loop shares.
 pub(crate) struct Shared {
-    pub config: Arc<Config>,
+    /// The policy new connections get. Read only when `policy_generation` moved (once
+    /// per poll iteration at most), never per command.
+    pub policy: RwLock<Arc<Policy>>,
+    /// Bumped after every store to `policy`.
+    pub policy_generation: AtomicU64,
     pub spool: Spool,
     /// Called once per message whose record is durable (its client heard or will hear
     /// 250), from an event-loop thread: must not block.
@@ -70,11 +101,7 @@ pub(crate) struct Shared {
     /// Who watches live conversations (`tsubame trace`).
     pub observer: Arc<dyn conversation::Observer>,
     pub hostname: String,
-    /// By the index of the listener in the configuration.
-    pub listeners: Vec<Arc<Listener>>,
     pub logins: login::LoginPool,
-    pub login_guard: Mutex<LoginGuard>,
-    pub rates: RatePolicy,
     pub shutdown: AtomicBool,
     /// Connections open over all loops. Invariant: equals the sum of `per_ip`.
     pub connections: AtomicUsize,
@@ -127,9 +154,17 @@ impl std::fmt::Debug for Shared {
 }
 
 impl Shared {
-    /// Counts a new connection, or says which limit refuses it.
-    pub fn admit(&self, ip: IpAddr) -> Result<(), session::Admission> {
-        let limits = &self.config.limits;
+    /// The policy new connections get now.
+    pub fn current_policy(&self) -> Arc<Policy> {
+        Arc::clone(&self.policy.read().unwrap_or_else(PoisonError::into_inner))
+    }
+
+    /// Counts a new connection, or says which limit (of `limits`) refuses it.
+    pub fn admit(
+        &self,
+        ip: IpAddr,
+        limits: &tsubame_config::Limits,
+    ) -> Result<(), session::Admission> {
         if self.connections.fetch_add(1, Ordering::AcqRel) >= limits.max_connections {
             self.connections.fetch_sub(1, Ordering::AcqRel);
             return Err(session::Admission::TooManyConnections);
@@ -234,7 +269,8 @@ impl ShutdownHandle {
     /// number of listeners that failed.
     pub fn reload_certificates(&self) -> usize {
         let mut failed = 0;
-        for listener in &self.shared.listeners {
+        let policy = self.shared.current_policy();
+        for listener in &policy.listeners {
             let Some(tls) = &listener.tls else {
                 continue;
             };
@@ -249,6 +285,102 @@ impl ShutdownHandle {
         }
         failed
     }
+
+    /// Puts `config` in force for new connections (see [`ShutdownHandle::prepare_reload`]).
+    pub fn reload(&self, config: Arc<Config>) -> Result<(), ServerError> {
+        let prepared = self.prepare_reload(config)?;
+        self.install(prepared);
+        Ok(())
+    }
+
+    /// Builds the policy `config` asks for without putting it in force, so that a caller
+    /// reloading several parts can check them all first: users (the login cache is
+    /// emptied when they change), limits, relay networks, auth requirements, rate limits
+    /// and the login guard (both kept, with their counts, when their settings are
+    /// unchanged). [`ShutdownHandle::install`] puts it in force; open connections finish
+    /// on the configuration they started with.
+    ///
+    /// What the server cannot change while running stays as it is: the listeners'
+    /// addresses, modes and certificate files, the host name and the event-loop count
+    /// (the caller warns about those). A configuration with a different number of
+    /// listeners is refused.
+    pub fn prepare_reload(&self, config: Arc<Config>) -> Result<PreparedReload, ServerError> {
+        let old = self.shared.current_policy();
+        if config.listeners.len() != old.listeners.len() {
+            return Err(ServerError::Reload {
+                reason: format!(
+                    "{} listeners configured, {} bound: listeners change only at restart",
+                    config.listeners.len(),
+                    old.listeners.len()
+                ),
+            });
+        }
+        let listeners = old
+            .listeners
+            .iter()
+            .zip(&config.listeners)
+            .map(|(bound, wanted)| {
+                Arc::new(Listener {
+                    config: ListenerConfig {
+                        address: bound.config.address,
+                        mode: bound.config.mode,
+                        certificate_file: bound.config.certificate_file.clone(),
+                        key_file: bound.config.key_file.clone(),
+                        ..wanted.clone()
+                    },
+                    tls: bound.tls.clone(),
+                })
+            })
+            .collect();
+        let login_guard = if config.login_guard == old.config.login_guard {
+            Arc::clone(&old.login_guard)
+        } else {
+            Arc::new(Mutex::new(LoginGuard::new(config.login_guard)?))
+        };
+        let rates = if config.rate_limits == old.config.rate_limits {
+            Arc::clone(&old.rates)
+        } else {
+            Arc::new(RatePolicy::new(&config.rate_limits)?)
+        };
+        let users_changed = config.users != old.config.users;
+        Ok(PreparedReload {
+            policy: Arc::new(Policy {
+                config,
+                listeners,
+                login_guard,
+                rates,
+            }),
+            users_changed,
+        })
+    }
+
+    /// Puts a prepared policy in force for new connections.
+    pub fn install(&self, prepared: PreparedReload) {
+        let PreparedReload {
+            policy,
+            users_changed,
+        } = prepared;
+        if users_changed {
+            // A removed account or a changed password must not log in from memory.
+            self.shared.logins.cache.forget_all();
+        }
+        *self
+            .shared
+            .policy
+            .write()
+            .unwrap_or_else(PoisonError::into_inner) = policy;
+        self.shared.policy_generation.fetch_add(1, Ordering::AcqRel);
+        // Idle loops pick the new policy up at their next wake-up; no need to wake them:
+        // a new connection wakes its loop, and the check comes before the accept.
+    }
+}
+
+/// A policy built from a reloaded configuration, not yet in force
+/// ([`ShutdownHandle::prepare_reload`]).
+#[derive(Debug)]
+pub struct PreparedReload {
+    policy: Arc<Policy>,
+    users_changed: bool,
 }
 
 /// Event loops when the config says 0: half the cores, at least one. Most of a loop's
@@ -328,12 +460,12 @@ pub fn start(
     let mut listener_states = Vec::new();
     for listener in &config.listeners {
         let tls = match (&listener.certificate_file, &listener.key_file) {
-            (Some(certificate), Some(key)) => Some(ReloadableTls::load(certificate, key).map_err(
-                |source| ServerError::Tls {
+            (Some(certificate), Some(key)) => Some(Arc::new(
+                ReloadableTls::load(certificate, key).map_err(|source| ServerError::Tls {
                     address: listener.address,
                     source,
-                },
-            )?),
+                })?,
+            )),
             _ => None,
         };
         for relaxation in listener.relaxations() {
@@ -344,20 +476,23 @@ pub fn start(
             tls,
         }));
     }
-    let logins = login::LoginPool::start(Arc::clone(&config), default_thread_count())
+    let logins = login::LoginPool::start(&config, default_thread_count())
         .map_err(|source| ServerError::EventLoop { source })?;
-    let login_guard = Mutex::new(LoginGuard::new(config.login_guard)?);
-    let rates = RatePolicy::new(&config.rate_limits)?;
+    let login_guard = Arc::new(Mutex::new(LoginGuard::new(config.login_guard)?));
+    let rates = Arc::new(RatePolicy::new(&config.rate_limits)?);
     let shared = Arc::new(Shared {
-        config,
+        policy: RwLock::new(Arc::new(Policy {
+            config,
+            listeners: listener_states,
+            login_guard,
+            rates,
+        })),
+        policy_generation: AtomicU64::new(0),
         spool,
         handoff,
         observer,
         hostname,
-        listeners: listener_states,
         logins,
-        login_guard,
-        rates,
         shutdown: AtomicBool::new(false),
         connections: AtomicUsize::new(0),
         per_ip: Mutex::new(HashMap::new()),

@@ -64,6 +64,14 @@ impl LoginCache {
             })
     }
 
+    /// Forgets every remembered login: the accounts changed (a configuration reload).
+    pub fn forget_all(&self) {
+        self.entries
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clear();
+    }
+
     pub fn remember(&self, credentials: &Credentials, now: Instant) {
         let Some(key) = &self.key else {
             return;
@@ -105,6 +113,9 @@ pub(crate) struct LoginJob {
     pub token: Token,
     pub connection_id: u64,
     pub credentials: Credentials,
+    /// The configuration whose accounts the check uses: the connection's own, so a
+    /// session sees one set of accounts from start to end.
+    pub config: Arc<Config>,
     pub answer_at: Instant,
     pub reply: Sender<LoginDone>,
     pub waker: Arc<Waker>,
@@ -118,18 +129,17 @@ pub(crate) struct LoginPool {
 }
 
 impl LoginPool {
-    pub fn start(config: Arc<Config>, threads: usize) -> std::io::Result<Self> {
+    pub fn start(config: &Config, threads: usize) -> std::io::Result<Self> {
         let (jobs, queue) = crossbeam_channel::unbounded::<LoginJob>();
         let cache = Arc::new(LoginCache::new(Duration::from_secs(
             config.auth.login_cache_secs,
         )));
         for index in 0..threads.max(1) {
             let queue = queue.clone();
-            let config = Arc::clone(&config);
             let cache = Arc::clone(&cache);
             std::thread::Builder::new()
                 .name(format!("login-{index}"))
-                .spawn(move || work(&config, &cache, &queue))?;
+                .spawn(move || work(&cache, &queue))?;
         }
         Ok(Self { jobs, cache })
     }
@@ -142,12 +152,13 @@ impl LoginPool {
     }
 }
 
-fn work(config: &Config, cache: &LoginCache, queue: &Receiver<LoginJob>) {
+fn work(cache: &LoginCache, queue: &Receiver<LoginJob>) {
     while let Ok(job) = queue.recv() {
         let LoginJob {
             token,
             connection_id,
             credentials,
+            config,
             answer_at,
             reply,
             waker,

@@ -11,7 +11,7 @@ use ipnet::IpNet;
 use tsubame_config::{Config, ListenerConfig, LogFormat};
 use tsubame_spool::{Spool, SpoolOptions};
 
-#[derive(Debug, clap::Args)]
+#[derive(Debug, Clone, clap::Args)]
 pub struct ServeArgs {
     /// The TOML configuration file. Without it, the embedded default is used.
     #[arg(short, long, value_name = "FILE")]
@@ -172,6 +172,13 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         None
     };
     let shutdown = server.shutdown_handle();
+    let mut reload = args.config.clone().map(|path| ConfigReload {
+        path,
+        args: args.clone(),
+        current: Arc::clone(&config),
+        server: shutdown.clone(),
+        relay: relay.reload_handle(),
+    });
     std::thread::Builder::new()
         .name("signals".to_string())
         .spawn(move || {
@@ -179,6 +186,12 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
                 if signal == signal_hook::consts::SIGHUP {
                     tracing::info!("SIGHUP: reloading certificates");
                     shutdown.reload_certificates();
+                    match reload.as_mut() {
+                        Some(reload) => reload.run(),
+                        None => tracing::info!(
+                            "no --config given: SIGHUP reloads only the certificates"
+                        ),
+                    }
                     continue;
                 }
                 tracing::info!(signal, "shutting down");
@@ -206,6 +219,68 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
     }
     tracing::info!("stopped");
     Ok(ExitCode::SUCCESS)
+}
+
+/// What SIGHUP needs to reload the configuration file.
+struct ConfigReload {
+    path: PathBuf,
+    /// The command line, whose overrides apply to the reloaded file as at start.
+    args: ServeArgs,
+    /// The configuration in force.
+    current: Arc<Config>,
+    server: tsubame_server::ShutdownHandle,
+    relay: tsubame_relay::ReloadHandle,
+}
+
+impl ConfigReload {
+    /// Reads the file again, checks it as a start would, and puts it in force; on any
+    /// error the configuration in force stays, and the log says why.
+    fn run(&mut self) {
+        match self.try_run() {
+            Ok(()) => {}
+            Err(reason) => tracing::error!(
+                file = %self.path.display(),
+                "configuration not reloaded: {reason:#}; the previous configuration stays in use"
+            ),
+        }
+    }
+
+    fn try_run(&mut self) -> anyhow::Result<()> {
+        let mut config = Config::load(&self.path)?;
+        apply_overrides(&mut config, &self.args)?;
+        let kept = self.current.keep_restart_only(&mut config);
+        // The DKIM keys are read and checked whether or not signing runs.
+        tsubame_relay::check_signing(&config)
+            .map_err(|reason| anyhow::anyhow!("DKIM: {reason}"))?;
+        let config = Arc::new(config);
+        // Everything that can fail is checked before anything changes: the server's part
+        // is only built here, delivery's is checked and then applied, and the server's
+        // goes in force last (it cannot fail then).
+        let prepared = self.server.prepare_reload(Arc::clone(&config))?;
+        let summary = self
+            .relay
+            .reload(&config)
+            .map_err(|reason| anyhow::anyhow!("{reason}"))?;
+        self.server.install(prepared);
+        for setting in kept {
+            tracing::warn!(
+                setting,
+                "{setting} changes only at restart; the running value stays in use"
+            );
+        }
+        tracing::info!(
+            routes = config.routes.len(),
+            upstreams = summary.upstreams,
+            upstreams_kept = summary.kept,
+            upstreams_added = summary.added,
+            upstreams_retired = summary.retired,
+            recipients_rerouted = summary.rerouted,
+            users = config.users.len(),
+            "configuration reloaded"
+        );
+        self.current = config;
+        Ok(())
+    }
 }
 
 fn apply_overrides(config: &mut Config, args: &ServeArgs) -> anyhow::Result<()> {
