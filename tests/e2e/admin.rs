@@ -496,6 +496,21 @@ fn a_token_guards_the_api_and_metrics_but_not_the_page_or_health() {
     );
     assert_eq!(results[7]["status"], 200);
     assert!(!server.log().contains(token), "the token is in the log");
+    // A second relay whose admin address is taken does not start (and accepts no mail).
+    let taken = format!(
+        "{}[admin]\nenabled = true\naddress = \"{}\"\n",
+        upstream_config(2525, ""),
+        url.trim_start_matches("http://")
+    );
+    let Err(failure) = Server::try_start(&ServerOptions::new().config(&taken)) else {
+        panic!("a relay started with its admin address in use");
+    };
+    let text = failure.to_string();
+    assert!(text.contains("admin HTTP: cannot listen on"), "{text}");
+    assert!(
+        !text.contains("listening address="),
+        "it listened for mail: {text}"
+    );
     server.stop();
 
     // Off loopback without a token: refused before anything starts.

@@ -62,12 +62,14 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         );
     }
     raise_open_file_limit(config.limits.max_connections);
-    // Read before anything starts, so a bad token file stops the start with its reason.
-    let admin_token = if config.admin.enabled {
-        config
+    // Read and bound before anything starts, so a bad token file or an address in use
+    // stops the start with its reason before any mail is accepted.
+    let admin_listener = if config.admin.enabled {
+        let token = config
             .admin
             .read_token()
-            .map_err(|message| anyhow::anyhow!(message))?
+            .map_err(|message| anyhow::anyhow!(message))?;
+        Some((crate::admin::bind(config.admin.address)?, token))
     } else {
         None
     };
@@ -149,7 +151,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         observer: traces.observer(),
     };
     let server = tsubame_server::start(Arc::clone(&config), spool.clone(), hooks)?;
-    let admin = if config.admin.enabled {
+    let admin = if let Some((listener, token)) = admin_listener {
         let sources = crate::admin::Sources {
             server: server.stats(),
             relay: relay.stats(),
@@ -161,7 +163,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
                 .then(|| config.delivery_log.path_in(&directory)),
             started: std::time::SystemTime::now(),
         };
-        let admin = crate::admin::start(config.admin.address, admin_token, sources)?;
+        let admin = crate::admin::start(listener, token, sources)?;
         tracing::info!(
             address = %admin.local_address,
             token = config.admin.token_file.is_some(),

@@ -15,7 +15,7 @@ const EVENT_FAMILIES: [(EventKind, &str, &str); 5] = [
     (
         EventKind::Received,
         "tsubame_received_total",
-        "Recipients of accepted messages, queued for delivery.",
+        "Recipients of accepted messages and of the bounces tsubame made, queued for delivery.",
     ),
     (
         EventKind::Delivered,

@@ -77,15 +77,21 @@ pub struct AdminServer {
     pub local_address: SocketAddr,
 }
 
-/// Binds `address` and serves on a thread of its own.
-pub fn start(
-    address: SocketAddr,
-    token: Option<Secret>,
-    sources: Sources,
-) -> anyhow::Result<AdminServer> {
+/// Binds `address`: done before the relay starts, so that an address in use stops the
+/// start before any mail is accepted.
+pub fn bind(address: SocketAddr) -> anyhow::Result<std::net::TcpListener> {
     let listener = std::net::TcpListener::bind(address)
         .with_context(|| format!("admin HTTP: cannot listen on {address}"))?;
     listener.set_nonblocking(true)?;
+    Ok(listener)
+}
+
+/// Serves on `listener` (from [`bind`]) on a thread of its own.
+pub fn start(
+    listener: std::net::TcpListener,
+    token: Option<Secret>,
+    sources: Sources,
+) -> anyhow::Result<AdminServer> {
     let local_address = listener.local_addr()?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_io()
