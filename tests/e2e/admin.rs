@@ -378,6 +378,8 @@ fn queue_endpoints_page_hold_release_flush_and_delete() {
         get(format!("{url}/api/queue?older_than=forever"), "json"),
         get(format!("{url}/api/queue"), "json"),
         get(format!("{url}/api/queue?limit=5000"), "json"),
+        get(format!("{url}/api/queue/not-an-id"), "json"),
+        get(format!("{url}/api/summary"), "json"),
     ]);
     let ids = |page: &Value| -> Vec<String> {
         page["body"]["messages"]
@@ -429,6 +431,23 @@ fn queue_endpoints_page_hold_release_flush_and_delete() {
     assert_eq!(ids(&results[16]), [first.as_str(), second.as_str()]);
     // A page holds at most LIST_PAGE_MAX messages.
     assert_eq!(results[17]["body"]["limit"], 1000);
+    assert_eq!(results[18]["status"], 400, "{}", results[18]);
+    assert!(
+        results[18]["body"]["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("is not a message id"))
+    );
+    // The page's header counts: the dispatcher's last round, no listing.
+    assert_eq!(
+        results[19]["body"]["counts"]["messages"], 2,
+        "{}",
+        results[19]
+    );
+    assert_eq!(
+        results[19]["body"]["counts"]["deferred"], 2,
+        "{}",
+        results[19]
+    );
 
     // Requests a browser would send from another site are refused, and change nothing.
     let cross_site = http(vec![
@@ -436,6 +455,8 @@ fn queue_endpoints_page_hold_release_flush_and_delete() {
         json!({ "method": "GET", "url": format!("{url}/api/queue"), "headers": { "Host": "evil.example:8025" }, "parse": "json" }),
         json!({ "method": "POST", "url": format!("{url}/api/queue/{first}/hold"), "headers": { "Origin": url }, "body": "", "parse": "json" }),
         get(format!("{url}/api/queue/{first}"), "json"),
+        // Behind a TLS proxy the page's origin is https: the host is what counts.
+        json!({ "method": "POST", "url": format!("{url}/api/queue/{first}/release"), "headers": { "Origin": url.replace("http://", "https://") }, "body": "", "parse": "json" }),
     ]);
     assert_eq!(cross_site[0]["status"], 403, "{}", cross_site[0]);
     assert_eq!(cross_site[1]["status"], 403, "{}", cross_site[1]);
@@ -448,6 +469,7 @@ fn queue_endpoints_page_hold_release_flush_and_delete() {
         cross_site[3]["body"]["message"]["held"], true,
         "still queued, now held"
     );
+    assert_eq!(cross_site[4]["status"], 200, "{}", cross_site[4]);
     assert!(
         server
             .log()
@@ -478,6 +500,9 @@ fn a_token_guards_the_api_and_metrics_but_not_the_page_or_health() {
         get(format!("{url}/api/queue"), "json"),
         get(format!("{url}/healthz"), "text"),
         get(format!("{url}/"), "text"),
+        // With a token, another site's Origin is no matter: a browser never adds the
+        // token by itself. The id is not queued: 404, not 403.
+        json!({ "method": "POST", "url": format!("{url}/api/queue/00000000000000ff/flush"), "headers": { "Authorization": format!("Bearer {token}"), "Origin": "https://admin.example" }, "body": "", "parse": "json" }),
         // With a token, any Host is fine: the token is the guard.
         json!({ "method": "GET", "url": format!("{url}/api/queue"), "headers": { "Authorization": format!("Bearer {token}"), "Host": "relay.example:8025" }, "parse": "json" }),
     ]);
@@ -494,7 +519,8 @@ fn a_token_guards_the_api_and_metrics_but_not_the_page_or_health() {
             .as_str()
             .is_some_and(|page| page.contains("<title>tsubame</title>"))
     );
-    assert_eq!(results[7]["status"], 200);
+    assert_eq!(results[7]["status"], 404, "{}", results[7]);
+    assert_eq!(results[8]["status"], 200);
     assert!(!server.log().contains(token), "the token is in the log");
     // A second relay whose admin address is taken does not start (and accepts no mail).
     let taken = format!(
@@ -529,6 +555,17 @@ fn a_token_guards_the_api_and_metrics_but_not_the_page_or_health() {
     );
     // A short token: serve refuses to start and names the file, not the token.
     std::fs::write(&token_file, "short-token\n").unwrap();
+    // check-config reads the token file as serve does.
+    let short = directory.path().join("short.toml");
+    std::fs::write(&short, format!("{}{admin}", upstream_config(2525, ""))).unwrap();
+    let checked = tsubame(&["check-config", short.to_str().unwrap()]);
+    assert_ne!(checked.code(), Some(0));
+    assert!(
+        checked.stderr_text().contains("at least 32 characters"),
+        "{}",
+        checked.describe()
+    );
+    assert!(!checked.stderr_text().contains("short-token"));
     let refused = Server::try_start(
         &ServerOptions::new().config(&format!("{}{admin}", upstream_config(2525, ""))),
     );

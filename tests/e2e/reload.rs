@@ -170,6 +170,77 @@ fn sighup_with_a_changed_route_sends_new_mail_the_new_way_and_loses_nothing() {
         delivered("b")
     );
     assert_eq!(delivered("a"), Some(1.0));
+    // The stuck message's deferrals count under the route that sent it to `dead` (the
+    // first file's route 1), not under what routes it now.
+    let scrape = crate::admin::one(crate::admin::get(format!("{admin}/metrics"), "prometheus"));
+    let deferred = |route: &str| {
+        crate::admin::sample(
+            &scrape["body"],
+            "tsubame_deferred_total",
+            &[("route", route), ("upstream", "dead")],
+        )
+    };
+    assert!(
+        deferred("1").is_some_and(|count| count >= 1.0),
+        "{}",
+        scrape["raw"]
+    );
+    assert_eq!(deferred("default"), None, "{}", scrape["raw"]);
+    server.stop();
+}
+
+#[test]
+fn a_changed_upstream_delivers_after_sighup_and_keeps_one_metric_series() {
+    let _limit = hard_limit(Duration::from_secs(120));
+    let upstream_a = Aiosmtpd::start(&[]);
+    let upstream_b = Aiosmtpd::start(&[]);
+    let first_file = upstreams(
+        upstream_a.port(),
+        upstream_b.port(),
+        false,
+        "a",
+        crate::admin::ADMIN_ON,
+    );
+    let server = Server::start(&ServerOptions::new().deliver().config(&first_file));
+    let admin = crate::admin::admin_url(&server);
+    let first = send(
+        &server,
+        "sender@example.com",
+        &["rcpt@example.net"],
+        &test_message("before-change", "through a\n"),
+    );
+    crate::assert_delivered_line(&server, &first, DELIVERY_TIMEOUT);
+    // The same upstream `a`, one setting changed: a new pool for it, the old one retired.
+    server.rewrite_config(&first_file.replacen("timeout_secs = 5", "timeout_secs = 7", 1));
+    sighup_and_wait(&server, "configuration reloaded");
+    assert!(
+        server.log().contains("upstreams_added=1") && server.log().contains("upstreams_retired=1"),
+        "{}",
+        server.log()
+    );
+    let second = send(
+        &server,
+        "sender@example.com",
+        &["rcpt@example.net"],
+        &test_message("after-change", "through the changed a\n"),
+    );
+    crate::assert_delivered_line(&server, &second, DELIVERY_TIMEOUT);
+    assert_eq!(upstream_a.wait_for(2, DELIVERY_TIMEOUT).len(), 2);
+    // Both indexes of `a` add up in one series.
+    let scrape = crate::admin::one(crate::admin::get(format!("{admin}/metrics"), "prometheus"));
+    let series: Vec<&serde_json::Value> = scrape["body"]
+        .as_array()
+        .map(|samples| {
+            samples
+                .iter()
+                .filter(|sample| {
+                    sample[0] == "tsubame_delivered_total" && sample[1]["upstream"] == "a"
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    assert_eq!(series.len(), 1, "{}", scrape["raw"]);
+    assert_eq!(series[0][2], 2.0, "{}", scrape["raw"]);
     server.stop();
 }
 
@@ -255,5 +326,26 @@ fn sighup_lets_a_user_added_to_the_configuration_log_in() {
         server.log()
     );
     assert_eq!(login("printer-3f", &other), Some(235), "{}", server.log());
+
+    // A changed password: the old one, remembered by the login cache (it logged in
+    // just above), no longer gets in; the new one does.
+    let changed = test_password("reload-changed");
+    server.rewrite_config(&config(&format!(
+        "{}{}",
+        user_entry("printer-3f", &changed, ""),
+        user_entry("scanner-7q", &password, "")
+    )));
+    sighup_and_wait(&server, "configuration reloaded");
+    assert_eq!(login("printer-3f", &other), Some(535), "{}", server.log());
+    assert_eq!(login("printer-3f", &changed), Some(235), "{}", server.log());
+    // A removed account is gone too, though it was remembered.
+    server.rewrite_config(&config(&user_entry("printer-3f", &changed, "")));
+    sighup_and_wait(&server, "configuration reloaded");
+    assert_eq!(
+        login("scanner-7q", &password),
+        Some(535),
+        "{}",
+        server.log()
+    );
     server.stop();
 }

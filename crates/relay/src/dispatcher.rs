@@ -119,6 +119,9 @@ impl std::fmt::Debug for Command {
 #[derive(Debug, Clone)]
 struct RecipientStatus {
     upstream: usize,
+    /// The routing decision that chose `upstream`, for the metrics' `route` label: the
+    /// file in force when the recipient was routed, whatever a reload did since.
+    route: RouteLabel,
     attempts: u32,
     state: RecipientPhase,
     last_detail: Option<String>,
@@ -408,7 +411,7 @@ impl Dispatcher {
             .zip(&message.recipient_states)
             .enumerate()
         {
-            let upstream = self.route(message, recipient);
+            let (upstream, route) = self.route(message, recipient);
             let phase = match state.final_outcome {
                 Some(OutcomeKind::Delivered) => RecipientPhase::Delivered,
                 Some(_) => RecipientPhase::Failed,
@@ -417,6 +420,7 @@ impl Dispatcher {
             };
             statuses.push(RecipientStatus {
                 upstream,
+                route,
                 attempts: state.attempts,
                 state: phase,
                 last_detail: None,
@@ -469,8 +473,12 @@ impl Dispatcher {
         self.retry.delay_ms(attempts)
     }
 
-    fn route(&self, message: &SpooledMessage, recipient: &str) -> usize {
-        self.router.route(&RouteInput::of(message, recipient))
+    /// The upstream for one recipient, and which decision chose it.
+    fn route(&self, message: &SpooledMessage, recipient: &str) -> (usize, RouteLabel) {
+        let (upstream, rule) = self
+            .router
+            .route_and_rule(&RouteInput::of(message, recipient));
+        (upstream, rule.map_or(RouteLabel::Default, RouteLabel::Rule))
     }
 
     /// Runs until shut down.
@@ -706,7 +714,7 @@ impl Dispatcher {
             let Some(address) = meta.message.recipients.get(index) else {
                 continue;
             };
-            let upstream = self.route(&meta.message, address);
+            let (upstream, route) = self.route(&meta.message, address);
             let recipient = RecipientIndex(index as u32);
             match self
                 .scheduler
@@ -720,6 +728,7 @@ impl Dispatcher {
                         .and_then(|entry| entry.recipients.get_mut(index))
                     {
                         status.upstream = upstream;
+                        status.route = route;
                     }
                 }
                 Ok(false) => {}
@@ -738,10 +747,11 @@ impl Dispatcher {
         let mut recipients = Vec::with_capacity(message.recipients.len());
         let mut statuses = Vec::with_capacity(message.recipients.len());
         for (index, recipient) in message.recipients.iter().enumerate() {
-            let upstream = self.route(message, recipient);
+            let (upstream, route) = self.route(message, recipient);
             recipients.push((RecipientIndex(index as u32), RouteId(upstream as u32)));
             statuses.push(RecipientStatus {
                 upstream,
+                route,
                 attempts: 0,
                 state: RecipientPhase::Queued,
                 last_detail: None,
@@ -1244,21 +1254,37 @@ impl Dispatcher {
                 // Ids are zero-padded hex, so the keys' order is the ids' order.
                 let mut keys: Vec<MessageKey> = self.messages.keys().copied().collect();
                 keys.sort_unstable();
-                let matching = keys
-                    .iter()
-                    .filter_map(|key| self.messages.get(key))
-                    .map(|entry| self.summary(entry))
-                    .filter(|summary| filter.matches(summary, now_ms));
                 match page {
+                    // No filter: the total is the queue's size, and only the page's
+                    // messages are described.
+                    Some(page) if filter.is_empty() => ControlResponse::Messages {
+                        messages: keys
+                            .iter()
+                            .skip(page.offset)
+                            .take(page.limit.min(LIST_PAGE_MAX))
+                            .filter_map(|key| self.messages.get(key))
+                            .map(|entry| self.summary(entry))
+                            .collect(),
+                        total: Some(keys.len()),
+                    },
                     None => ControlResponse::Messages {
-                        messages: matching.collect(),
+                        messages: keys
+                            .iter()
+                            .filter_map(|key| self.messages.get(key))
+                            .map(|entry| self.summary(entry))
+                            .filter(|summary| filter.matches(summary, now_ms))
+                            .collect(),
                         total: None,
                     },
                     Some(page) => {
                         let limit = page.limit.min(LIST_PAGE_MAX);
                         let mut total = 0usize;
                         let mut messages = Vec::with_capacity(limit);
-                        for summary in matching {
+                        for entry in keys.iter().filter_map(|key| self.messages.get(key)) {
+                            let summary = self.summary(entry);
+                            if !filter.matches(&summary, now_ms) {
+                                continue;
+                            }
                             if total >= page.offset && messages.len() < limit {
                                 messages.push(summary);
                             }

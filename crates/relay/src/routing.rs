@@ -87,6 +87,8 @@ impl Router {
         }
     }
 
+    /// The upstream alone (the tests' shorthand for [`Router::route_and_rule`]).
+    #[cfg(test)]
     pub fn route(&self, input: &RouteInput<'_>) -> usize {
         self.route_and_rule(input).0
     }

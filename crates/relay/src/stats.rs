@@ -52,6 +52,9 @@ pub struct RelayStats {
     held_messages: AtomicU64,
     /// From the message's receipt to its delivery, per delivered recipient.
     delivery_latency: Histogram,
+    /// When the dispatcher last finished a round (Unix ms): at least once per second
+    /// while it runs, for `/healthz`.
+    heartbeat_unix_ms: AtomicU64,
 }
 
 /// The queue's size at one moment.
@@ -77,6 +80,7 @@ impl RelayStats {
             held_recipients: AtomicU64::new(0),
             held_messages: AtomicU64::new(0),
             delivery_latency: Histogram::latency(),
+            heartbeat_unix_ms: AtomicU64::new(crate::now_unix_ms()),
         }
     }
 
@@ -92,7 +96,15 @@ impl RelayStats {
         self.delivery_latency.record(since_received);
     }
 
+    /// Milliseconds since the dispatcher last finished a round.
+    pub fn since_heartbeat_ms(&self) -> u64 {
+        crate::now_unix_ms().saturating_sub(self.heartbeat_unix_ms.load(Ordering::Relaxed))
+    }
+
+    /// The queue's size after a round of the dispatcher, which is also its heartbeat.
     pub(crate) fn set_queue(&self, depth: QueueDepth) {
+        self.heartbeat_unix_ms
+            .store(crate::now_unix_ms(), Ordering::Relaxed);
         self.queued_messages
             .store(depth.messages, Ordering::Relaxed);
         self.held_messages
@@ -128,18 +140,24 @@ impl RelayStats {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .clone();
-        let mut rows: Vec<_> = counts
-            .into_iter()
-            .map(|((event, route, upstream), count)| {
-                let name = names
-                    .get(upstream)
-                    .cloned()
-                    .unwrap_or_else(|| format!("#{upstream}"));
-                (event, route, name, count)
-            })
-            .collect();
-        rows.sort_by(|a, b| (a.0.as_str(), a.1, &a.2).cmp(&(b.0.as_str(), b.1, &b.2)));
-        rows
+        // A reload that changes an upstream gives it a new index under the same name;
+        // both indexes' counts are that name's (one series, never two with one label set).
+        let mut rows: std::collections::BTreeMap<
+            (&'static str, RouteLabel, String),
+            (EventKind, u64),
+        > = std::collections::BTreeMap::new();
+        for ((event, route, upstream), count) in counts {
+            let name = names
+                .get(upstream)
+                .cloned()
+                .unwrap_or_else(|| format!("#{upstream}"));
+            rows.entry((event.as_str(), route, name))
+                .or_insert((event, 0))
+                .1 += count;
+        }
+        rows.into_iter()
+            .map(|((_, route, name), (event, count))| (event, route, name, count))
+            .collect()
     }
 
     pub fn queue(&self) -> QueueDepth {
@@ -194,6 +212,23 @@ mod tests {
             ]
         );
         assert_eq!(RouteLabel::Rule(0).text(), "1");
+        // A reload re-adds a changed upstream under its name at a new index: one row.
+        stats.set_upstream_names(vec!["relay".into(), "mx".into(), "relay".into()]);
+        stats.count((EventKind::Received, RouteLabel::Default, 2));
+        let received: Vec<_> = stats
+            .events()
+            .into_iter()
+            .filter(|row| row.0 == EventKind::Received)
+            .collect();
+        assert_eq!(
+            received,
+            vec![(
+                EventKind::Received,
+                RouteLabel::Default,
+                "relay".to_string(),
+                2
+            )]
+        );
         assert_eq!(RouteLabel::Default.text(), "default");
     }
 }

@@ -1170,7 +1170,11 @@ fn start_login(
             return;
         }
     };
-    if shared.logins.cache.recalls(&credentials, now) {
+    if shared
+        .logins
+        .cache
+        .recalls(&credentials, now, connection.policy.accounts_epoch)
+    {
         delayed.push(LoginDone {
             token,
             connection_id: connection.id,
@@ -1185,6 +1189,7 @@ fn start_login(
         connection_id: connection.id,
         credentials,
         config: Arc::clone(&connection.policy.config),
+        accounts_epoch: connection.policy.accounts_epoch,
         answer_at,
         reply: replies.clone(),
         waker: Arc::clone(waker),

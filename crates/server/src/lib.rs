@@ -76,6 +76,8 @@ pub(crate) struct Policy {
     pub listeners: Vec<Arc<Listener>>,
     pub login_guard: Arc<Mutex<LoginGuard>>,
     pub rates: Arc<RatePolicy>,
+    /// The login cache's epoch for `config`'s accounts (see `login::LoginCache`).
+    pub accounts_epoch: u64,
 }
 
 impl std::fmt::Debug for Policy {
@@ -344,12 +346,14 @@ impl ShutdownHandle {
         };
         let users_changed = config.users != old.config.users;
         Ok(PreparedReload {
-            policy: Arc::new(Policy {
+            policy: Policy {
                 config,
                 listeners,
                 login_guard,
                 rates,
-            }),
+                // Set by `install`: a new epoch when the accounts changed.
+                accounts_epoch: old.accounts_epoch,
+            },
             users_changed,
         })
     }
@@ -357,18 +361,21 @@ impl ShutdownHandle {
     /// Puts a prepared policy in force for new connections.
     pub fn install(&self, prepared: PreparedReload) {
         let PreparedReload {
-            policy,
+            mut policy,
             users_changed,
         } = prepared;
-        if users_changed {
-            // A removed account or a changed password must not log in from memory.
-            self.shared.logins.cache.forget_all();
-        }
+        policy.accounts_epoch = if users_changed {
+            // A removed account or a changed password must not log in from memory, not
+            // even from a check of the old accounts that finishes after this.
+            self.shared.logins.cache.new_accounts()
+        } else {
+            self.shared.logins.cache.epoch()
+        };
         *self
             .shared
             .policy
             .write()
-            .unwrap_or_else(PoisonError::into_inner) = policy;
+            .unwrap_or_else(PoisonError::into_inner) = Arc::new(policy);
         self.shared.policy_generation.fetch_add(1, Ordering::AcqRel);
         // Idle loops pick the new policy up at their next wake-up; no need to wake them:
         // a new connection wakes its loop, and the check comes before the accept.
@@ -379,7 +386,7 @@ impl ShutdownHandle {
 /// ([`ShutdownHandle::prepare_reload`]).
 #[derive(Debug)]
 pub struct PreparedReload {
-    policy: Arc<Policy>,
+    policy: Policy,
     users_changed: bool,
 }
 
@@ -486,6 +493,7 @@ pub fn start(
             listeners: listener_states,
             login_guard,
             rates,
+            accounts_epoch: logins.cache.epoch(),
         })),
         policy_generation: AtomicU64::new(0),
         spool,

@@ -7,6 +7,7 @@
 //! the login guard asked for a delay).
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -24,12 +25,20 @@ use tsubame_smtp_proto::sasl::Credentials;
 /// start: nothing here can be turned back into a password without that key, and the key
 /// never leaves the process. A different password for a remembered account is not a
 /// match and goes to the full check (and the login guard) as usual.
+///
+/// Each entry carries the accounts epoch it was checked under: a reload that changes the
+/// accounts starts a new epoch, and only entries of the current epoch, asked for by a
+/// connection of the current epoch, are recalled. So a check against the old accounts
+/// that finishes after the reload (a session opened before it, a job still queued) can
+/// never let the old password in for new connections.
 #[derive(Debug)]
 pub(crate) struct LoginCache {
     /// `None` when the cache is off.
     key: Option<hmac::Key>,
     ttl: Duration,
-    entries: Mutex<HashMap<String, (hmac::Tag, Instant)>>,
+    /// The current accounts epoch (see [`LoginCache::new_accounts`]).
+    epoch: AtomicU64,
+    entries: Mutex<HashMap<String, (hmac::Tag, Instant, u64)>>,
 }
 
 impl LoginCache {
@@ -43,44 +52,55 @@ impl LoginCache {
         Self {
             key,
             ttl,
+            epoch: AtomicU64::new(0),
             entries: Mutex::new(HashMap::new()),
         }
     }
 
-    /// Whether these credentials logged in successfully less than the cache's period ago.
-    pub fn recalls(&self, credentials: &Credentials, now: Instant) -> bool {
+    /// Whether these credentials logged in successfully less than the cache's period
+    /// ago, under the accounts of `epoch`, which is still the current one.
+    pub fn recalls(&self, credentials: &Credentials, now: Instant, epoch: u64) -> bool {
         let Some(key) = &self.key else {
             return false;
         };
-        if credentials.authzid.is_some() {
+        if credentials.authzid.is_some() || epoch != self.epoch.load(Ordering::Acquire) {
             return false;
         }
         let entries = self.entries.lock().unwrap_or_else(PoisonError::into_inner);
         entries
             .get(&credentials.username)
-            .is_some_and(|(tag, expires)| {
-                now < *expires
+            .is_some_and(|(tag, expires, checked_in)| {
+                *checked_in == epoch
+                    && now < *expires
                     && hmac::verify(key, credentials.password().expose(), tag.as_ref()).is_ok()
             })
     }
 
-    /// Forgets every remembered login: the accounts changed (a configuration reload).
-    pub fn forget_all(&self) {
-        self.entries
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clear();
+    /// The accounts changed (a configuration reload): forgets every remembered login
+    /// and starts a new epoch, which it returns for the new accounts.
+    pub fn new_accounts(&self) -> u64 {
+        let mut entries = self.entries.lock().unwrap_or_else(PoisonError::into_inner);
+        entries.clear();
+        self.epoch.fetch_add(1, Ordering::AcqRel) + 1
     }
 
-    pub fn remember(&self, credentials: &Credentials, now: Instant) {
+    /// The current accounts epoch.
+    pub fn epoch(&self) -> u64 {
+        self.epoch.load(Ordering::Acquire)
+    }
+
+    /// Remembers a login checked against the accounts of `epoch`; one checked against
+    /// accounts that a reload has since replaced is not kept.
+    pub fn remember(&self, credentials: &Credentials, now: Instant, epoch: u64) {
         let Some(key) = &self.key else {
             return;
         };
         let tag = hmac::sign(key, credentials.password().expose());
-        self.entries
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .insert(credentials.username.clone(), (tag, now + self.ttl));
+        let mut entries = self.entries.lock().unwrap_or_else(PoisonError::into_inner);
+        // Under the lock: `new_accounts` clears and moves the epoch under it too.
+        if epoch == self.epoch.load(Ordering::Acquire) {
+            entries.insert(credentials.username.clone(), (tag, now + self.ttl, epoch));
+        }
     }
 }
 
@@ -116,6 +136,8 @@ pub(crate) struct LoginJob {
     /// The configuration whose accounts the check uses: the connection's own, so a
     /// session sees one set of accounts from start to end.
     pub config: Arc<Config>,
+    /// The login cache's accounts epoch of `config`.
+    pub accounts_epoch: u64,
     pub answer_at: Instant,
     pub reply: Sender<LoginDone>,
     pub waker: Arc<Waker>,
@@ -159,6 +181,7 @@ fn work(cache: &LoginCache, queue: &Receiver<LoginJob>) {
             connection_id,
             credentials,
             config,
+            accounts_epoch,
             answer_at,
             reply,
             waker,
@@ -173,7 +196,7 @@ fn work(cache: &LoginCache, queue: &Receiver<LoginJob>) {
                 Outcome::Rejected("authorization identity refused")
             }
             Ok(_) => {
-                cache.remember(&credentials, Instant::now());
+                cache.remember(&credentials, Instant::now(), accounts_epoch);
                 Outcome::Accepted
             }
             Err(VerifyError::UnknownUser) => Outcome::Rejected("unknown user"),
@@ -220,16 +243,36 @@ mod tests {
         let cache = LoginCache::new(Duration::from_secs(60));
         let now = Instant::now();
         let right = credentials("", "scanner", "right");
-        assert!(!cache.recalls(&right, now), "nothing remembered yet");
-        cache.remember(&right, now);
-        assert!(cache.recalls(&right, now + Duration::from_secs(59)));
+        assert!(!cache.recalls(&right, now, 0), "nothing remembered yet");
+        cache.remember(&right, now, 0);
+        assert!(cache.recalls(&right, now + Duration::from_secs(59), 0));
         assert!(
-            !cache.recalls(&right, now + Duration::from_secs(60)),
+            !cache.recalls(&right, now + Duration::from_secs(60), 0),
             "expired"
         );
-        assert!(!cache.recalls(&credentials("", "scanner", "wrong"), now));
-        assert!(!cache.recalls(&credentials("", "printer", "right"), now));
-        assert!(!cache.recalls(&credentials("boss", "scanner", "right"), now));
+        assert!(!cache.recalls(&credentials("", "scanner", "wrong"), now, 0));
+        assert!(!cache.recalls(&credentials("", "printer", "right"), now, 0));
+        assert!(!cache.recalls(&credentials("boss", "scanner", "right"), now, 0));
+    }
+
+    #[test]
+    fn new_accounts_forget_every_login_and_late_checks_of_the_old_ones() {
+        let cache = LoginCache::new(Duration::from_secs(60));
+        let now = Instant::now();
+        let right = credentials("", "scanner", "right");
+        cache.remember(&right, now, 0);
+        assert!(cache.recalls(&right, now, 0));
+        let epoch = cache.new_accounts();
+        assert_eq!((epoch, cache.epoch()), (1, 1));
+        assert!(!cache.recalls(&right, now, 1), "forgotten");
+        assert!(!cache.recalls(&right, now, 0), "an old-epoch connection");
+        // A check of the old accounts that finishes after the reload is not kept.
+        cache.remember(&right, now, 0);
+        assert!(!cache.recalls(&right, now, 1));
+        assert!(!cache.recalls(&right, now, 0));
+        // A check of the new accounts is.
+        cache.remember(&right, now, 1);
+        assert!(cache.recalls(&right, now, 1));
     }
 
     #[test]
@@ -237,7 +280,7 @@ mod tests {
         let cache = LoginCache::new(Duration::ZERO);
         let now = Instant::now();
         let right = credentials("", "scanner", "right");
-        cache.remember(&right, now);
-        assert!(!cache.recalls(&right, now));
+        cache.remember(&right, now, 0);
+        assert!(!cache.recalls(&right, now, 0));
     }
 }

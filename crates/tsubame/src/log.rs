@@ -293,17 +293,39 @@ fn each_record(
 pub(crate) fn scan_files(
     files: &[PathBuf],
     query: &LogQuery,
+    emit: impl FnMut(&Record<'_>, &str) -> std::io::Result<()>,
+) -> anyhow::Result<u64> {
+    let mut opened = open_files(files)?;
+    scan_open(&mut opened, query, emit)
+}
+
+/// Opens `files` (oldest first), skipping those that vanished since they were listed.
+/// Scans of the open files see the same files however the log rotates meanwhile.
+pub(crate) fn open_files(files: &[PathBuf]) -> anyhow::Result<Vec<(PathBuf, std::fs::File)>> {
+    let mut opened = Vec::with_capacity(files.len());
+    for file in files {
+        match std::fs::File::open(file) {
+            Ok(handle) => opened.push((file.clone(), handle)),
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+            Err(error) => return Err(error).with_context(|| format!("{}", file.display())),
+        }
+    }
+    Ok(opened)
+}
+
+/// [`scan_files`] over files opened by [`open_files`], each read from its start.
+pub(crate) fn scan_open(
+    files: &mut [(PathBuf, std::fs::File)],
+    query: &LogQuery,
     mut emit: impl FnMut(&Record<'_>, &str) -> std::io::Result<()>,
 ) -> anyhow::Result<u64> {
+    use std::io::{Seek, SeekFrom};
     let mut skipped = 0u64;
-    for file in files {
-        let opened = match std::fs::File::open(file) {
-            Ok(opened) => opened,
-            Err(error) if error.kind() == std::io::ErrorKind::NotFound => continue,
-            Err(error) => return Err(error).with_context(|| format!("{}", file.display())),
-        };
-        for line in BufReader::new(opened).lines() {
-            let line = line.with_context(|| format!("reading {}", file.display()))?;
+    for (path, file) in files.iter_mut() {
+        file.seek(SeekFrom::Start(0))
+            .with_context(|| format!("{}", path.display()))?;
+        for line in BufReader::new(&*file).lines() {
+            let line = line.with_context(|| format!("reading {}", path.display()))?;
             if line.trim().is_empty() {
                 continue;
             }

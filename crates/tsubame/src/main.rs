@@ -147,6 +147,13 @@ fn check_config(file: &std::path::Path) -> anyhow::Result<ExitCode> {
     // The keys are read here as at start, so that a bad key file fails the check.
     let signing = tsubame_relay::check_signing(&config)
         .map_err(|error| anyhow::anyhow!("{}: {error}", file.display()))?;
+    // The admin token file too, as `serve` reads it (its content is never shown).
+    if config.admin.enabled {
+        config
+            .admin
+            .read_token()
+            .map_err(|error| anyhow::anyhow!("{}: {error}", file.display()))?;
+    }
     println!("{}: ok", file.display());
     print!("{}", config.summary());
     for line in signing {

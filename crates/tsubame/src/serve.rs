@@ -48,6 +48,7 @@ pub struct ServeArgs {
 }
 
 pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
+    let started = std::time::SystemTime::now();
     let (mut config, origin) = match &args.config {
         Some(path) => (Config::load(path)?, path.display().to_string()),
         None => (Config::embedded_default()?, "embedded default".to_string()),
@@ -161,7 +162,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
                 .delivery_log
                 .enabled
                 .then(|| config.delivery_log.path_in(&directory)),
-            started: std::time::SystemTime::now(),
+            started,
         };
         let admin = crate::admin::start(listener, token, sources)?;
         tracing::info!(
@@ -264,6 +265,9 @@ impl ConfigReload {
             .reload(&config)
             .map_err(|reason| anyhow::anyhow!("{reason}"))?;
         self.server.install(prepared);
+        if config.limits.max_connections > self.current.limits.max_connections {
+            raise_open_file_limit(config.limits.max_connections);
+        }
         for setting in kept {
             tracing::warn!(
                 setting,

@@ -2,7 +2,6 @@
 //! files as `tsubame log` does; the queue endpoints ask the dispatcher through the
 //! control socket as `tsubame queue` does. Both run on the blocking pool.
 
-use std::convert::Infallible;
 use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -193,8 +192,10 @@ fn read_page(
     limit: usize,
     ascending: bool,
 ) -> Result<(usize, Vec<String>), String> {
+    // Opened once: a rotation between the passes cannot shift the page.
+    let mut opened = crate::log::open_files(files).map_err(|error| format!("{error:#}"))?;
     let mut total = 0usize;
-    crate::log::scan_files(files, filters, |_, _| {
+    crate::log::scan_open(&mut opened, filters, |_, _| {
         total += 1;
         Ok(())
     })
@@ -208,7 +209,7 @@ fn read_page(
     };
     let mut lines = Vec::with_capacity(end - first);
     let mut index = 0usize;
-    crate::log::scan_files(files, filters, |_, line| {
+    crate::log::scan_open(&mut opened, filters, |_, line| {
         if index >= first && index < end {
             lines.push(line.to_string());
         }
@@ -224,7 +225,7 @@ fn read_page(
 
 /// `GET /api/log.csv`: every match, oldest first, as `tsubame log export --csv` writes
 /// it; streamed, so a large export needs no memory of its size.
-pub(super) fn log_csv(state: &Arc<State>, text: &str) -> Response<Body> {
+pub(super) async fn log_csv(state: &Arc<State>, text: &str) -> Response<Body> {
     let query = Query::parse(text);
     let filters = match query
         .only(&LOG_PARAMETERS[..8])
@@ -236,29 +237,43 @@ pub(super) fn log_csv(state: &Arc<State>, text: &str) -> Response<Body> {
     let Some(files) = log_files(state) else {
         return log_off();
     };
-    let (sender, receiver) = tokio::sync::mpsc::channel::<Bytes>(CSV_CHUNKS_QUEUED);
+    let Ok(permit) = Arc::clone(&state.log_scans).acquire_owned().await else {
+        return error_response(StatusCode::SERVICE_UNAVAILABLE, "shutting down");
+    };
+    let (sender, receiver) =
+        tokio::sync::mpsc::channel::<std::io::Result<Bytes>>(CSV_CHUNKS_QUEUED);
     tokio::task::spawn_blocking(move || {
         let mut chunk = Vec::with_capacity(CSV_CHUNK_BYTES);
         let _ = write_csv_row(&mut chunk, &crate::log::CSV_HEADER);
+        let mut client_gone = false;
         let result = crate::log::scan_files(&files, &filters, |record, _| {
             write_csv_row(&mut chunk, &csv_fields(record))?;
             if chunk.len() >= CSV_CHUNK_BYTES {
                 let full = std::mem::replace(&mut chunk, Vec::with_capacity(CSV_CHUNK_BYTES));
-                // The client went away: stop reading.
-                sender.blocking_send(Bytes::from(full)).map_err(|_| {
-                    std::io::Error::new(std::io::ErrorKind::BrokenPipe, "client gone")
-                })?;
+                if sender.blocking_send(Ok(Bytes::from(full))).is_err() {
+                    // The client went away: stop reading.
+                    client_gone = true;
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::BrokenPipe,
+                        "client gone",
+                    ));
+                }
             }
             Ok(())
         });
         match result {
             Ok(_) => {
-                let _ = sender.blocking_send(Bytes::from(chunk));
+                let _ = sender.blocking_send(Ok(Bytes::from(chunk)));
             }
+            Err(_) if client_gone => {}
             Err(error) => {
-                tracing::debug!(error = %format!("{error:#}"), "admin HTTP: CSV export ended")
+                let error = format!("{error:#}");
+                tracing::warn!(%error, "admin HTTP: CSV export failed; the response is cut off");
+                // The client sees a broken response, never a short file that looks whole.
+                let _ = sender.blocking_send(Err(std::io::Error::other(error)));
             }
         }
+        drop(permit);
     });
     let mut response = Response::new(ChannelBody { receiver }.boxed());
     let headers = response.headers_mut();
@@ -274,22 +289,22 @@ pub(super) fn log_csv(state: &Arc<State>, text: &str) -> Response<Body> {
     response
 }
 
-/// A body fed by a channel: ends when the sender is dropped.
+/// A body fed by a channel: ends when the sender is dropped; an error item aborts it.
 struct ChannelBody {
-    receiver: tokio::sync::mpsc::Receiver<Bytes>,
+    receiver: tokio::sync::mpsc::Receiver<std::io::Result<Bytes>>,
 }
 
 impl http_body::Body for ChannelBody {
     type Data = Bytes;
-    type Error = Infallible;
+    type Error = std::io::Error;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         context: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
         self.receiver
             .poll_recv(context)
-            .map(|chunk| chunk.map(|bytes| Ok(Frame::data(bytes))))
+            .map(|chunk| chunk.map(|bytes| bytes.map(Frame::data)))
     }
 }
 
@@ -304,30 +319,45 @@ async fn control_request(
         .map_err(|_| "the control request failed".to_string())?
 }
 
-/// `GET /healthz`: 200 when the dispatcher answers, 503 otherwise.
-pub(super) async fn healthz(state: &Arc<State>) -> Response<Body> {
-    let probe = ControlRequest::List {
-        filter: Filter::default(),
-        page: Some(Page {
-            offset: 0,
-            limit: 0,
-        }),
-    };
-    match control_request(state, probe).await {
-        Ok(ControlResponse::Messages { .. }) => {
-            text_response(StatusCode::OK, "text/plain", "ok\n".to_string())
-        }
-        Ok(ControlResponse::Error { message }) | Err(message) => text_response(
+/// The dispatcher is unhealthy when it has not finished a round for this long; it
+/// finishes one at least every second while it runs.
+const HEARTBEAT_STALE_MS: u64 = 10_000;
+
+/// `GET /healthz`: 200 while the dispatcher goes round, 503 when it has stalled. Reads
+/// an atomic: costs the relay nothing, however often it is asked.
+pub(super) fn healthz(state: &Arc<State>) -> Response<Body> {
+    let since = state.sources.relay.since_heartbeat_ms();
+    if since < HEARTBEAT_STALE_MS {
+        text_response(StatusCode::OK, "text/plain", "ok\n".to_string())
+    } else {
+        text_response(
             StatusCode::SERVICE_UNAVAILABLE,
             "text/plain",
-            format!("unavailable: {message}\n"),
-        ),
-        Ok(_) => text_response(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "text/plain",
-            "unavailable: unexpected answer\n".to_string(),
-        ),
+            format!(
+                "unavailable: the delivery queue has not moved for {} s\n",
+                since / 1000
+            ),
+        )
     }
+}
+
+/// The queue's counts (as `/api/queue` reports them), from the dispatcher's last round:
+/// no work for the dispatcher, for the page's header.
+fn counts(state: &State) -> serde_json::Value {
+    let depth = state.sources.relay.queue();
+    json!({
+        "messages": depth.messages,
+        "held_messages": depth.held_messages,
+        "ready": depth.ready,
+        "in_flight": depth.in_flight,
+        "deferred": depth.deferred,
+        "held": depth.held,
+    })
+}
+
+/// `GET /api/summary`: `{"counts": …}`.
+pub(super) fn summary(state: &Arc<State>) -> Response<Body> {
+    json_response(StatusCode::OK, &json!({ "counts": counts(state) }))
 }
 
 /// `GET /api/queue`: a page of the queued messages that match, in id order, with the
@@ -378,26 +408,16 @@ pub(super) async fn queue_page(state: &Arc<State>, text: &str) -> Response<Body>
         page: Some(page),
     };
     match control_request(state, request).await {
-        Ok(ControlResponse::Messages { messages, total }) => {
-            let depth = state.sources.relay.queue();
-            json_response(
-                StatusCode::OK,
-                &json!({
-                    "total": total.unwrap_or(messages.len()),
-                    "offset": page.offset,
-                    "limit": page.limit,
-                    "counts": {
-                        "messages": depth.messages,
-                        "held_messages": depth.held_messages,
-                        "ready": depth.ready,
-                        "in_flight": depth.in_flight,
-                        "deferred": depth.deferred,
-                        "held": depth.held,
-                    },
-                    "messages": messages,
-                }),
-            )
-        }
+        Ok(ControlResponse::Messages { messages, total }) => json_response(
+            StatusCode::OK,
+            &json!({
+                "total": total.unwrap_or(messages.len()),
+                "offset": page.offset,
+                "limit": page.limit,
+                "counts": counts(state),
+                "messages": messages,
+            }),
+        ),
         other => control_failure(other),
     }
 }
@@ -412,6 +432,9 @@ pub(super) async fn queue_show(state: &Arc<State>, id: &str) -> Response<Body> {
         }
         Ok(ControlResponse::Error { message }) if message.contains("not queued") => {
             error_response(StatusCode::NOT_FOUND, &message)
+        }
+        Ok(ControlResponse::Error { message }) if message.contains("is not a message id") => {
+            error_response(StatusCode::BAD_REQUEST, &message)
         }
         other => control_failure(other),
     }

@@ -6,7 +6,7 @@
 //! Access: when `token_file` is set, every request but the page's static files and
 //! `/healthz` needs `Authorization: Bearer TOKEN`. Without a token (loopback only, as
 //! the configuration enforces) the `Host` header must name a loopback host, so a web
-//! page elsewhere cannot reach the API through DNS rebinding; and a `POST` whose
+//! page elsewhere cannot reach the API through DNS rebinding, and a `POST` whose
 //! `Origin` is another site is refused (cross-site request forgery).
 
 mod api;
@@ -46,6 +46,10 @@ const ACCEPT_POLL_INTERVAL: Duration = Duration::from_millis(200);
 /// Threads for blocking work (log scans, control-socket requests).
 const BLOCKING_THREADS_MAX: usize = 4;
 
+/// Log scans at once (see `State::log_scans`): fewer than the blocking threads, so
+/// queue requests always find one.
+const LOG_SCANS_MAX: usize = 2;
+
 /// The web page: static files, compiled in (no build step at run time).
 const PAGE_HTML: &str = include_str!("page.html");
 const PAGE_JS: &str = include_str!("page.js");
@@ -67,6 +71,9 @@ pub struct Sources {
 struct State {
     sources: Sources,
     token: Option<Secret>,
+    /// Log scans (pages and CSV exports) running at once: at most
+    /// [`LOG_SCANS_MAX`], so slow downloads never take every blocking thread.
+    log_scans: Arc<tokio::sync::Semaphore>,
 }
 
 /// The running server; [`AdminServer::stop`] ends it.
@@ -101,7 +108,11 @@ pub fn start(
         .build()
         .context("admin HTTP: cannot start its runtime")?;
     let stop = Arc::new(AtomicBool::new(false));
-    let state = Arc::new(State { sources, token });
+    let state = Arc::new(State {
+        sources,
+        token,
+        log_scans: Arc::new(tokio::sync::Semaphore::new(LOG_SCANS_MAX)),
+    });
     let thread_stop = Arc::clone(&stop);
     let thread = std::thread::Builder::new()
         .name("admin-http".to_string())
@@ -149,8 +160,16 @@ async fn accept_loop(listener: std::net::TcpListener, state: Arc<State>, stop: A
                 continue;
             }
         };
-        let Ok(slot) = Arc::clone(&slots).acquire_owned().await else {
-            return;
+        // Wait for a free slot, but never past a stop.
+        let slot = loop {
+            match tokio::time::timeout(ACCEPT_POLL_INTERVAL, Arc::clone(&slots).acquire_owned())
+                .await
+            {
+                Ok(Ok(slot)) => break slot,
+                Ok(Err(_closed)) => return,
+                Err(_elapsed) if stop.load(Ordering::Acquire) => return,
+                Err(_elapsed) => {}
+            }
         };
         let state = Arc::clone(&state);
         tokio::spawn(async move {
@@ -168,7 +187,16 @@ async fn accept_loop(listener: std::net::TcpListener, state: Arc<State>, stop: A
     }
 }
 
-pub(crate) type Body = BoxBody<Bytes, Infallible>;
+/// A response body; an error (a log file that cannot be read mid-export) aborts the
+/// response instead of ending it as if it were complete.
+pub(crate) type Body = BoxBody<Bytes, std::io::Error>;
+
+/// A body that is all there from the start.
+pub(crate) fn full(bytes: Bytes) -> Body {
+    Full::new(bytes)
+        .map_err(|never: Infallible| match never {})
+        .boxed()
+}
 
 async fn handle(state: &Arc<State>, request: Request<Incoming>) -> Response<Body> {
     let method = request.method().clone();
@@ -186,26 +214,23 @@ async fn handle(state: &Arc<State>, request: Request<Incoming>) -> Response<Body
         (&Method::GET, "/" | "/index.html") => static_file(PAGE_HTML, "text/html; charset=utf-8"),
         (&Method::GET, "/page.js") => static_file(PAGE_JS, "text/javascript; charset=utf-8"),
         (&Method::GET, "/page.css") => static_file(PAGE_CSS, "text/css; charset=utf-8"),
-        (&Method::GET, "/healthz") => api::healthz(state).await,
+        (&Method::GET, "/healthz") => api::healthz(state),
         // Browsers ask for it; there is none.
         (&Method::GET, "/favicon.ico") => {
-            let mut response = Response::new(Full::new(Bytes::new()).boxed());
+            let mut response = Response::new(full(Bytes::new()));
             *response.status_mut() = StatusCode::NO_CONTENT;
             response
         }
-        (&Method::GET, "/metrics") => {
-            let state = Arc::clone(state);
-            match tokio::task::spawn_blocking(move || metrics::render(&state.sources)).await {
-                Ok(text) => text_response(
-                    StatusCode::OK,
-                    "text/plain; version=0.0.4; charset=utf-8",
-                    text,
-                ),
-                Err(_) => error_response(StatusCode::INTERNAL_SERVER_ERROR, "metrics failed"),
-            }
-        }
+        // Atomics, a short lock and one directory listing: well under a millisecond,
+        // so answered here rather than behind the blocking pool.
+        (&Method::GET, "/metrics") => text_response(
+            StatusCode::OK,
+            "text/plain; version=0.0.4; charset=utf-8",
+            metrics::render(&state.sources),
+        ),
+        (&Method::GET, "/api/summary") => api::summary(state),
         (&Method::GET, "/api/log") => api::log_page(state, &query).await,
-        (&Method::GET, "/api/log.csv") => api::log_csv(state, &query),
+        (&Method::GET, "/api/log.csv") => api::log_csv(state, &query).await,
         (&Method::GET, "/api/queue") => api::queue_page(state, &query).await,
         (_, path) if path.starts_with("/api/queue/") => {
             let rest = path.trim_start_matches("/api/queue/");
@@ -219,7 +244,7 @@ async fn handle(state: &Arc<State>, request: Request<Incoming>) -> Response<Body
             }
         }
         (_, "/" | "/index.html" | "/page.js" | "/page.css" | "/healthz" | "/metrics")
-        | (_, "/api/log" | "/api/log.csv" | "/api/queue") => {
+        | (_, "/api/log" | "/api/log.csv" | "/api/queue" | "/api/summary") => {
             error_response(StatusCode::METHOD_NOT_ALLOWED, "only GET is served here")
         }
         _ => error_response(
@@ -266,12 +291,22 @@ fn refuse(state: &State, request: &Request<Incoming>, open: bool) -> Option<Resp
             }
         }
     }
-    if request.method() != Method::GET && request.method() != Method::HEAD {
-        let origin = headers
+    // A browser sends no bearer token by itself, so with a token a forged request
+    // fails anyway; without one, a POST from another site's page is refused. The scheme
+    // is not compared: behind a TLS proxy the page's origin is https.
+    if state.token.is_none() && request.method() != Method::GET && request.method() != Method::HEAD
+    {
+        let origin_host = headers
             .get(header::ORIGIN)
-            .and_then(|value| value.to_str().ok());
-        if let Some(origin) = origin
-            && origin != format!("http://{host}")
+            .and_then(|value| value.to_str().ok())
+            .map(|origin| {
+                origin
+                    .strip_prefix("http://")
+                    .or_else(|| origin.strip_prefix("https://"))
+                    .unwrap_or(origin)
+            });
+        if let Some(origin_host) = origin_host
+            && !origin_host.eq_ignore_ascii_case(host)
         {
             return Some(error_response(
                 StatusCode::FORBIDDEN,
@@ -308,7 +343,7 @@ fn same_secret(given: &[u8], expected: &[u8]) -> bool {
 }
 
 fn static_file(text: &'static str, content_type: &'static str) -> Response<Body> {
-    let mut response = Response::new(Full::new(Bytes::from_static(text.as_bytes())).boxed());
+    let mut response = Response::new(full(Bytes::from_static(text.as_bytes())));
     let headers = response.headers_mut();
     headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
     headers.insert(
@@ -327,7 +362,7 @@ pub(crate) fn text_response(
     content_type: &'static str,
     text: String,
 ) -> Response<Body> {
-    let mut response = Response::new(Full::new(Bytes::from(text)).boxed());
+    let mut response = Response::new(full(Bytes::from(text)));
     *response.status_mut() = status;
     let headers = response.headers_mut();
     headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));

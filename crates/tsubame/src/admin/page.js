@@ -8,6 +8,8 @@ const COUNTS_REFRESH_MS = 10000;
 const TOKEN_KEY = "tsubame-admin-token";
 
 let nextOffset = 0;
+// Each search is numbered; an answer to an older one (a slow first load) is dropped.
+let searchNumber = 0;
 
 function $(id) {
   return document.getElementById(id);
@@ -75,12 +77,18 @@ async function search(append) {
   const params = filters();
   params.set("offset", String(nextOffset));
   params.set("limit", String(PAGE_SIZE));
+  const number = ++searchNumber;
   say("Searching…");
   let page;
   try {
     page = await apiJson("api/log?" + params.toString());
   } catch (error) {
-    say(error.message, true);
+    if (number === searchNumber) {
+      say(error.message, true);
+    }
+    return;
+  }
+  if (number !== searchNumber) {
     return;
   }
   const body = $("results").querySelector("tbody");
@@ -131,6 +139,8 @@ async function showMessage(id) {
     const queued = await api("api/queue/" + encodeURIComponent(id));
     if (queued.status === 404) {
       $("detail-queue").textContent = "Not in the queue: every recipient is finished.";
+    } else if (!queued.ok) {
+      $("detail-queue").textContent = (await queued.json()).error || queued.statusText;
     } else {
       const message = (await queued.json()).message;
       const states = message.recipients.map((r) => r.address + ": " + r.state).join(", ");
@@ -187,7 +197,7 @@ async function downloadCsv() {
 
 async function refreshCounts() {
   try {
-    const queue = await apiJson("api/queue?limit=0");
+    const queue = await apiJson("api/summary");
     $("count-messages").textContent = queue.counts.messages;
     $("count-deferred").textContent = queue.counts.deferred;
     $("count-in-flight").textContent = queue.counts.in_flight;
