@@ -283,12 +283,15 @@ fn parse_destination(input: &str) -> Result<Destination, MxError> {
         };
         return parse_address_literal(inner).map_err(malformed);
     }
-    if input.parse::<IpAddr>().is_ok() {
-        return Err(malformed(
+    let ip_not_literal = || {
+        malformed(
             "an IP address must be written as an address literal, e.g. [192.0.2.1] \
              (RFC 5321 §4.1.3)"
                 .to_string(),
-        ));
+        )
+    };
+    if input.parse::<IpAddr>().is_ok() {
+        return Err(ip_not_literal());
     }
     let without_root = input.strip_suffix('.').unwrap_or(input);
     let ascii = if without_root.is_ascii() {
@@ -307,6 +310,12 @@ fn parse_destination(input: &str) -> Result<Destination, MxError> {
             .unwrap_or(&ascii)
             .to_ascii_lowercase()
     };
+    // IDNA mapping drops ignored characters (U+034F, U+200B, ...): "4\u{34f}.4.4.4"
+    // becomes an IP address, which is refused as it would be when written plainly
+    // (found by the mx_destination fuzz target).
+    if ascii.parse::<IpAddr>().is_ok() {
+        return Err(ip_not_literal());
+    }
     check_hostname(&ascii).map_err(malformed)?;
     Ok(Destination::Domain(ascii))
 }
@@ -1089,6 +1098,9 @@ mod tests {
             "[x400:something]",
             "[2001:db8::1]",
             "ex\u{0}ample.com",
+            // IDNA drops U+034F: what is left is an IP address (found by fuzzing).
+            "4\u{34f}.4\u{34f}\u{34f}.4\u{34f}\u{34f}.4\u{34f}.",
+            "192.0.2.1\u{200b}",
         ];
         for input in cases {
             let error = domain(input).expect_err(input);
