@@ -808,9 +808,14 @@ fn push_wrapped(out: &mut Vec<u8>, first_prefix: &str, continuation_prefix: &str
         let mut word = word;
         loop {
             let separator_bytes = usize::from(line_has_word);
+            // Fold before a word that would go past the preferred length, and before the
+            // space of an empty word (a run of spaces) that would go past the maximum: the
+            // fold takes the place of that space (found by the dsn fuzz target, where a
+            // long address followed by spaces made a line of 1012 bytes).
             if line_has_word
-                && !word.is_empty()
-                && line_bytes + separator_bytes + word.len() > LINE_PREFERRED_BYTES
+                && ((!word.is_empty()
+                    && line_bytes + separator_bytes + word.len() > LINE_PREFERRED_BYTES)
+                    || line_bytes + separator_bytes > LINE_MAX_BYTES)
             {
                 out.extend_from_slice(b"\r\n");
                 out.extend_from_slice(continuation_prefix.as_bytes());

@@ -904,3 +904,31 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn runs_of_spaces_after_a_long_word_never_pass_the_line_limit() {
+    // A word that fills a line to the maximum, then spaces, then more words: the spaces
+    // must fold, not grow the line (the dsn fuzz target's crash, reduced).
+    for first in [LINE_MAX_BYTES - 1, LINE_MAX_BYTES, LINE_MAX_BYTES + 7] {
+        let text = format!("{}{}tail word", "+".repeat(first), " ".repeat(30));
+        for (first_prefix, continuation) in [("", "    "), ("Final-Recipient: ", " ")] {
+            let mut out = Vec::new();
+            push_wrapped(&mut out, first_prefix, continuation, &text);
+            for line in out.split(|&byte| byte == b'\n') {
+                let line = line.strip_suffix(b"\r").unwrap_or(line);
+                assert!(
+                    line.len() <= LINE_MAX_BYTES,
+                    "a line of {} bytes ({first} then spaces, prefix {first_prefix:?})",
+                    line.len()
+                );
+            }
+            let written = String::from_utf8(out).expect("UTF-8");
+            assert!(written.ends_with("tail word\r\n"), "{written:?}");
+            assert_eq!(
+                written.matches('+').count(),
+                first,
+                "the word is kept whole"
+            );
+        }
+    }
+}
