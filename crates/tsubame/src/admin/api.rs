@@ -18,7 +18,7 @@ use tsubame_relay::control::{
 };
 use tsubame_relay::delivery_log::files_in_order;
 
-use super::{Body, State, error_response, json_response, text_response};
+use super::{Body, State, error_response, json_response, respond, text_response};
 use crate::log::{LogQuery, csv_fields, write_csv_row};
 
 /// Most events in one page of `/api/log`.
@@ -80,7 +80,8 @@ impl Query {
     }
 }
 
-const LOG_PARAMETERS: [&str; 11] = [
+/// The log filters (`/api/log` and `/api/log.csv`).
+const LOG_FILTERS: [&str; 8] = [
     "sender",
     "recipient",
     "address",
@@ -89,6 +90,18 @@ const LOG_PARAMETERS: [&str; 11] = [
     "category",
     "since",
     "until",
+];
+
+/// `/api/log`'s parameters: the filters and the page.
+const LOG_PARAMETERS: [&str; 11] = [
+    LOG_FILTERS[0],
+    LOG_FILTERS[1],
+    LOG_FILTERS[2],
+    LOG_FILTERS[3],
+    LOG_FILTERS[4],
+    LOG_FILTERS[5],
+    LOG_FILTERS[6],
+    LOG_FILTERS[7],
     "offset",
     "limit",
     "order",
@@ -227,10 +240,7 @@ fn read_page(
 /// it; streamed, so a large export needs no memory of its size.
 pub(super) async fn log_csv(state: &Arc<State>, text: &str) -> Response<Body> {
     let query = Query::parse(text);
-    let filters = match query
-        .only(&LOG_PARAMETERS[..8])
-        .and_then(|()| log_query(&query))
-    {
+    let filters = match query.only(&LOG_FILTERS).and_then(|()| log_query(&query)) {
         Ok(filters) => filters,
         Err(message) => return error_response(StatusCode::BAD_REQUEST, &message),
     };
@@ -275,17 +285,15 @@ pub(super) async fn log_csv(state: &Arc<State>, text: &str) -> Response<Body> {
         }
         drop(permit);
     });
-    let mut response = Response::new(ChannelBody { receiver }.boxed());
-    let headers = response.headers_mut();
-    headers.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/csv; charset=utf-8; header=present"),
+    let mut response = respond(
+        StatusCode::OK,
+        "text/csv; charset=utf-8; header=present",
+        ChannelBody { receiver }.boxed(),
     );
-    headers.insert(
+    response.headers_mut().insert(
         header::CONTENT_DISPOSITION,
         HeaderValue::from_static("attachment; filename=\"tsubame-delivery-log.csv\""),
     );
-    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     response
 }
 

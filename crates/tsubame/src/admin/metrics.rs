@@ -39,6 +39,9 @@ const EVENT_FAMILIES: [(EventKind, &str, &str); 5] = [
     ),
 ];
 
+/// A counter family split by one label: name, help, label, and each value's count.
+type LabelledCounter<'a> = (&'a str, &'a str, &'a str, [(&'a str, f64); 2]);
+
 pub(super) fn render(sources: &Sources) -> String {
     let mut out = Exposition::default();
     let events = sources.relay.events();
@@ -143,51 +146,42 @@ pub(super) fn render(sources: &Sources) -> String {
         &[],
         sources.server.open_connections() as f64,
     );
-    out.family(
-        "tsubame_connections_total",
-        Kind::Counter,
-        "SMTP connections admitted, and refused by max_connections or max_connections_per_ip.",
-    );
-    out.sample(
-        "tsubame_connections_total",
-        &[("result", "accepted")],
-        load(&server.connections_accepted),
-    );
-    out.sample(
-        "tsubame_connections_total",
-        &[("result", "refused")],
-        load(&server.connections_refused),
-    );
-    out.family(
-        "tsubame_tls_handshakes_total",
-        Kind::Counter,
-        "TLS handshakes on the listeners (STARTTLS and implicit TLS), completed or failed.",
-    );
-    out.sample(
-        "tsubame_tls_handshakes_total",
-        &[("result", "ok")],
-        load(&server.tls_handshakes),
-    );
-    out.sample(
-        "tsubame_tls_handshakes_total",
-        &[("result", "failed")],
-        load(&server.tls_handshake_failures),
-    );
-    out.family(
-        "tsubame_login_failures_total",
-        Kind::Counter,
-        "SMTP AUTH logins refused: a wrong password or unknown user, or a locked-out address or account.",
-    );
-    out.sample(
-        "tsubame_login_failures_total",
-        &[("reason", "invalid")],
-        load(&server.login_failures),
-    );
-    out.sample(
-        "tsubame_login_failures_total",
-        &[("reason", "locked_out")],
-        load(&server.login_lockouts),
-    );
+    // Counters with one label that splits them.
+    let labelled: [LabelledCounter<'_>; 3] = [
+        (
+            "tsubame_connections_total",
+            "SMTP connections admitted, and refused by max_connections or max_connections_per_ip.",
+            "result",
+            [
+                ("accepted", load(&server.connections_accepted)),
+                ("refused", load(&server.connections_refused)),
+            ],
+        ),
+        (
+            "tsubame_tls_handshakes_total",
+            "TLS handshakes on the listeners (STARTTLS and implicit TLS), completed or failed.",
+            "result",
+            [
+                ("ok", load(&server.tls_handshakes)),
+                ("failed", load(&server.tls_handshake_failures)),
+            ],
+        ),
+        (
+            "tsubame_login_failures_total",
+            "SMTP AUTH logins refused: a wrong password or unknown user, or a locked-out address or account.",
+            "reason",
+            [
+                ("invalid", load(&server.login_failures)),
+                ("locked_out", load(&server.login_lockouts)),
+            ],
+        ),
+    ];
+    for (name, help, label, values) in labelled {
+        out.family(name, Kind::Counter, help);
+        for (value, count) in values {
+            out.sample(name, &[(label, value)], count);
+        }
+    }
     out.family(
         "tsubame_start_time_seconds",
         Kind::Gauge,

@@ -43,6 +43,9 @@ const CONNECTION_LIFETIME_MAX: Duration = Duration::from_secs(600);
 /// How often the accept loop looks at the stop flag.
 const ACCEPT_POLL_INTERVAL: Duration = Duration::from_millis(200);
 
+/// How long a stop waits for requests still being answered before it drops them.
+const STOP_WAIT: Duration = Duration::from_secs(1);
+
 /// Threads for blocking work (log scans, control-socket requests).
 const BLOCKING_THREADS_MAX: usize = 4;
 
@@ -119,7 +122,7 @@ pub fn start(
         .spawn(move || {
             runtime.block_on(accept_loop(listener, state, thread_stop));
             // Connections still open end with the runtime.
-            runtime.shutdown_timeout(Duration::from_secs(1));
+            runtime.shutdown_timeout(STOP_WAIT);
         })
         .context("admin HTTP: cannot start its thread")?;
     Ok(AdminServer {
@@ -362,7 +365,16 @@ pub(crate) fn text_response(
     content_type: &'static str,
     text: String,
 ) -> Response<Body> {
-    let mut response = Response::new(full(Bytes::from(text)));
+    respond(status, content_type, full(Bytes::from(text)))
+}
+
+/// An answer with `body`: never cached, its type never sniffed.
+pub(crate) fn respond(
+    status: StatusCode,
+    content_type: &'static str,
+    body: Body,
+) -> Response<Body> {
+    let mut response = Response::new(body);
     *response.status_mut() = status;
     let headers = response.headers_mut();
     headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
