@@ -42,6 +42,7 @@ try {
   // The queue counts arrive from /api/queue.
   await page.waitForFunction(() => document.getElementById("count-messages").textContent !== "–");
   result.counts = await page.locator("#counts").innerText();
+  result.queued_messages = await page.locator("#count-messages").innerText();
 
   await page.fill("#address", job.address);
   await page.click("#search");
