@@ -215,7 +215,15 @@ fn permanent_failure_bounces_a_dsn_to_the_sender() {
         !text.contains("Final-Recipient: rfc822; good@example.net"),
         "the delivered recipient must not be reported:\n{text}"
     );
-    assert!(server.log().contains(&format!("bounced id={id}")));
+    // The log line goes through the log writer thread; the bounce it announces can reach
+    // the upstream first.
+    assert!(
+        wait_until(DELIVERY_TIMEOUT, || server
+            .log()
+            .contains(&format!("bounced id={id}"))),
+        "no 'bounced id={id}' line:\n{}",
+        server.log()
+    );
     assert!(wait_until(DELIVERY_TIMEOUT, || queued_messages(&server) == 0));
     server.stop();
 }
