@@ -464,10 +464,13 @@ fn queue_endpoints_page_hold_release_flush_and_delete() {
         "still queued, now held"
     );
     assert_eq!(cross_site[4]["status"], 200, "{}", cross_site[4]);
+    // Logged before the answer, but through the log writer thread.
     assert!(
-        server
+        wait_until(Duration::from_secs(10), || server
             .log()
-            .contains("queue action from the admin HTTP server")
+            .contains("queue action from the admin HTTP server")),
+        "{}",
+        server.log()
     );
     server.stop();
 }
