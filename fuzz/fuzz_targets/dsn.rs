@@ -21,7 +21,11 @@ fuzz_target!(|input: &[u8]| {
     }
     let recipients = [DsnRecipient {
         address: &recipient,
-        action: if diagnostic.len() % 2 == 0 { DsnAction::Failed } else { DsnAction::Delayed },
+        action: if diagnostic.len() % 2 == 0 {
+            DsnAction::Failed
+        } else {
+            DsnAction::Delayed
+        },
         status: "5.1.1",
         remote_mta: Some(&remote),
         diagnostic: Some(&diagnostic),
@@ -45,7 +49,10 @@ fuzz_target!(|input: &[u8]| {
             .expect("every line ends in CRLF");
         let line = &rest[..end];
         assert!(line.len() <= 998, "line of {} bytes", line.len());
-        assert!(!line.contains(&b'\r') && !line.contains(&b'\n'), "bare CR or LF");
+        assert!(
+            !line.contains(&b'\r') && !line.contains(&b'\n'),
+            "bare CR or LF"
+        );
         rest = &rest[end + 2..];
     }
 });

@@ -16,6 +16,9 @@ fuzz_target!(|input: &[u8]| {
             assert!(normalized.len() <= 253, "{normalized:?}");
             assert_eq!(normalized, normalized.to_ascii_lowercase());
         }
-        assert_eq!(normalize_destination(&normalized).as_deref(), Ok(normalized.as_str()));
+        assert_eq!(
+            normalize_destination(&normalized).as_deref(),
+            Ok(normalized.as_str())
+        );
     }
 });

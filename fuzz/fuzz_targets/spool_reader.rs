@@ -45,7 +45,10 @@ fn check(bytes: &[u8]) {
             }
             ScannedRecord::Unknown { location, .. } => location.offset_bytes,
         };
-        assert!(offset >= previous_end, "records out of order or overlapping");
+        assert!(
+            offset >= previous_end,
+            "records out of order or overlapping"
+        );
         assert_eq!(offset % RECORD_ALIGNMENT_BYTES as u64, 0);
         assert!(offset + RECORD_HEADER_SIZE_BYTES as u64 <= length);
         previous_end = offset + RECORD_HEADER_SIZE_BYTES as u64;

@@ -669,9 +669,7 @@ fn choose_boundary<'a>(base: &str, contents: impl Iterator<Item = &'a [u8]>) -> 
 
 /// Index of the first occurrence of `needle` (non-empty) in `haystack`.
 fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
-    haystack
-        .windows(needle.len())
-        .position(|window| window == needle)
+    memchr::memmem::find(haystack, needle)
 }
 
 /// `text` (from a peer or the caller) made safe for one field value or one line: every run
