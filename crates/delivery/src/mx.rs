@@ -107,6 +107,12 @@ pub const REQUEST_QUEUE_DEPTH: usize = 256;
 /// wire (RFC 1035 §2.3.4) less the length octet of the first label and the root label.
 pub const MAX_DOMAIN_BYTES: usize = 253;
 
+/// Longest destination accepted as written, before IDNA mapping: RFC 5321 §4.5.3.1.2's
+/// 255 octets, the limit the server applies to the domain of every address it accepts
+/// (`tsubame_smtp_proto::command::MAX_DOMAIN_BYTES`). Anything longer cannot have come
+/// through it, and is refused before the comparatively costly UTS #46 processing.
+pub const MAX_WRITTEN_DOMAIN_BYTES: usize = tsubame_smtp_proto::command::MAX_DOMAIN_BYTES;
+
 /// Longest label (RFC 1035 §2.3.4).
 pub const MAX_LABEL_BYTES: usize = 63;
 
@@ -277,6 +283,13 @@ pub fn normalize_destination(input: &str) -> Result<String, MxError> {
 fn parse_destination(input: &str) -> Result<Destination, MxError> {
     let malformed =
         |reason: String| MxError::permanent(input, reason, STATUS_BAD_DESTINATION_SYNTAX);
+    if input.len() > MAX_WRITTEN_DOMAIN_BYTES {
+        return Err(malformed(format!(
+            "domain is {} bytes long as written, more than {MAX_WRITTEN_DOMAIN_BYTES} \
+             (RFC 5321 §4.5.3.1.2)",
+            input.len()
+        )));
+    }
     if let Some(inner) = input.strip_prefix('[') {
         let Some(inner) = inner.strip_suffix(']') else {
             return Err(malformed("unterminated address literal".to_string()));
@@ -1071,7 +1084,22 @@ mod tests {
         assert_eq!(longest_domain.len(), MAX_DOMAIN_BYTES);
         assert!(domain(&longest_domain).is_ok());
         let long_domain = format!("a.{longest_domain}");
+        // Within the written limit, IDNA mapping may still shorten a name: 250 soft
+        // hyphens (U+00AD, ignored) around a short name are 500 bytes and refused as
+        // written, while 100 of them (200 bytes) map away and the name is accepted.
+        let hyphens = |count: usize| "\u{ad}".repeat(count);
+        assert_eq!(
+            domain(&format!("exa{}mple.com", hyphens(100))),
+            Ok(Destination::Domain("example.com".to_string()))
+        );
+        let over_written = format!("exa{}mple.com", hyphens(250));
+        let written_error = domain(&over_written).expect_err("over the written limit");
+        assert!(
+            written_error.to_string().contains("more than 255"),
+            "{written_error}"
+        );
         let cases = [
+            over_written.as_str(),
             "",
             ".",
             "..",
