@@ -638,19 +638,23 @@ fn boundary_base(message_id: &str) -> String {
 /// occurrences at least one is free and the search ends (pigeonhole). One pass over the
 /// content, no quadratic rescans.
 fn choose_boundary<'a>(base: &str, contents: impl Iterator<Item = &'a [u8]>) -> String {
-    let base_bytes = base.as_bytes();
     let suffix_bytes = 1 + BOUNDARY_COUNTER_DIGITS;
+    // One searcher for every part. Occurrences of `base` cannot overlap (its only `=` is
+    // its first byte), so the non-overlapping matches are all of them.
+    debug_assert!(
+        base.starts_with('=') && base.rfind('=') == Some(0),
+        "{base}"
+    );
+    let finder = memchr::memmem::Finder::new(base.as_bytes());
     let mut taken_suffixes: HashSet<&[u8]> = HashSet::new();
     let mut occurs = false;
     for content in contents {
-        let mut start = 0;
-        while let Some(found) = find(content.get(start..).unwrap_or(&[]), base_bytes) {
+        for found in finder.find_iter(content) {
             occurs = true;
-            let after = start + found + base_bytes.len();
+            let after = found + base.len();
             if let Some(suffix) = content.get(after..after + suffix_bytes) {
                 taken_suffixes.insert(suffix);
             }
-            start = start + found + 1;
         }
     }
     if !occurs {
@@ -665,11 +669,6 @@ fn choose_boundary<'a>(base: &str, contents: impl Iterator<Item = &'a [u8]>) -> 
         // Cannot overflow: `counter` stays at most `taken_suffixes.len()` (see above).
         counter += 1;
     }
-}
-
-/// Index of the first occurrence of `needle` (non-empty) in `haystack`.
-fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
-    memchr::memmem::find(haystack, needle)
 }
 
 /// `text` (from a peer or the caller) made safe for one field value or one line: every run

@@ -111,14 +111,14 @@ fn part_content(dsn: &[u8], index: usize) -> Vec<u8> {
     let text = dsn.to_vec();
     let mut positions = Vec::new();
     let mut from = 0;
-    while let Some(found) = find(&text[from..], delimiter.as_bytes()) {
+    while let Some(found) = memchr::memmem::find(&text[from..], delimiter.as_bytes()) {
         positions.push(from + found);
         from += found + 1;
     }
     let start = positions[index] + delimiter.len() + 2;
     let end = positions[index + 1];
     let part = &text[start..end];
-    let blank = find(part, b"\r\n\r\n").unwrap();
+    let blank = memchr::memmem::find(part, b"\r\n\r\n").unwrap();
     part[blank + 4..].to_vec()
 }
 
